@@ -1,0 +1,1 @@
+//! Reader queries (aggregate-first, raw fallback) used by the API.

@@ -1,0 +1,722 @@
+//! Row types of the EventFlow tables, in `RowBinary` layout.
+//!
+//! ClickHouse types map as: `Date` = days since epoch (`u16`), `DateTime` = unix seconds (`u32`),
+//! `Enum8` = its `i8` code. Field names are column names.
+
+use chrono_tz::Tz;
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+
+use eventflow_core::fact::{
+    Entry, Fact, FactHeader, FactKind, PageKind, Ping, SessionOrigin, Utm, Visit,
+};
+use eventflow_core::time;
+
+/// `facts.kind` codes.
+pub mod kind {
+    pub const CHECKPOINT: i8 = 0;
+    pub const VISIT: i8 = 1;
+    pub const ENTRY: i8 = 2;
+    pub const PING: i8 = 3;
+}
+
+/// `Enum8` code of a page kind (`0` = none).
+pub fn page_code(page: Option<PageKind>) -> i8 {
+    match page {
+        None => 0,
+        Some(PageKind::Landing) => 1,
+        Some(PageKind::Webinar) => 2,
+        Some(PageKind::Live) => 3,
+    }
+}
+
+pub fn page_from_code(code: i8) -> Option<PageKind> {
+    match code {
+        1 => Some(PageKind::Landing),
+        2 => Some(PageKind::Webinar),
+        3 => Some(PageKind::Live),
+        _ => None,
+    }
+}
+
+fn origin_code(origin: SessionOrigin) -> i8 {
+    match origin {
+        SessionOrigin::Body => 1,
+        SessionOrigin::Cookie => 2,
+        SessionOrigin::Created => 3,
+    }
+}
+
+fn origin_from_code(code: i8) -> SessionOrigin {
+    match code {
+        1 => SessionOrigin::Body,
+        2 => SessionOrigin::Cookie,
+        _ => SessionOrigin::Created,
+    }
+}
+
+fn s(v: &Option<String>) -> String {
+    v.clone().unwrap_or_default()
+}
+
+fn o(v: String) -> Option<String> {
+    (!v.is_empty()).then_some(v)
+}
+
+/// A row of `facts`: one raw fact, or a processor checkpoint (`kind = checkpoint`).
+#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
+pub struct FactRow {
+    pub client_id: String,
+    pub day: u16,
+    pub kind: i8,
+    pub fact_id: String,
+    pub seq: u64,
+    pub kafka_partition: u16,
+    pub kafka_offset: i64,
+    pub spool_id: u64,
+    pub spool_seq: u64,
+    pub event_time: u32,
+    pub event_time_ms: i64,
+    pub received_at_ms: i64,
+    pub client_ts: String,
+    pub clock_skew: u8,
+    pub late: u8,
+    pub session_id: String,
+    pub session_origin: i8,
+    pub page: i8,
+    pub event_id: String,
+    pub webinar_id: String,
+    pub event_uid: String,
+    pub entry_id: String,
+    pub path: String,
+    pub cid: String,
+    pub cid_resolved: u8,
+    pub utm_source: String,
+    pub utm_medium: String,
+    pub utm_campaign: String,
+    pub utm_term: String,
+    pub utm_content: String,
+    pub first_utm_source: String,
+    pub first_utm_medium: String,
+    pub first_utm_campaign: String,
+    pub first_utm_term: String,
+    pub first_utm_content: String,
+    pub first_touch_ms: i64,
+    pub referrer: String,
+    pub checkpoint: String,
+}
+
+/// Where a fact was read from and what the processor decided about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Provenance {
+    pub kafka_partition: u16,
+    pub kafka_offset: i64,
+    pub seq: u64,
+    pub late: bool,
+}
+
+impl FactRow {
+    fn empty() -> Self {
+        FactRow {
+            client_id: String::new(),
+            day: 0,
+            kind: kind::CHECKPOINT,
+            fact_id: String::new(),
+            seq: 0,
+            kafka_partition: 0,
+            kafka_offset: 0,
+            spool_id: 0,
+            spool_seq: 0,
+            event_time: 0,
+            event_time_ms: 0,
+            received_at_ms: 0,
+            client_ts: String::new(),
+            clock_skew: 0,
+            late: 0,
+            session_id: String::new(),
+            session_origin: 0,
+            page: 0,
+            event_id: String::new(),
+            webinar_id: String::new(),
+            event_uid: String::new(),
+            entry_id: String::new(),
+            path: String::new(),
+            cid: String::new(),
+            cid_resolved: 0,
+            utm_source: String::new(),
+            utm_medium: String::new(),
+            utm_campaign: String::new(),
+            utm_term: String::new(),
+            utm_content: String::new(),
+            first_utm_source: String::new(),
+            first_utm_medium: String::new(),
+            first_utm_campaign: String::new(),
+            first_utm_term: String::new(),
+            first_utm_content: String::new(),
+            first_touch_ms: 0,
+            referrer: String::new(),
+            checkpoint: String::new(),
+        }
+    }
+
+    /// The raw row of `fact`; `tz` is the client's time zone (for `day`).
+    pub fn from_fact(fact: &Fact, tz: Tz, at: Provenance) -> Self {
+        let h = fact.header();
+        let mut row = FactRow {
+            client_id: h.client_id.clone(),
+            day: time::day_number(time::client_day(h.event_time_ms, tz)),
+            fact_id: h.fact_id(),
+            seq: at.seq,
+            kafka_partition: at.kafka_partition,
+            kafka_offset: at.kafka_offset,
+            spool_id: h.spool_id,
+            spool_seq: h.spool_seq,
+            event_time: u32::try_from(h.event_time_ms.div_euclid(1000)).unwrap_or(0),
+            event_time_ms: h.event_time_ms,
+            received_at_ms: h.received_at_ms,
+            client_ts: s(&h.client_ts),
+            clock_skew: u8::from(h.clock_skew),
+            late: u8::from(at.late),
+            ..FactRow::empty()
+        };
+        let set_utm = |row: &mut FactRow, u: &Utm| {
+            row.utm_source = s(&u.source);
+            row.utm_medium = s(&u.medium);
+            row.utm_campaign = s(&u.campaign);
+            row.utm_term = s(&u.term);
+            row.utm_content = s(&u.content);
+        };
+        match fact {
+            Fact::Visit(v) => {
+                row.kind = kind::VISIT;
+                row.session_id = v.session_id.clone();
+                row.session_origin = origin_code(v.session_origin);
+                row.page = page_code(Some(v.page));
+                row.event_id = s(&v.event_id);
+                row.webinar_id = s(&v.webinar_id);
+                row.event_uid = s(&v.event_uid);
+                row.path = s(&v.path);
+                row.cid = s(&v.cid);
+                row.cid_resolved = u8::from(v.cid_resolved);
+                set_utm(&mut row, &v.utm);
+                row.referrer = s(&v.referrer);
+            }
+            Fact::Entry(e) => {
+                row.kind = kind::ENTRY;
+                row.entry_id = e.entry_id.clone();
+                row.session_id = e.session_id.clone();
+                row.session_origin = origin_code(e.session_origin);
+                row.event_id = s(&e.event_id);
+                row.webinar_id = s(&e.webinar_id);
+                row.cid = s(&e.cid);
+                row.cid_resolved = u8::from(e.cid_resolved);
+                set_utm(&mut row, &e.utm);
+                if let Some(first) = &e.first_touch_utm {
+                    row.first_utm_source = s(&first.source);
+                    row.first_utm_medium = s(&first.medium);
+                    row.first_utm_campaign = s(&first.campaign);
+                    row.first_utm_term = s(&first.term);
+                    row.first_utm_content = s(&first.content);
+                }
+                row.first_touch_ms = e.first_touch_at_ms.unwrap_or(0);
+            }
+            Fact::Ping(p) => {
+                row.kind = kind::PING;
+                row.session_id = p.session_id.clone();
+                row.session_origin = origin_code(p.session_origin);
+                row.webinar_id = p.webinar_id.clone();
+            }
+        }
+        row
+    }
+
+    /// Kind of a fact row (`None` for checkpoints).
+    pub fn fact_kind(&self) -> Option<FactKind> {
+        match self.kind {
+            kind::VISIT => Some(FactKind::Visit),
+            kind::ENTRY => Some(FactKind::Entry),
+            kind::PING => Some(FactKind::Ping),
+            _ => None,
+        }
+    }
+
+    /// The fact this row stores (`None` for checkpoints).
+    pub fn to_fact(&self) -> Option<Fact> {
+        let header = FactHeader {
+            spool_id: self.spool_id,
+            spool_seq: self.spool_seq,
+            client_id: self.client_id.clone(),
+            received_at_ms: self.received_at_ms,
+            event_time_ms: self.event_time_ms,
+            client_ts: o(self.client_ts.clone()),
+            clock_skew: self.clock_skew != 0,
+        };
+        let utm = Utm {
+            source: o(self.utm_source.clone()),
+            medium: o(self.utm_medium.clone()),
+            campaign: o(self.utm_campaign.clone()),
+            term: o(self.utm_term.clone()),
+            content: o(self.utm_content.clone()),
+        };
+        Some(match self.fact_kind()? {
+            FactKind::Visit => Fact::Visit(Visit {
+                header,
+                session_id: self.session_id.clone(),
+                session_origin: origin_from_code(self.session_origin),
+                page: page_from_code(self.page)?,
+                event_id: o(self.event_id.clone()),
+                webinar_id: o(self.webinar_id.clone()),
+                event_uid: o(self.event_uid.clone()),
+                path: o(self.path.clone()),
+                cid: o(self.cid.clone()),
+                cid_resolved: self.cid_resolved != 0,
+                utm,
+                referrer: o(self.referrer.clone()),
+            }),
+            FactKind::Entry => {
+                let first = Utm {
+                    source: o(self.first_utm_source.clone()),
+                    medium: o(self.first_utm_medium.clone()),
+                    campaign: o(self.first_utm_campaign.clone()),
+                    term: o(self.first_utm_term.clone()),
+                    content: o(self.first_utm_content.clone()),
+                };
+                Fact::Entry(Entry {
+                    header,
+                    entry_id: self.entry_id.clone(),
+                    session_id: self.session_id.clone(),
+                    session_origin: origin_from_code(self.session_origin),
+                    event_id: o(self.event_id.clone()),
+                    webinar_id: o(self.webinar_id.clone()),
+                    cid: o(self.cid.clone()),
+                    cid_resolved: self.cid_resolved != 0,
+                    utm,
+                    first_touch_utm: (!first.is_empty()).then_some(first),
+                    first_touch_at_ms: (self.first_touch_ms != 0).then_some(self.first_touch_ms),
+                })
+            }
+            FactKind::Ping => Fact::Ping(Ping {
+                header,
+                webinar_id: self.webinar_id.clone(),
+                session_id: self.session_id.clone(),
+                session_origin: origin_from_code(self.session_origin),
+            }),
+        })
+    }
+
+    /// The checkpoint row of Kafka partition `partition`.
+    pub fn checkpoint(partition: u16, checkpoint: &Checkpoint) -> Self {
+        FactRow {
+            fact_id: checkpoint_fact_id(partition),
+            seq: checkpoint.seq,
+            kafka_partition: partition,
+            checkpoint: serde_json::to_string(checkpoint).unwrap_or_default(),
+            ..FactRow::empty()
+        }
+    }
+}
+
+/// `fact_id` of the checkpoint row of `partition`.
+pub fn checkpoint_fact_id(partition: u16) -> String {
+    format!("p{partition}")
+}
+
+/// Next Kafka offset to consume on each fact topic of one partition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicOffsets {
+    pub visits: i64,
+    pub entries: i64,
+    pub pings: i64,
+}
+
+impl TopicOffsets {
+    pub fn get(&self, kind: FactKind) -> i64 {
+        match kind {
+            FactKind::Visit => self.visits,
+            FactKind::Entry => self.entries,
+            FactKind::Ping => self.pings,
+        }
+    }
+
+    pub fn set(&mut self, kind: FactKind, offset: i64) {
+        match kind {
+            FactKind::Visit => self.visits = offset,
+            FactKind::Entry => self.entries = offset,
+            FactKind::Ping => self.pings = offset,
+        }
+    }
+}
+
+/// Highest spool sequence seen from one collector spool in one topic partition. A spool's
+/// facts reach a topic partition in spool order (one producer, in-order idempotent delivery),
+/// so a redelivery after a collector crash is anything at or below the mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolMark {
+    pub spool_id: u64,
+    pub topic: FactKind,
+    pub high_seq: u64,
+    /// Watermark when this spool was last seen; marks of long-gone spools are pruned.
+    pub seen_ms: i64,
+}
+
+/// Processor position in one Kafka partition, stored atomically with the facts it covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Ownership epoch: incremented by each processor that takes the partition over.
+    pub epoch: u32,
+    /// Last processing sequence assigned (`epoch << 40 | counter`).
+    pub seq: u64,
+    /// Next offsets to consume.
+    pub offsets: TopicOffsets,
+    /// Highest receive time of the partition's facts processed so far.
+    pub watermark_ms: i64,
+    /// Watermark at the end of the last flush whose aggregate rows were all written. Bucket
+    /// rows of days still open at this watermark may be missing after a crash, so a new owner
+    /// recomputes and rewrites all of them (facts of days closed before it are all written).
+    #[serde(default)]
+    pub aggregates_watermark_ms: i64,
+    /// Redelivery high-water marks per collector spool.
+    pub spools: Vec<SpoolMark>,
+}
+
+/// `minute_visits` row.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct MinuteVisitsRow {
+    pub client_id: String,
+    pub minute: u32,
+    pub page: i8,
+    pub kafka_partition: u16,
+    pub version: u64,
+    pub visits: u64,
+}
+
+/// `minute_live` row.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct MinuteLiveRow {
+    pub client_id: String,
+    pub webinar_id: String,
+    pub minute: u32,
+    pub kafka_partition: u16,
+    pub version: u64,
+    pub viewers: u64,
+}
+
+/// Counters of one client day (`daily_totals` without key and version).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayCounters {
+    pub visits: u64,
+    pub visits_landing: u64,
+    pub visits_webinar: u64,
+    pub visits_live: u64,
+    pub unique_sessions: u64,
+    pub entries: u64,
+    pub linked_entries: u64,
+    pub visits_utm_missing: u64,
+    pub visits_cid_unresolved: u64,
+    pub viewer_minutes: u64,
+}
+
+/// `daily_totals` row.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct DailyTotalsRow {
+    pub client_id: String,
+    pub day: u16,
+    pub kafka_partition: u16,
+    pub version: u64,
+    pub visits: u64,
+    pub visits_landing: u64,
+    pub visits_webinar: u64,
+    pub visits_live: u64,
+    pub unique_sessions: u64,
+    pub entries: u64,
+    pub linked_entries: u64,
+    pub visits_utm_missing: u64,
+    pub visits_cid_unresolved: u64,
+    pub viewer_minutes: u64,
+}
+
+impl DailyTotalsRow {
+    pub fn new(
+        client_id: String,
+        day: u16,
+        kafka_partition: u16,
+        version: u64,
+        c: DayCounters,
+    ) -> Self {
+        DailyTotalsRow {
+            client_id,
+            day,
+            kafka_partition,
+            version,
+            visits: c.visits,
+            visits_landing: c.visits_landing,
+            visits_webinar: c.visits_webinar,
+            visits_live: c.visits_live,
+            unique_sessions: c.unique_sessions,
+            entries: c.entries,
+            linked_entries: c.linked_entries,
+            visits_utm_missing: c.visits_utm_missing,
+            visits_cid_unresolved: c.visits_cid_unresolved,
+            viewer_minutes: c.viewer_minutes,
+        }
+    }
+
+    pub fn counters(&self) -> DayCounters {
+        DayCounters {
+            visits: self.visits,
+            visits_landing: self.visits_landing,
+            visits_webinar: self.visits_webinar,
+            visits_live: self.visits_live,
+            unique_sessions: self.unique_sessions,
+            entries: self.entries,
+            linked_entries: self.linked_entries,
+            visits_utm_missing: self.visits_utm_missing,
+            visits_cid_unresolved: self.visits_cid_unresolved,
+            viewer_minutes: self.viewer_minutes,
+        }
+    }
+}
+
+/// Dimensions of a marketing bucket (labels already applied: `unknown`, `unresolved`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MarketingDims {
+    pub event_id: String,
+    pub webinar_id: String,
+    pub cid: String,
+    pub utm_source: String,
+    pub utm_medium: String,
+    pub utm_campaign: String,
+}
+
+/// Counters of a marketing bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarketingCounters {
+    pub visits: u64,
+    pub unique_sessions: u64,
+    pub entries: u64,
+    pub linked_entries: u64,
+}
+
+/// `daily_marketing` row.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct DailyMarketingRow {
+    pub client_id: String,
+    pub day: u16,
+    pub event_id: String,
+    pub webinar_id: String,
+    pub cid: String,
+    pub utm_source: String,
+    pub utm_medium: String,
+    pub utm_campaign: String,
+    pub kafka_partition: u16,
+    pub version: u64,
+    pub visits: u64,
+    pub unique_sessions: u64,
+    pub entries: u64,
+    pub linked_entries: u64,
+}
+
+impl DailyMarketingRow {
+    pub fn new(
+        client_id: String,
+        day: u16,
+        dims: &MarketingDims,
+        kafka_partition: u16,
+        version: u64,
+        c: MarketingCounters,
+    ) -> Self {
+        DailyMarketingRow {
+            client_id,
+            day,
+            event_id: dims.event_id.clone(),
+            webinar_id: dims.webinar_id.clone(),
+            cid: dims.cid.clone(),
+            utm_source: dims.utm_source.clone(),
+            utm_medium: dims.utm_medium.clone(),
+            utm_campaign: dims.utm_campaign.clone(),
+            kafka_partition,
+            version,
+            visits: c.visits,
+            unique_sessions: c.unique_sessions,
+            entries: c.entries,
+            linked_entries: c.linked_entries,
+        }
+    }
+
+    pub fn dims(&self) -> MarketingDims {
+        MarketingDims {
+            event_id: self.event_id.clone(),
+            webinar_id: self.webinar_id.clone(),
+            cid: self.cid.clone(),
+            utm_source: self.utm_source.clone(),
+            utm_medium: self.utm_medium.clone(),
+            utm_campaign: self.utm_campaign.clone(),
+        }
+    }
+
+    pub fn counters(&self) -> MarketingCounters {
+        MarketingCounters {
+            visits: self.visits,
+            unique_sessions: self.unique_sessions,
+            entries: self.entries,
+            linked_entries: self.linked_entries,
+        }
+    }
+}
+
+/// `daily_sessions` row.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Row, Serialize, Deserialize)]
+pub struct DailySessionRow {
+    pub client_id: String,
+    pub day: u16,
+    pub session_id: String,
+}
+
+/// `session_first_visits` row.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct SessionFirstVisitRow {
+    pub client_id: String,
+    pub session_id: String,
+    pub first_visit_ms: i64,
+    pub version: u64,
+}
+
+impl SessionFirstVisitRow {
+    pub fn new(client_id: String, session_id: String, first_visit_ms: i64) -> Self {
+        // Highest version = earliest visit. Times are positive, so the subtraction cannot wrap.
+        let version = u64::MAX - u64::try_from(first_visit_ms.max(0)).unwrap_or(0);
+        SessionFirstVisitRow {
+            client_id,
+            session_id,
+            first_visit_ms,
+            version,
+        }
+    }
+}
+
+/// `late_facts` row.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct LateFactRow {
+    pub client_id: String,
+    pub day: u16,
+    pub kafka_partition: u16,
+    pub seq: u64,
+}
+
+/// `backfill_marks` row.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct BackfillMarkRow {
+    pub client_id: String,
+    pub day: u16,
+    pub kafka_partition: u16,
+    pub covered_seq: u64,
+    pub finished_at: u32,
+}
+
+/// `processor_progress` row.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct ProgressRow {
+    pub kafka_partition: u16,
+    pub instance: String,
+    pub watermark_ms: i64,
+    pub heartbeat_ms: u64,
+}
+
+/// `campaign_links` row.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct CampaignLinkRow {
+    pub cid: String,
+    pub client_id: String,
+    pub destination: String,
+    pub utm_source: String,
+    pub utm_medium: String,
+    pub utm_campaign: String,
+    pub utm_term: String,
+    pub utm_content: String,
+    pub updated_at: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventflow_core::fact::*;
+
+    fn header() -> FactHeader {
+        FactHeader {
+            spool_id: u64::MAX - 5,
+            spool_seq: 9,
+            client_id: "acme".into(),
+            received_at_ms: 1_795_600_000_123,
+            event_time_ms: 1_795_600_000_100,
+            client_ts: None,
+            clock_skew: true,
+        }
+    }
+
+    #[test]
+    fn fact_rows_round_trip() {
+        let utm = Utm {
+            source: Some("s".into()),
+            medium: None,
+            campaign: Some("c".into()),
+            term: None,
+            content: None,
+        };
+        let facts = vec![
+            Fact::Visit(Visit {
+                header: header(),
+                session_id: "sess".into(),
+                session_origin: SessionOrigin::Cookie,
+                page: PageKind::Webinar,
+                event_id: None,
+                webinar_id: Some("w".into()),
+                event_uid: Some("u".into()),
+                path: Some("/webinar/w".into()),
+                cid: Some("x".into()),
+                cid_resolved: false,
+                utm: utm.clone(),
+                referrer: Some("https://r".into()),
+            }),
+            Fact::Entry(Entry {
+                header: header(),
+                entry_id: "e".into(),
+                session_id: "sess".into(),
+                session_origin: SessionOrigin::Body,
+                event_id: Some("ev".into()),
+                webinar_id: None,
+                cid: None,
+                cid_resolved: false,
+                utm: Utm::default(),
+                first_touch_utm: Some(utm),
+                first_touch_at_ms: Some(1_795_000_000_000),
+            }),
+            Fact::Ping(Ping {
+                header: header(),
+                webinar_id: "w".into(),
+                session_id: "sess".into(),
+                session_origin: SessionOrigin::Created,
+            }),
+        ];
+        for fact in facts {
+            let row = FactRow::from_fact(
+                &fact,
+                chrono_tz::Asia::Seoul,
+                Provenance {
+                    kafka_partition: 3,
+                    kafka_offset: 77,
+                    seq: 5,
+                    late: false,
+                },
+            );
+            assert_eq!(row.fact_id, format!("{:016x}-9", u64::MAX - 5));
+            assert_eq!(row.to_fact(), Some(fact));
+        }
+    }
+
+    #[test]
+    fn first_visit_version_orders_earliest_highest() {
+        let early = SessionFirstVisitRow::new("c".into(), "s".into(), 1000);
+        let late = SessionFirstVisitRow::new("c".into(), "s".into(), 2000);
+        assert!(early.version > late.version);
+    }
+}
