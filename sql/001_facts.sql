@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS facts
     utm_campaign      String,
     utm_term          String,
     utm_content       String,
+    utm_inherited     UInt8,
     first_utm_source   String,
     first_utm_medium   String,
     first_utm_campaign String,

@@ -1,7 +1,20 @@
 //! The EventFlow stream processor.
 //!
-//! Facts come from the three fact topics (one partition number = one unit of work, see
-//! [`state`]), are folded into event-time windows, and leave as raw rows, checkpoints and bucket
-//! rows for ClickHouse.
+//! Facts come from the three fact topics ([`processor`]); partition number `p` of the three
+//! topics is one unit of work whose event-time windows live in [`state`]; flushes go to
+//! ClickHouse through [`sink`]. Backfill and reconcile recompute from raw facts.
 
+pub mod backfill;
+pub mod config;
+pub mod http;
+pub mod maintenance;
+pub mod metrics;
+pub mod processor;
+pub mod reconcile;
+pub mod sink;
 pub mod state;
+
+pub use config::ProcessorConfig;
+pub use metrics::ProcessorMetrics;
+pub use processor::{run, ProcessorDeps, ProcessorStatus};
+pub use sink::ProcessorStore;

@@ -359,6 +359,13 @@ impl PartitionState {
     // -----------------------------------------------------------------------------------------
     // Applying facts
 
+    /// Moves past a message that is not a fact (undecodable), so the checkpoint advances.
+    pub fn skip(&mut self, kind: FactKind, offset: i64) {
+        if offset >= self.offsets.get(kind) {
+            self.offsets.set(kind, offset + 1);
+        }
+    }
+
     /// Applies a fact consumed at `offset` of its kind's topic.
     pub fn apply(&mut self, offset: i64, fact: Fact) -> Outcome {
         let kind = fact.kind();
@@ -435,9 +442,8 @@ impl PartitionState {
     /// Replays facts already stored for this partition (ordered by `seq`, all received since
     /// [`Self::replay_from_ms`]) after an assignment.
     ///
-    /// Non-late facts of days still open at the checkpoint's aggregates watermark are counted:
-    /// those are exactly the facts the buckets of those days were (or should have been) built
-    /// from, since a fact's late flag records the decision made when it was first processed.
+    /// Facts of days still open at the checkpoint's aggregates watermark are counted, so those
+    /// days' rows are rewritten as full recounts (days closed before it were written completely).
     /// Dedup keys and session first visits are restored from every replayed fact.
     pub fn replay(&mut self, rows: impl IntoIterator<Item = FactRow>) {
         self.replaying = true;
@@ -460,8 +466,9 @@ impl PartitionState {
             mark.seen_ms = mark.seen_ms.max(h.received_at_ms);
             let tz = self.clients.timezone(&h.client_id);
             let day = time::client_day(h.event_time_ms, tz);
-            let closed =
-                row.late != 0 || time::day_closed(day, tz, open_at, self.cfg.allowed_lateness_ms);
+            // A day being rebuilt gets all of its facts, late ones included: its rows are then
+            // the full recount (what backfill writes), never less.
+            let closed = time::day_closed(day, tz, open_at, self.cfg.allowed_lateness_ms);
             let client = self.intern(&h.client_id);
             replay_watermark = replay_watermark.max(h.received_at_ms);
             // Dedup keys expire relative to the watermark at the time they were seen.

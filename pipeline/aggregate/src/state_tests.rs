@@ -507,6 +507,7 @@ fn build(
                 cid: cid_value,
                 cid_resolved: cid == 1,
                 utm,
+                utm_inherited: false,
                 referrer: None,
             })
         }
@@ -520,6 +521,7 @@ fn build(
             cid: cid_value,
             cid_resolved: cid == 1,
             utm,
+            utm_inherited: false,
             first_touch_utm: None,
             first_touch_at_ms: None,
         }),
@@ -729,6 +731,7 @@ fn visit(
         cid: None,
         cid_resolved: false,
         utm: Utm::default(),
+        utm_inherited: false,
         referrer: None,
     })
 }
@@ -752,6 +755,7 @@ fn entry(seq: u64, client: &str, session: &str, id: &str, event_ms: i64) -> Fact
         cid: None,
         cid_resolved: false,
         utm: Utm::default(),
+        utm_inherited: false,
         first_touch_utm: None,
         first_touch_at_ms: None,
     })

@@ -1,1 +1,167 @@
-//! placeholder
+//! The EventFlow edge collector.
+//!
+//! A beacon arrives at [`http`] (`POST /v1/collect`), is parsed and validated by [`intake`],
+//! enriched with the session and attribution cookies of [`session`] and campaign links of
+//! [`links`], appended to the fsynced [`spool`] (that is when it is acknowledged), and drained to
+//! the Kafka fact topics in order by [`drain`].
+
+pub mod config;
+pub mod drain;
+pub mod http;
+pub mod intake;
+pub mod links;
+pub mod metrics;
+pub mod ratelimit;
+pub mod session;
+pub mod spool;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use eventflow_core::avro::FactCodec;
+use eventflow_core::time::parse_duration_ms;
+use eventflow_core::ClientDirectory;
+use eventflow_store::Store;
+use eventflow_topics::KafkaConfig;
+
+pub use config::CollectorConfig;
+pub use metrics::CollectorMetrics;
+
+use crate::http::AppState;
+use crate::links::Links;
+use crate::ratelimit::RateLimiter;
+use crate::session::CookiePolicy;
+use crate::spool::{Spool, SpoolOptions};
+
+/// Errors starting or running the collector.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error("spool: {0}")]
+    Spool(#[from] spool::SpoolError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("http server: {0}")]
+    Http(#[from] std::io::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("codec: {0}")]
+    Codec(#[from] eventflow_core::avro::CodecError),
+}
+
+/// Everything the collector needs.
+#[derive(Debug, Clone)]
+pub struct CollectorDeps {
+    pub config: CollectorConfig,
+    pub kafka: KafkaConfig,
+    pub clients: Arc<ClientDirectory>,
+    /// Source of campaign links; `None` runs without link resolution (every cid unresolved).
+    pub store: Option<Store>,
+    pub registry: prometheus::Registry,
+    /// Allowed lateness of client timestamps (the processor's `allowed_lateness`).
+    pub allowed_lateness_ms: i64,
+}
+
+pub(crate) fn render_metrics(registry: &prometheus::Registry) -> Response {
+    let (body, content_type) = eventflow_core::metrics::render(registry);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+fn duration(key: &str, value: &str) -> Result<Duration, CollectorError> {
+    parse_duration_ms(value)
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(Duration::from_millis)
+        .ok_or_else(|| {
+            CollectorError::Config(format!("collector.{key} = {value:?} is not a duration"))
+        })
+}
+
+/// Serves the collector on `listener` until `shutdown`, then stops accepting, drains what it can
+/// to Kafka within `shutdown_grace` and returns (the rest stays in the spool).
+pub async fn serve(
+    listener: TcpListener,
+    deps: CollectorDeps,
+    shutdown: CancellationToken,
+) -> Result<(), CollectorError> {
+    let c = &deps.config;
+    let links_refresh = duration("links_refresh", &c.links_refresh)?;
+    let grace = duration("shutdown_grace", &c.shutdown_grace)?;
+    let codec = FactCodec::new()?;
+    let spool = Spool::open(
+        SpoolOptions {
+            dir: PathBuf::from(&c.spool_dir),
+            max_bytes: c.spool_max_bytes,
+            segment_bytes: c.spool_segment_bytes,
+        },
+        codec.clone(),
+    )?;
+    let metrics = CollectorMetrics::new(&deps.registry)?;
+    let stop_drainer = Arc::new(AtomicBool::new(false));
+    let drainer = drain::Drainer {
+        shared: spool.shared().clone(),
+        kafka: deps.kafka.clone(),
+        codec,
+        metrics: metrics.clone(),
+        stop: stop_drainer.clone(),
+        grace,
+    }
+    .spawn()?;
+    let links = Links::default();
+    let background = CancellationToken::new();
+    if let Some(store) = deps.store.clone() {
+        tokio::spawn(
+            links
+                .clone()
+                .refresh_loop(store, links_refresh, background.clone()),
+        );
+    }
+    let state = Arc::new(AppState {
+        spool,
+        links,
+        clients: deps.clients.clone(),
+        metrics,
+        registry: deps.registry.clone(),
+        ip_limiter: RateLimiter::new(c.rate_limit_per_ip),
+        client_limiter: RateLimiter::new(c.rate_limit_per_client),
+        cookies: CookiePolicy {
+            domain: c.cookie_domain.clone(),
+            secure: c.cookie_secure,
+        },
+        allowed_origins: c.allowed_origins.clone(),
+        trust_forwarded_for: c.trust_forwarded_for,
+        allowed_lateness_ms: deps.allowed_lateness_ms,
+        accepting: AtomicBool::new(true),
+    });
+    info!(addr = %listener.local_addr()?, spool = %c.spool_dir, "collector listening");
+    let app = http::router(state.clone());
+    let stopping = state.clone();
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.cancelled().await;
+        // Readiness turns 503 first, then in-flight requests finish.
+        stopping.accepting.store(false, Ordering::Release);
+    })
+    .await;
+    background.cancel();
+    stop_drainer.store(true, Ordering::Release);
+    let joined = tokio::task::spawn_blocking(move || drainer.join()).await;
+    if !matches!(joined, Ok(Ok(()))) {
+        error!("spool drainer ended abnormally");
+    }
+    info!(
+        spooled = state.spool.shared().pending_facts(),
+        "collector stopped"
+    );
+    served.map_err(CollectorError::Http)
+}

@@ -275,6 +275,7 @@ fn to_value(fact: &Fact) -> Value {
                 ("cid".into(), opt(&v.cid)),
                 ("cid_resolved".into(), Value::Boolean(v.cid_resolved)),
                 ("utm".into(), utm_value(&v.utm)),
+                ("utm_inherited".into(), Value::Boolean(v.utm_inherited)),
                 ("referrer".into(), opt(&v.referrer)),
             ]);
             Value::Record(f)
@@ -290,6 +291,7 @@ fn to_value(fact: &Fact) -> Value {
                 ("cid".into(), opt(&e.cid)),
                 ("cid_resolved".into(), Value::Boolean(e.cid_resolved)),
                 ("utm".into(), utm_value(&e.utm)),
+                ("utm_inherited".into(), Value::Boolean(e.utm_inherited)),
                 (
                     "first_touch_utm".into(),
                     match &e.first_touch_utm {
@@ -439,6 +441,7 @@ fn from_value(kind: FactKind, value: Value) -> Result<Fact, CodecError> {
             cid: f.opt_string("cid")?,
             cid_resolved: f.boolean("cid_resolved")?,
             utm: f.utm("utm")?.unwrap_or_default(),
+            utm_inherited: f.boolean("utm_inherited")?,
             referrer: f.opt_string("referrer")?,
         }),
         FactKind::Entry => Fact::Entry(Entry {
@@ -451,6 +454,7 @@ fn from_value(kind: FactKind, value: Value) -> Result<Fact, CodecError> {
             cid: f.opt_string("cid")?,
             cid_resolved: f.boolean("cid_resolved")?,
             utm: f.utm("utm")?.unwrap_or_default(),
+            utm_inherited: f.boolean("utm_inherited")?,
             first_touch_utm: f.utm("first_touch_utm")?,
             first_touch_at_ms: f.opt_long("first_touch_at_ms")?,
         }),
@@ -500,6 +504,7 @@ pub(crate) mod tests {
                 cid: Some("c9".into()),
                 cid_resolved: true,
                 utm: utm.clone(),
+                utm_inherited: false,
                 referrer: None,
             }),
             Fact::Entry(Entry {
@@ -512,6 +517,7 @@ pub(crate) mod tests {
                 cid: None,
                 cid_resolved: false,
                 utm: Utm::default(),
+                utm_inherited: true,
                 first_touch_utm: Some(utm),
                 first_touch_at_ms: Some(1_795_500_000_000),
             }),

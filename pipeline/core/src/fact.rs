@@ -178,6 +178,8 @@ pub struct Visit {
     pub cid: Option<String>,
     pub cid_resolved: bool,
     pub utm: Utm,
+    /// `utm` and `cid` came from the last touch in the `ef_utm` cookie, not from the fact.
+    pub utm_inherited: bool,
     pub referrer: Option<String>,
 }
 
@@ -194,6 +196,8 @@ pub struct Entry {
     pub cid_resolved: bool,
     /// Last-touch UTM.
     pub utm: Utm,
+    /// `utm` and `cid` came from the last touch in the `ef_utm` cookie, not from the fact.
+    pub utm_inherited: bool,
     pub first_touch_utm: Option<Utm>,
     pub first_touch_at_ms: Option<i64>,
 }

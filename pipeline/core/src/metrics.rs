@@ -45,3 +45,20 @@ pub const UTM_MISSING_RATIO: &str = "eventflow_utm_missing_ratio";
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Prometheus text exposition of `registry`.
+pub fn render(registry: &prometheus::Registry) -> (String, &'static str) {
+    use prometheus::Encoder;
+    let encoder = prometheus::TextEncoder::new();
+    let mut buf = Vec::new();
+    if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
+        return (
+            format!("# encoding metrics failed: {e}\n"),
+            "text/plain; charset=utf-8",
+        );
+    }
+    (
+        String::from_utf8_lossy(&buf).into_owned(),
+        "text/plain; version=0.0.4; charset=utf-8",
+    )
+}

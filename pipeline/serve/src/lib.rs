@@ -1,1 +1,669 @@
-//! placeholder
+//! The EventFlow reader API.
+//!
+//! Dashboards call [`overview`] per client: every section is read from the aggregates written by
+//! the processor and falls back to a raw recount only when an aggregate is missing or not yet
+//! complete; each response names its sources and freshness (watermark, staleness). A small
+//! dashboard page (`GET /`) renders the overview for a person holding a token.
+
+pub mod auth;
+pub mod overview;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{NaiveDate, Utc};
+use chrono_tz::Tz;
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use eventflow_core::metrics as names;
+use eventflow_core::{time, ClientDirectory, ClientId};
+use eventflow_store::Store;
+
+use crate::auth::{Principal, Tokens};
+use crate::overview::{Meta, OverviewQuery, OverviewResponse, Source};
+
+/// `[api]` configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of the HTTP listener (`EVENTFLOW__API__LISTEN`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Token that may read every client (`sha256:<hex>` or plain). Admin access is off unless set.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// Longest accepted range, in days.
+    #[serde(default = "default_max_days")]
+    pub max_range_days: u32,
+    /// Most rows in the campaign table.
+    #[serde(default = "default_campaign_limit")]
+    pub campaign_limit: u32,
+    /// How often the data-quality gauges are recomputed from aggregates.
+    #[serde(default = "default_quality_refresh_secs")]
+    pub quality_refresh_secs: u64,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8081".to_owned()
+}
+fn default_max_days() -> u32 {
+    400
+}
+fn default_campaign_limit() -> u32 {
+    100
+}
+fn default_quality_refresh_secs() -> u64 {
+    60
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_token: None,
+            max_range_days: default_max_days(),
+            campaign_limit: default_campaign_limit(),
+            quality_refresh_secs: default_quality_refresh_secs(),
+        }
+    }
+}
+
+/// Errors starting the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("http server: {0}")]
+    Http(#[from] std::io::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Metrics of the reader API.
+#[derive(Debug, Clone)]
+pub struct ApiMetrics {
+    pub request_duration: HistogramVec,
+    pub fallback: IntCounterVec,
+    pub section_errors: IntCounterVec,
+    pub session_link_rate: GaugeVec,
+    pub utm_missing_ratio: GaugeVec,
+}
+
+impl ApiMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            request_duration: HistogramVec::new(
+                HistogramOpts::new(names::API_REQUEST_DURATION_SECONDS, "Reader API latency by route template and status class.")
+                    .buckets(names::LATENCY_BUCKETS.to_vec()),
+                &["route", "status"],
+            )?,
+            fallback: IntCounterVec::new(
+                Opts::new(names::API_FALLBACK_TOTAL, "Overview sections served from raw facts because the aggregate was missing or incomplete."),
+                &["section"],
+            )?,
+            section_errors: IntCounterVec::new(
+                Opts::new(names::API_SECTION_ERRORS_TOTAL, "Overview sections that failed (served as error with their zero value)."),
+                &["section"],
+            )?,
+            session_link_rate: GaugeVec::new(
+                Opts::new(names::SESSION_LINK_RATE, "Today's share of registrations linked to a visit of their session (client time zone)."),
+                &["client"],
+            )?,
+            utm_missing_ratio: GaugeVec::new(
+                Opts::new(names::UTM_MISSING_RATIO, "Today's share of visits without utm.source (client time zone)."),
+                &["client"],
+            )?,
+        };
+        registry.register(Box::new(m.request_duration.clone()))?;
+        registry.register(Box::new(m.fallback.clone()))?;
+        registry.register(Box::new(m.section_errors.clone()))?;
+        registry.register(Box::new(m.session_link_rate.clone()))?;
+        registry.register(Box::new(m.utm_missing_ratio.clone()))?;
+        Ok(m)
+    }
+}
+
+/// Everything the API needs.
+#[derive(Debug, Clone)]
+pub struct ApiDeps {
+    pub config: ApiConfig,
+    pub store: Store,
+    pub clients: Arc<ClientDirectory>,
+    pub registry: Registry,
+    /// Partitions of the fact topics: the watermark is known once all of them reported.
+    pub partitions: usize,
+}
+
+#[derive(Debug)]
+struct AppState {
+    deps: ApiDeps,
+    tokens: Tokens,
+    metrics: ApiMetrics,
+    ready: AtomicBool,
+}
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    deps: ApiDeps,
+    shutdown: CancellationToken,
+) -> Result<(), ApiError> {
+    let tokens =
+        Tokens::new(deps.config.admin_token.as_deref(), &deps.clients).map_err(ApiError::Config)?;
+    let metrics = ApiMetrics::new(&deps.registry)?;
+    let state = Arc::new(AppState {
+        deps,
+        tokens,
+        metrics,
+        ready: AtomicBool::new(true),
+    });
+    tokio::spawn(quality_gauges(state.clone(), shutdown.clone()));
+    info!(addr = %listener.local_addr()?, "reader API listening");
+    let stopping = state.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.cancelled().await;
+            stopping.ready.store(false, Ordering::Release);
+        })
+        .await?;
+    Ok(())
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/clients/{client_id}/statistics/overview", get(overview))
+        .route(
+            "/v1/clients/{client_id}/statistics/live/{webinar_id}",
+            get(live_series),
+        )
+        .route("/openapi.json", get(openapi))
+        .route("/", get(dashboard))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let class = format!("{}xx", response.status().as_u16() / 100);
+    st.metrics
+        .request_duration
+        .with_label_values(&[&route, &class])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+fn error(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
+    let mut r = (
+        status,
+        Json(json!({"error": code, "detail": detail.into()})),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+/// Authenticates the request and authorizes it for `client`. Returns the client's time zone.
+fn authorize(st: &AppState, headers: &HeaderMap, client: &str) -> Result<Tz, Response> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let Some(bearer) = bearer else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer <token>",
+        ));
+    };
+    let Some(principal) = st.tokens.authenticate(bearer) else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown token",
+        ));
+    };
+    if !principal.may_read(client) {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token may not read this client",
+        ));
+    }
+    let known = ClientId::parse(client).ok().filter(|id| {
+        st.deps.clients.is_known(id)
+            || (principal == Principal::Admin && st.deps.clients.accepts(id))
+    });
+    if known.is_none() {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "unknown_client",
+            "no such client",
+        ));
+    }
+    Ok(st.deps.clients.timezone(client))
+}
+
+/// Query parameters of the overview and the live series.
+#[derive(Debug, Default, Deserialize)]
+pub struct RangeParams {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub range: Option<String>,
+}
+
+fn parse_day(name: &str, raw: &str) -> Result<NaiveDate, Response> {
+    NaiveDate::parse_from_str(raw, "%Y-%m-%d")
+        .ok()
+        .filter(|_| raw.len() == 10)
+        .ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_date",
+                format!("{name} must be a date like 2026-11-26"),
+            )
+        })
+}
+
+/// Resolves `from`/`to`/`range` to an inclusive range of client days (default: last 7 days).
+pub fn resolve_range(
+    p: &RangeParams,
+    tz: Tz,
+    now_ms: i64,
+    max_days: u32,
+) -> Result<(NaiveDate, NaiveDate), Response> {
+    let today = time::client_day(now_ms, tz);
+    let span = match p.range.as_deref() {
+        None => None,
+        Some("7d") => Some(7),
+        Some("30d") => Some(30),
+        Some(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_range",
+                "range must be 7d or 30d",
+            ))
+        }
+    };
+    if span.is_some() && (p.from.is_some() || p.to.is_some()) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_range",
+            "use either range or from/to",
+        ));
+    }
+    let to = match &p.to {
+        Some(t) => parse_day("to", t)?,
+        None => today,
+    };
+    let from = match &p.from {
+        Some(f) => parse_day("from", f)?,
+        None => to - chrono::Duration::days(span.unwrap_or(7) - 1),
+    };
+    if from > to {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_range",
+            "from is after to",
+        ));
+    }
+    if (to - from).num_days() + 1 > i64::from(max_days) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "range_too_long",
+            format!("at most {max_days} days"),
+        ));
+    }
+    Ok((from, to))
+}
+
+async fn meta(
+    st: &AppState,
+    tz: Tz,
+    started: Instant,
+    sources: BTreeMap<&'static str, Source>,
+) -> Meta {
+    let now = Utc::now().timestamp_millis();
+    let wm = st
+        .deps
+        .store
+        .watermark()
+        .await
+        .ok()
+        .filter(|w| w.reported.len() >= st.deps.partitions)
+        .and_then(|w| w.min_ms);
+    Meta {
+        response_time_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        generated_at: time::format_in_tz(now, tz),
+        data_sources: sources,
+        watermark: wm.map(|w| time::format_in_tz(w, tz)),
+        staleness_seconds: wm.map(|w| (((now - w).max(0)) as f64 / 100.0).round() / 10.0),
+    }
+}
+
+async fn overview(
+    State(st): State<Arc<AppState>>,
+    Path(client): Path<String>,
+    headers: HeaderMap,
+    params: Result<Query<RangeParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    let tz = match authorize(&st, &headers, &client) {
+        Ok(tz) => tz,
+        Err(r) => return r,
+    };
+    let Ok(Query(params)) = params else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "unreadable query string",
+        );
+    };
+    let (from, to) = match resolve_range(
+        &params,
+        tz,
+        Utc::now().timestamp_millis(),
+        st.deps.config.max_range_days,
+    ) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let q = OverviewQuery {
+        client_id: client.clone(),
+        from,
+        to,
+        tz,
+        campaign_limit: st.deps.config.campaign_limit,
+    };
+    let s = overview::sections(&st.deps.store, &q).await;
+    for (section, source) in &s.sources {
+        match source {
+            Source::Raw => st.metrics.fallback.with_label_values(&[section]).inc(),
+            Source::Error => st
+                .metrics
+                .section_errors
+                .with_label_values(&[section])
+                .inc(),
+            Source::Aggregated => {}
+        }
+    }
+    let meta = meta(&st, tz, started, s.sources).await;
+    Json(OverviewResponse {
+        client_id: client,
+        from: time::format_day(from),
+        to: time::format_day(to),
+        timezone: tz.name().to_owned(),
+        totals: s.totals,
+        by_page: s.by_page,
+        by_day: s.by_day,
+        campaigns: s.campaigns,
+        live: s.live,
+        quality: s.quality,
+        meta,
+    })
+    .into_response()
+}
+
+/// One minute of the live series.
+#[derive(Debug, Serialize)]
+pub struct LivePoint {
+    pub minute: String,
+    pub concurrent: u64,
+}
+
+async fn live_series(
+    State(st): State<Arc<AppState>>,
+    Path((client, webinar)): Path<(String, String)>,
+    headers: HeaderMap,
+    params: Result<Query<RangeParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    let tz = match authorize(&st, &headers, &client) {
+        Ok(tz) => tz,
+        Err(r) => return r,
+    };
+    let Ok(Query(params)) = params else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "unreadable query string",
+        );
+    };
+    if webinar.is_empty() || webinar.len() > 128 || webinar.chars().any(char::is_control) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_webinar_id",
+            "webinar id must be 1-128 printable characters",
+        );
+    }
+    let (from, to) = match resolve_range(
+        &params,
+        tz,
+        Utc::now().timestamp_millis(),
+        st.deps.config.max_range_days,
+    ) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let q = OverviewQuery {
+        client_id: client.clone(),
+        from,
+        to,
+        tz,
+        campaign_limit: 0,
+    };
+    let (from_s, to_s) = q.seconds();
+    let store = &st.deps.store;
+    let pending = store.pending_late_days(&client, from, to).await;
+    let complete = matches!(&pending, Ok(p) if p.is_empty());
+    let agg = if complete {
+        store
+            .live_minutes(&client, Some(&webinar), from_s, to_s)
+            .await
+            .ok()
+    } else {
+        None
+    };
+    let (source, minutes) = match agg {
+        Some(m) => (Source::Aggregated, m),
+        None => match store.raw_live_minutes(&client, &webinar, from, to).await {
+            Ok(m) => {
+                st.metrics.fallback.with_label_values(&["live"]).inc();
+                (Source::Raw, m)
+            }
+            Err(e) => {
+                warn!(error = %e, "live series failed");
+                st.metrics.section_errors.with_label_values(&["live"]).inc();
+                (Source::Error, Vec::new())
+            }
+        },
+    };
+    // Zero-filled from the first to the last minute with viewers.
+    let mut series = Vec::new();
+    if let (Some(first), Some(last)) = (minutes.first(), minutes.last()) {
+        let by_minute: BTreeMap<u32, u64> = minutes.iter().map(|m| (m.minute, m.viewers)).collect();
+        let mut m = first.minute;
+        while m <= last.minute {
+            series.push(LivePoint {
+                minute: time::format_in_tz(i64::from(m) * 1000, tz),
+                concurrent: by_minute.get(&m).copied().unwrap_or(0),
+            });
+            m += 60;
+        }
+    }
+    let mut sources = BTreeMap::new();
+    sources.insert("live", source);
+    let meta = meta(&st, tz, started, sources).await;
+    Json(json!({
+        "client_id": client,
+        "webinar_id": webinar,
+        "from": time::format_day(from),
+        "to": time::format_day(to),
+        "timezone": tz.name(),
+        "series": series,
+        "meta": meta,
+    }))
+    .into_response()
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    if !st.ready.load(Ordering::Acquire) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the API is stopping",
+        );
+    }
+    match st.deps.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "clickhouse_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let (body, content_type) = names::render(&st.deps.registry);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+const OPENAPI: &str = include_str!("../assets/openapi.json");
+const DASHBOARD: &str = include_str!("../assets/dashboard.html");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn dashboard() -> Response {
+    let mut r = Html(DASHBOARD).into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Recomputes today's data-quality gauges of every configured client (aggregates only).
+async fn quality_gauges(st: Arc<AppState>, shutdown: CancellationToken) {
+    let every = Duration::from_secs(st.deps.config.quality_refresh_secs.max(1));
+    loop {
+        let now = Utc::now().timestamp_millis();
+        for client in st.deps.clients.clients() {
+            let tz = st.deps.clients.timezone(client.as_str());
+            let today = time::client_day(now, tz);
+            if let Ok(days) = st
+                .deps
+                .store
+                .daily_totals(client.as_str(), today, today)
+                .await
+            {
+                let c = days.values().next().copied().unwrap_or_default();
+                let link = if c.entries == 0 {
+                    1.0
+                } else {
+                    c.linked_entries as f64 / c.entries as f64
+                };
+                let missing = if c.visits == 0 {
+                    0.0
+                } else {
+                    c.visits_utm_missing as f64 / c.visits as f64
+                };
+                st.metrics
+                    .session_link_rate
+                    .with_label_values(&[client.as_str()])
+                    .set(link);
+                st.metrics
+                    .utm_missing_ratio
+                    .with_label_values(&[client.as_str()])
+                    .set(missing);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(from: Option<&str>, to: Option<&str>, range: Option<&str>) -> RangeParams {
+        RangeParams {
+            from: from.map(Into::into),
+            to: to.map(Into::into),
+            range: range.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        let tz = chrono_tz::Asia::Seoul;
+        // 2026-11-26 01:00 UTC = 10:00 in Seoul.
+        let now = 1_795_654_800_000;
+        let day = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        assert_eq!(
+            resolve_range(&p(None, None, None), tz, now, 400).unwrap(),
+            (day("2026-11-20"), day("2026-11-26"))
+        );
+        assert_eq!(
+            resolve_range(&p(None, None, Some("30d")), tz, now, 400).unwrap(),
+            (day("2026-10-28"), day("2026-11-26"))
+        );
+        assert_eq!(
+            resolve_range(
+                &p(Some("2026-11-01"), Some("2026-11-02"), None),
+                tz,
+                now,
+                400
+            )
+            .unwrap(),
+            (day("2026-11-01"), day("2026-11-02"))
+        );
+        for bad in [
+            p(Some("2026-13-01"), None, None),
+            p(Some("yesterday"), None, None),
+            p(Some("2026-11-03"), Some("2026-11-02"), None),
+            p(Some("2020-01-01"), Some("2026-11-02"), None),
+            p(None, None, Some("1y")),
+            p(Some("2026-11-01"), None, Some("7d")),
+            p(Some("2026-11-01'; DROP TABLE facts; --"), None, None),
+            p(Some("2026-1-1"), None, None),
+        ] {
+            assert_eq!(
+                resolve_range(&bad, tz, now, 400).unwrap_err().status(),
+                StatusCode::BAD_REQUEST
+            );
+        }
+    }
+}

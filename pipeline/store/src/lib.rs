@@ -9,7 +9,9 @@
 //! `DateTime64`, `RowBinary` without names and types.
 
 pub mod config;
+pub mod links;
 pub mod migrate;
+pub mod processor;
 pub mod read;
 pub mod recount;
 pub mod rows;
@@ -69,12 +71,38 @@ impl StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// `(?, ?, ...)` with `n` placeholders (at least one), for `x IN (...)`: ClickHouse 18.16 has
+/// no `IN [array]`, so each value is bound (and escaped) separately.
+pub fn in_placeholders(n: usize) -> String {
+    let mut s = String::with_capacity(2 + 3 * n);
+    s.push('(');
+    for i in 0..n.max(1) {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('?');
+    }
+    s.push(')');
+    s
+}
+
+/// Binds every value of `values`, in order.
+pub fn bind_all<T: clickhouse::sql::Bind>(
+    query: clickhouse::query::Query,
+    values: impl IntoIterator<Item = T>,
+) -> clickhouse::query::Query {
+    values.into_iter().fold(query, |q, v| q.bind(v))
+}
+
 /// Handle to the EventFlow database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     client: Client,
     database: String,
     request_timeout: Duration,
+    /// Test hook: requests whose SQL contains one of these fragments fail (fault injection for
+    /// the reader API's error paths; empty in production).
+    faults: std::sync::Arc<std::sync::RwLock<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -91,7 +119,37 @@ impl Store {
             client: config.client().with_database(&config.database),
             database: config.database.clone(),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
+            faults: Default::default(),
         }
+    }
+
+    /// Makes every later query or insert whose SQL or table name contains `fragment` fail.
+    pub fn inject_fault(&self, fragment: &str) {
+        if let Ok(mut f) = self.faults.write() {
+            f.push(fragment.to_owned());
+        }
+    }
+
+    /// Removes every injected fault.
+    pub fn clear_faults(&self) {
+        if let Ok(mut f) = self.faults.write() {
+            f.clear();
+        }
+    }
+
+    /// A query on this database, failing if a fault matches its SQL.
+    pub fn query(&self, sql: &str) -> Result<clickhouse::query::Query> {
+        self.check_faults(sql)?;
+        Ok(self.client.query(sql))
+    }
+
+    fn check_faults(&self, what: &str) -> Result<()> {
+        if let Ok(faults) = self.faults.read() {
+            if let Some(f) = faults.iter().find(|f| what.contains(f.as_str())) {
+                return Err(StoreError::Invalid(format!("injected fault: {f}")));
+            }
+        }
+        Ok(())
     }
 
     pub fn client(&self) -> &Client {
@@ -103,10 +161,7 @@ impl Store {
     }
 
     /// Runs `fut` with the configured request timeout.
-    pub(crate) async fn timed<T>(
-        &self,
-        fut: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
+    pub async fn timed<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         match tokio::time::timeout(self.request_timeout, fut).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Timeout(self.request_timeout)),
@@ -138,6 +193,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
+        self.check_faults(table)?;
         self.timed(async {
             let mut insert = self.client.insert::<T>(table).await?;
             for row in rows {

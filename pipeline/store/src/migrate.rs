@@ -152,6 +152,6 @@ mod tests {
             ]
         );
         let total: usize = MIGRATIONS.iter().map(|m| statements(m.sql).len()).sum();
-        assert_eq!(total, 12, "one CREATE TABLE per table");
+        assert_eq!(total, 11, "one CREATE TABLE per table");
     }
 }

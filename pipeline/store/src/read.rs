@@ -1,1 +1,418 @@
-//! Reader queries (aggregate-first, raw fallback) used by the API.
+//! Reads of the aggregate tables (reader API, reconcile, backfill).
+//!
+//! Every versioned table is read with `FINAL` (highest version per key) and summed over
+//! `kafka_partition`. These queries touch only aggregate rows: pages and dashboards never scan
+//! raw facts unless an aggregate is missing (see the reader API's fallback rules).
+
+use std::collections::BTreeMap;
+
+use chrono::NaiveDate;
+
+use eventflow_core::time;
+
+use crate::rows::{
+    DailyMarketingRow, DailyTotalsRow, DayCounters, MarketingCounters, MarketingDims,
+    MinuteLiveRow, MinuteVisitsRow,
+};
+use crate::{Result, Store};
+
+fn d(day: NaiveDate) -> String {
+    time::format_day(day)
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct DayCount {
+    day: u16,
+    n: u64,
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct Pending {
+    day: u16,
+    kafka_partition: u16,
+    seq: u64,
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct Progress {
+    kafka_partition: u16,
+    watermark_ms: i64,
+    heartbeat_ms: u64,
+}
+
+/// One row of the campaign table over a range.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Deserialize)]
+pub struct CampaignTotals {
+    pub cid: String,
+    pub utm_source: String,
+    pub utm_medium: String,
+    pub utm_campaign: String,
+    pub visits: u64,
+    pub entries: u64,
+    pub linked_entries: u64,
+}
+
+/// Per-day sums of the marketing table (for cross-checks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clickhouse::Row, serde::Deserialize)]
+pub struct MarketingDay {
+    pub day: u16,
+    pub visits: u64,
+    pub entries: u64,
+}
+
+/// Viewers of one webinar in one minute (all partitions).
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Deserialize)]
+pub struct LiveMinute {
+    pub webinar_id: String,
+    pub minute: u32,
+    pub viewers: u64,
+}
+
+/// Processor progress over all partitions.
+#[derive(Debug, Clone, Default)]
+pub struct Watermark {
+    /// Lowest watermark (ms) over the partitions that reported; `None` if none did.
+    pub min_ms: Option<i64>,
+    /// Partitions that reported progress.
+    pub reported: Vec<u16>,
+    /// Most recent heartbeat (ms).
+    pub last_heartbeat_ms: Option<u64>,
+}
+
+impl Store {
+    /// `daily_totals` summed over partitions, per day of `[from, to]`.
+    pub async fn daily_totals(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<BTreeMap<u16, DayCounters>> {
+        let rows = self.daily_totals_rows(client, from, to).await?;
+        let mut out: BTreeMap<u16, DayCounters> = BTreeMap::new();
+        for r in rows {
+            let t = out.entry(r.day).or_default();
+            let c = r.counters();
+            t.visits += c.visits;
+            t.visits_landing += c.visits_landing;
+            t.visits_webinar += c.visits_webinar;
+            t.visits_live += c.visits_live;
+            t.unique_sessions += c.unique_sessions;
+            t.entries += c.entries;
+            t.linked_entries += c.linked_entries;
+            t.visits_utm_missing += c.visits_utm_missing;
+            t.visits_cid_unresolved += c.visits_cid_unresolved;
+            t.viewer_minutes += c.viewer_minutes;
+        }
+        Ok(out)
+    }
+
+    /// Current `daily_totals` rows (one per day and partition).
+    pub async fn daily_totals_rows(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<DailyTotalsRow>> {
+        self.timed(async {
+            Ok(self.query("SELECT ?fields FROM daily_totals FINAL WHERE client_id = ? AND day >= ? AND day <= ?")?
+                .bind(client)
+                .bind(d(from))
+                .bind(d(to))
+                .fetch_all::<DailyTotalsRow>()
+                .await?)
+        })
+        .await
+    }
+
+    /// Current `daily_marketing` rows (one per day, dims and partition).
+    pub async fn daily_marketing_rows(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<DailyMarketingRow>> {
+        self.timed(async {
+            Ok(self.query("SELECT ?fields FROM daily_marketing FINAL WHERE client_id = ? AND day >= ? AND day <= ?")?
+                .bind(client)
+                .bind(d(from))
+                .bind(d(to))
+                .fetch_all::<DailyMarketingRow>()
+                .await?)
+        })
+        .await
+    }
+
+    /// `daily_marketing` summed over partitions per (day, dims).
+    pub async fn daily_marketing(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<BTreeMap<(u16, MarketingDims), MarketingCounters>> {
+        let mut out: BTreeMap<(u16, MarketingDims), MarketingCounters> = BTreeMap::new();
+        for r in self.daily_marketing_rows(client, from, to).await? {
+            let m = out.entry((r.day, r.dims())).or_default();
+            m.visits += r.visits;
+            m.unique_sessions += r.unique_sessions;
+            m.entries += r.entries;
+            m.linked_entries += r.linked_entries;
+        }
+        Ok(out)
+    }
+
+    /// Campaign table of a range: visits and entries per campaign link and UTM source, medium
+    /// and campaign, most visits first.
+    pub async fn campaign_totals(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+        limit: u32,
+    ) -> Result<Vec<CampaignTotals>> {
+        self.timed(async {
+            Ok(self.query(
+                    "SELECT cid, utm_source, utm_medium, utm_campaign, sum(visits) AS visits, sum(entries) AS entries, \
+                     sum(linked_entries) AS linked_entries FROM daily_marketing FINAL \
+                     WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY cid, utm_source, utm_medium, utm_campaign \
+                     ORDER BY visits DESC, entries DESC, cid, utm_source, utm_medium, utm_campaign LIMIT ?",
+                )?
+                .bind(client)
+                .bind(d(from))
+                .bind(d(to))
+                .bind(limit)
+                .fetch_all::<CampaignTotals>()
+                .await?)
+        })
+        .await
+    }
+
+    /// Per-day sums of `daily_marketing`, to cross-check it against `daily_totals`.
+    pub async fn marketing_days(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<BTreeMap<u16, MarketingDay>> {
+        let rows = self
+            .timed(async {
+                Ok(self.query(
+                        "SELECT day, sum(visits) AS visits, sum(entries) AS entries FROM daily_marketing FINAL \
+                         WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day",
+                    )?
+                    .bind(client)
+                    .bind(d(from))
+                    .bind(d(to))
+                    .fetch_all::<MarketingDay>()
+                    .await?)
+            })
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.day, r)).collect())
+    }
+
+    /// Distinct sessions with a visit over `[from, to]`.
+    pub async fn range_sessions(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<u64> {
+        self.timed(async {
+            Ok(self.query("SELECT uniqExact(session_id) FROM daily_sessions WHERE client_id = ? AND day >= ? AND day <= ?")?
+                .bind(client)
+                .bind(d(from))
+                .bind(d(to))
+                .fetch_one::<u64>()
+                .await?)
+        })
+        .await
+    }
+
+    /// Distinct sessions per day.
+    pub async fn day_sessions(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<BTreeMap<u16, u64>> {
+        let rows = self
+            .timed(async {
+                Ok(self.query("SELECT day, uniqExact(session_id) AS n FROM daily_sessions WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day")?
+                    .bind(client)
+                    .bind(d(from))
+                    .bind(d(to))
+                    .fetch_all::<DayCount>()
+                    .await?)
+            })
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.day, r.n)).collect())
+    }
+
+    /// Viewers per webinar and minute in `[from_s, to_s)` (unix seconds), optionally of one webinar.
+    pub async fn live_minutes(
+        &self,
+        client: &str,
+        webinar: Option<&str>,
+        from_s: u32,
+        to_s: u32,
+    ) -> Result<Vec<LiveMinute>> {
+        let filter = if webinar.is_some() {
+            " AND webinar_id = ?"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT webinar_id, toUInt32(minute) AS minute, sum(viewers) AS viewers FROM minute_live FINAL \
+             WHERE client_id = ? AND minute >= toDateTime(?) AND minute < toDateTime(?){filter} \
+             GROUP BY webinar_id, minute ORDER BY webinar_id, minute"
+        );
+        let mut q = self.query(&sql)?.bind(client).bind(from_s).bind(to_s);
+        if let Some(w) = webinar {
+            q = q.bind(w);
+        }
+        self.timed(async { Ok(q.fetch_all::<LiveMinute>().await?) })
+            .await
+    }
+
+    /// Current `minute_visits` rows in `[from_s, to_s)`.
+    pub async fn minute_visits_rows(
+        &self,
+        client: &str,
+        from_s: u32,
+        to_s: u32,
+    ) -> Result<Vec<MinuteVisitsRow>> {
+        self.timed(async {
+            Ok(self.query("SELECT ?fields FROM minute_visits FINAL WHERE client_id = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)")?
+                .bind(client)
+                .bind(from_s)
+                .bind(to_s)
+                .fetch_all::<MinuteVisitsRow>()
+                .await?)
+        })
+        .await
+    }
+
+    /// Current `minute_live` rows in `[from_s, to_s)`.
+    pub async fn minute_live_rows(
+        &self,
+        client: &str,
+        from_s: u32,
+        to_s: u32,
+    ) -> Result<Vec<MinuteLiveRow>> {
+        self.timed(async {
+            Ok(self.query("SELECT ?fields FROM minute_live FINAL WHERE client_id = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)")?
+                .bind(client)
+                .bind(from_s)
+                .bind(to_s)
+                .fetch_all::<MinuteLiveRow>()
+                .await?)
+        })
+        .await
+    }
+
+    /// Days of `[from, to]` with late facts not yet folded in by backfill.
+    pub async fn pending_late_days(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<u16>> {
+        let late = self
+            .timed(async {
+                Ok(self.query("SELECT day, kafka_partition, max(seq) AS seq FROM late_facts WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day, kafka_partition")?
+                    .bind(client)
+                    .bind(d(from))
+                    .bind(d(to))
+                    .fetch_all::<Pending>()
+                    .await?)
+            })
+            .await?;
+        if late.is_empty() {
+            return Ok(Vec::new());
+        }
+        let covered = self
+            .timed(async {
+                Ok(self.query(
+                        "SELECT day, kafka_partition, max(covered_seq) AS seq FROM backfill_marks WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day, kafka_partition",
+                    )?
+                    .bind(client)
+                    .bind(d(from))
+                    .bind(d(to))
+                    .fetch_all::<Pending>()
+                    .await?)
+            })
+            .await?;
+        let covered: BTreeMap<(u16, u16), u64> = covered
+            .into_iter()
+            .map(|c| ((c.day, c.kafka_partition), c.seq))
+            .collect();
+        let mut days: Vec<u16> = late
+            .into_iter()
+            .filter(|l| {
+                covered
+                    .get(&(l.day, l.kafka_partition))
+                    .is_none_or(|c| *c < l.seq)
+            })
+            .map(|l| l.day)
+            .collect();
+        days.sort_unstable();
+        days.dedup();
+        Ok(days)
+    }
+
+    /// Client days (any client) with late facts not yet folded in, oldest first.
+    pub async fn all_pending_late_days(&self) -> Result<Vec<(String, u16)>> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Row {
+            client_id: String,
+            day: u16,
+            kafka_partition: u16,
+            seq: u64,
+        }
+        let late = self
+            .timed(async {
+                Ok(self.query("SELECT client_id, day, kafka_partition, max(seq) AS seq FROM late_facts GROUP BY client_id, day, kafka_partition")?
+                    .fetch_all::<Row>()
+                    .await?)
+            })
+            .await?;
+        let covered = self
+            .timed(async {
+                Ok(self.query("SELECT client_id, day, kafka_partition, max(covered_seq) AS seq FROM backfill_marks GROUP BY client_id, day, kafka_partition")?
+                    .fetch_all::<Row>()
+                    .await?)
+            })
+            .await?;
+        let covered: BTreeMap<(String, u16, u16), u64> = covered
+            .into_iter()
+            .map(|c| ((c.client_id, c.day, c.kafka_partition), c.seq))
+            .collect();
+        let mut out: Vec<(String, u16)> = late
+            .into_iter()
+            .filter(|l| {
+                covered
+                    .get(&(l.client_id.clone(), l.day, l.kafka_partition))
+                    .is_none_or(|c| *c < l.seq)
+            })
+            .map(|l| (l.client_id, l.day))
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Processor watermark over all partitions that have reported progress.
+    pub async fn watermark(&self) -> Result<Watermark> {
+        let rows = self
+            .timed(async {
+                Ok(self.query("SELECT kafka_partition, argMax(watermark_ms, heartbeat_ms) AS wm, max(heartbeat_ms) AS hb FROM processor_progress GROUP BY kafka_partition")?
+                    .fetch_all::<Progress>()
+                    .await?)
+            })
+            .await?;
+        Ok(Watermark {
+            min_ms: rows.iter().map(|r| r.watermark_ms).min(),
+            reported: rows.iter().map(|r| r.kafka_partition).collect(),
+            last_heartbeat_ms: rows.iter().map(|r| r.heartbeat_ms).max(),
+        })
+    }
+}

@@ -96,6 +96,7 @@ pub struct FactRow {
     pub utm_campaign: String,
     pub utm_term: String,
     pub utm_content: String,
+    pub utm_inherited: u8,
     pub first_utm_source: String,
     pub first_utm_medium: String,
     pub first_utm_campaign: String,
@@ -148,6 +149,7 @@ impl FactRow {
             utm_campaign: String::new(),
             utm_term: String::new(),
             utm_content: String::new(),
+            utm_inherited: 0,
             first_utm_source: String::new(),
             first_utm_medium: String::new(),
             first_utm_campaign: String::new(),
@@ -199,6 +201,7 @@ impl FactRow {
                 row.cid = s(&v.cid);
                 row.cid_resolved = u8::from(v.cid_resolved);
                 set_utm(&mut row, &v.utm);
+                row.utm_inherited = u8::from(v.utm_inherited);
                 row.referrer = s(&v.referrer);
             }
             Fact::Entry(e) => {
@@ -211,6 +214,7 @@ impl FactRow {
                 row.cid = s(&e.cid);
                 row.cid_resolved = u8::from(e.cid_resolved);
                 set_utm(&mut row, &e.utm);
+                row.utm_inherited = u8::from(e.utm_inherited);
                 if let Some(first) = &e.first_touch_utm {
                     row.first_utm_source = s(&first.source);
                     row.first_utm_medium = s(&first.medium);
@@ -271,6 +275,7 @@ impl FactRow {
                 cid: o(self.cid.clone()),
                 cid_resolved: self.cid_resolved != 0,
                 utm,
+                utm_inherited: self.utm_inherited != 0,
                 referrer: o(self.referrer.clone()),
             }),
             FactKind::Entry => {
@@ -291,6 +296,7 @@ impl FactRow {
                     cid: o(self.cid.clone()),
                     cid_resolved: self.cid_resolved != 0,
                     utm,
+                    utm_inherited: self.utm_inherited != 0,
                     first_touch_utm: (!first.is_empty()).then_some(first),
                     first_touch_at_ms: (self.first_touch_ms != 0).then_some(self.first_touch_ms),
                 })
@@ -639,7 +645,6 @@ pub struct CampaignLinkRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eventflow_core::fact::*;
 
     fn header() -> FactHeader {
         FactHeader {
@@ -675,6 +680,7 @@ mod tests {
                 cid: Some("x".into()),
                 cid_resolved: false,
                 utm: utm.clone(),
+                utm_inherited: true,
                 referrer: Some("https://r".into()),
             }),
             Fact::Entry(Entry {
@@ -687,6 +693,7 @@ mod tests {
                 cid: None,
                 cid_resolved: false,
                 utm: Utm::default(),
+                utm_inherited: false,
                 first_touch_utm: Some(utm),
                 first_touch_at_ms: Some(1_795_000_000_000),
             }),

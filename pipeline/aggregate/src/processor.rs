@@ -1,0 +1,770 @@
+//! The consumer loop: fact topics in, flushes to ClickHouse out.
+//!
+//! One dedicated thread polls a `BaseConsumer` (several times faster than a `StreamConsumer` at
+//! high rates) subscribed to the three fact topics. Partition number `p` of the three topics is
+//! one unit of work with one [`PartitionState`]. The loop:
+//!
+//! 1. on assignment, pauses the unit's topic partitions, loads its checkpoint from ClickHouse,
+//!    replays the stored facts of its open days into a fresh state under a new epoch, rewrites
+//!    its open buckets, then seeks to the checkpoint offsets and resumes;
+//! 2. applies each message to its unit's state;
+//! 3. every `flush_interval` (or `max_batch_facts`) writes one flush: markers, facts with
+//!    checkpoints (the commit point), buckets; then commits the Kafka offsets those rows cover;
+//! 4. on revocation, drops the unit's state without writing: facts not yet flushed are
+//!    re-consumed by the next owner from the stored checkpoint.
+//!
+//! ClickHouse writes are retried until they succeed (or shutdown); a write never happens for a
+//! unit after its revocation, and a fenced-off zombie loses to the new owner's higher epoch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::Utc;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use eventflow_core::avro::{CodecError, FactCodec};
+use eventflow_core::{time, ClientDirectory, FactKind};
+use eventflow_store::rows::{Checkpoint, ProgressRow};
+use eventflow_topics::{registry, KafkaConfig, Topics};
+
+use crate::config::ProcessorConfig;
+use crate::metrics::ProcessorMetrics;
+use crate::sink::ProcessorStore;
+use crate::state::{FlushBatch, Outcome, PartitionState, WindowConfig, EPOCH_SHIFT};
+
+/// Shared view of the processor for health endpoints.
+#[derive(Debug, Default)]
+pub struct ProcessorStatus {
+    /// True once the consumer is subscribed and no flush is failing.
+    pub healthy: AtomicBool,
+    /// False from the moment shutdown starts.
+    pub running: AtomicBool,
+}
+
+/// Everything the processor needs.
+pub struct ProcessorDeps<S: ProcessorStore> {
+    pub config: ProcessorConfig,
+    pub kafka: KafkaConfig,
+    pub store: Arc<S>,
+    pub clients: Arc<ClientDirectory>,
+    pub metrics: ProcessorMetrics,
+    pub status: Arc<ProcessorStatus>,
+    /// Runtime the store's futures run on (the loop itself is a plain thread).
+    pub runtime: Handle,
+}
+
+impl<S: ProcessorStore> std::fmt::Debug for ProcessorDeps<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessorDeps")
+            .field("config", &self.config)
+            .field("kafka", &self.kafka)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+enum RebalanceEvent {
+    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+/// librdkafka callbacks: rebalance events are queued for the loop (they arrive inside `poll`,
+/// on the loop's thread), statistics feed the lag metric.
+struct LoopContext {
+    events: Mutex<Vec<RebalanceEvent>>,
+    high_watermarks: Mutex<HashMap<(String, i32), i64>>,
+}
+
+fn tpl_entries(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for LoopContext {
+    fn stats(&self, statistics: Statistics) {
+        let Ok(mut hw) = self.high_watermarks.lock() else {
+            return;
+        };
+        for (topic, t) in statistics.topics {
+            for (partition, p) in t.partitions {
+                if partition >= 0 && p.hi_offset >= 0 {
+                    hw.insert((topic.clone(), partition), p.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LoopContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            if let Ok(mut events) = self.events.lock() {
+                events.push(RebalanceEvent::Revoked(tpl_entries(tpl)));
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Nothing is consumed until the unit's state is rebuilt and positioned.
+            if let Err(e) = consumer.pause(tpl) {
+                warn!(error = %e, "pausing newly assigned partitions");
+            }
+            if let Ok(mut events) = self.events.lock() {
+                events.push(RebalanceEvent::Assigned(tpl_entries(tpl)));
+            }
+        }
+    }
+}
+
+enum Unit {
+    /// Assigned, state not yet rebuilt.
+    Pending,
+    Ready(Box<PartitionState>),
+}
+
+struct Loop<S: ProcessorStore> {
+    deps: ProcessorDeps<S>,
+    consumer: BaseConsumer<LoopContext>,
+    topics: Topics,
+    codec: FactCodec,
+    window: WindowConfig,
+    flush_interval: Duration,
+    instance: String,
+    /// Topic partitions currently assigned, by partition number.
+    assigned: BTreeMap<u16, BTreeSet<FactKind>>,
+    units: BTreeMap<u16, Unit>,
+    /// Topic partitions paused because a message's schema is unknown, with the retry time.
+    stalled: HashMap<(FactKind, u16), Instant>,
+    last_flush: Instant,
+    last_heartbeat: Instant,
+    last_metrics: Instant,
+    next_rebuild: Instant,
+}
+
+/// Runs the processor until `shutdown` is cancelled. Blocking: call from a dedicated thread.
+pub fn run<S: ProcessorStore>(
+    deps: ProcessorDeps<S>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    deps.config.validate()?;
+    let topics = deps.kafka.topics();
+    let context = LoopContext {
+        events: Mutex::new(Vec::new()),
+        high_watermarks: Mutex::new(HashMap::new()),
+    };
+    let consumer: BaseConsumer<LoopContext> = deps
+        .kafka
+        .consumer(&deps.config.group_id)
+        .create_with_context(context)
+        .context("creating the Kafka consumer")?;
+    let fact_topics = topics.facts();
+    let names: Vec<&str> = fact_topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .context("subscribing to the fact topics")?;
+    let window = WindowConfig::new(deps.config.allowed_lateness_ms()?);
+    let flush_interval =
+        Duration::from_millis(u64::try_from(deps.config.flush_interval_ms()?).unwrap_or(1000));
+    let instance = deps.config.instance_name();
+    info!(instance = %instance, group = %deps.config.group_id, topics = ?fact_topics, "processor started");
+    deps.status.running.store(true, Ordering::SeqCst);
+    deps.status.healthy.store(true, Ordering::SeqCst);
+    let now = Instant::now();
+    let mut l = Loop {
+        consumer,
+        topics,
+        codec: FactCodec::new()?,
+        window,
+        flush_interval,
+        instance,
+        assigned: BTreeMap::new(),
+        units: BTreeMap::new(),
+        stalled: HashMap::new(),
+        last_flush: now,
+        last_heartbeat: now,
+        last_metrics: now,
+        next_rebuild: now,
+        deps,
+    };
+    let result = l.run(&shutdown);
+    l.deps.status.running.store(false, Ordering::SeqCst);
+    l.consumer.unsubscribe();
+    result
+}
+
+impl<S: ProcessorStore> Loop<S> {
+    fn run(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        while !shutdown.is_cancelled() {
+            // Detached: the message outlives the borrow of the consumer (one small copy).
+            let message = self
+                .consumer
+                .poll(Duration::from_millis(100))
+                .map(|m| m.map(|m| m.detach()));
+            self.handle_rebalance_events();
+            match message {
+                Some(Ok(m)) => {
+                    self.handle_message(m.topic(), m.partition(), m.offset(), m.payload())
+                }
+                Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
+                None => {}
+            }
+            self.resume_stalled();
+            if self.units.values().any(|u| matches!(u, Unit::Pending))
+                && Instant::now() >= self.next_rebuild
+            {
+                self.activate_pending(shutdown);
+            }
+            let buffered: usize = self.ready_states().map(|s| s.unflushed()).sum();
+            let due = self.last_flush.elapsed() >= self.flush_interval;
+            if (due && self.ready_states().any(|s| s.has_output()))
+                || buffered >= self.deps.config.max_batch_facts
+            {
+                self.flush(shutdown);
+            }
+            if self.last_heartbeat.elapsed() >= Duration::from_secs(2) {
+                self.heartbeat();
+            }
+            if self.last_metrics.elapsed() >= Duration::from_secs(1) {
+                self.update_metrics();
+            }
+        }
+        info!("processor stopping: final flush");
+        self.flush(&CancellationToken::new().child_token());
+        Ok(())
+    }
+
+    fn ready_states(&self) -> impl Iterator<Item = &PartitionState> {
+        self.units.values().filter_map(|u| match u {
+            Unit::Ready(s) => Some(&**s),
+            Unit::Pending => None,
+        })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Assignment
+
+    fn handle_rebalance_events(&mut self) {
+        let events: Vec<RebalanceEvent> = match self.consumer.context().events.lock() {
+            Ok(mut e) => std::mem::take(&mut *e),
+            Err(_) => return,
+        };
+        for event in events {
+            match event {
+                RebalanceEvent::Revoked(parts) => {
+                    for (topic, p) in parts {
+                        let (Some(kind), Ok(p)) = (self.topics.kind_of(&topic), u16::try_from(p))
+                        else {
+                            continue;
+                        };
+                        if let Some(set) = self.assigned.get_mut(&p) {
+                            set.remove(&kind);
+                            if set.is_empty() {
+                                self.assigned.remove(&p);
+                            }
+                        }
+                        if self.units.remove(&p).is_some() {
+                            info!(partition = p, "partition revoked; unflushed facts will be re-read by its next owner");
+                        }
+                        self.stalled.remove(&(kind, p));
+                    }
+                }
+                RebalanceEvent::Assigned(parts) => {
+                    for (topic, p) in parts {
+                        let (Some(kind), Ok(p)) = (self.topics.kind_of(&topic), u16::try_from(p))
+                        else {
+                            continue;
+                        };
+                        self.assigned.entry(p).or_default().insert(kind);
+                    }
+                    for (p, kinds) in &self.assigned {
+                        if kinds.len() == FactKind::ALL.len() {
+                            self.units.entry(*p).or_insert(Unit::Pending);
+                        } else {
+                            warn!(partition = p, ?kinds, "only some fact topics of this partition are assigned (is partition.assignment.strategy = range and are the topics co-partitioned?)");
+                        }
+                    }
+                    self.next_rebuild = Instant::now();
+                }
+            }
+        }
+        self.deps
+            .metrics
+            .assigned_partitions
+            .set(self.units.len() as i64);
+    }
+
+    /// Rebuilds the state of pending units from ClickHouse and positions their consumers.
+    fn activate_pending(&mut self, shutdown: &CancellationToken) {
+        let pending: Vec<u16> = self
+            .units
+            .iter()
+            .filter(|(_, u)| matches!(u, Unit::Pending))
+            .map(|(p, _)| *p)
+            .collect();
+        match self.rebuild(&pending, shutdown) {
+            Ok(states) => {
+                for state in states {
+                    let p = state.partition();
+                    let offsets = state.offsets();
+                    let mut tpl = TopicPartitionList::new();
+                    for kind in FactKind::ALL {
+                        let topic = self.topics.fact(kind);
+                        let offset = offsets.get(kind);
+                        if let Err(e) = self.consumer.seek(
+                            &topic,
+                            i32::from(p),
+                            Offset::Offset(offset),
+                            Duration::from_secs(10),
+                        ) {
+                            // A paused partition that has not fetched yet cannot be seeked in some
+                            // librdkafka versions; fall back to resuming from the committed offset
+                            // (always <= the checkpoint), and the offset guard skips the rest.
+                            debug!(partition = p, topic = %topic, error = %e, "seek failed");
+                        }
+                        let _ = tpl.add_partition(&topic, i32::from(p));
+                    }
+                    if let Err(e) = self.consumer.resume(&tpl) {
+                        error!(partition = p, error = %e, "resuming partition");
+                    }
+                    info!(partition = p, epoch = state.epoch(), offsets = ?offsets, "partition ready");
+                    self.units.insert(p, Unit::Ready(Box::new(state)));
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, partitions = ?pending, "rebuilding partition state failed; retrying");
+                self.deps.status.healthy.store(false, Ordering::SeqCst);
+                self.next_rebuild = Instant::now() + Duration::from_secs(2);
+            }
+        }
+    }
+
+    fn rebuild(
+        &mut self,
+        partitions: &[u16],
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Vec<PartitionState>> {
+        let store = self.deps.store.clone();
+        let checkpoints = self.deps.runtime.block_on(store.checkpoints(partitions))?;
+        let mut states: BTreeMap<u16, PartitionState> = BTreeMap::new();
+        for p in partitions {
+            let cp = checkpoints
+                .get(p)
+                .cloned()
+                .unwrap_or_else(Checkpoint::default);
+            let epoch = cp
+                .epoch
+                .checked_add(1)
+                .filter(|e| u64::from(*e) < (1u64 << (64 - EPOCH_SHIFT)))
+                .unwrap_or(1);
+            states.insert(
+                *p,
+                PartitionState::new(*p, self.window, self.deps.clients.clone(), &cp, epoch),
+            );
+        }
+        let since = states
+            .values()
+            .map(PartitionState::replay_from_ms)
+            .min()
+            .unwrap_or(0);
+        let rows = self
+            .deps
+            .runtime
+            .block_on(store.facts_since(partitions, since))?;
+        let mut by_partition: BTreeMap<u16, Vec<_>> = BTreeMap::new();
+        for row in rows {
+            by_partition
+                .entry(row.kafka_partition)
+                .or_default()
+                .push(row);
+        }
+        for (p, state) in states.iter_mut() {
+            let rows = by_partition.remove(p).unwrap_or_default();
+            let replayed = rows.len();
+            state.replay(rows);
+            debug!(partition = p, replayed, "replayed stored facts");
+        }
+        let mut states: Vec<PartitionState> = states.into_values().collect();
+        // Rewrite every open bucket under the new epoch before consuming anything new.
+        self.resolve_lookups(&mut states)?;
+        let batch = merge(states.iter_mut().map(PartitionState::take_flush));
+        self.write_with_retry(&batch, shutdown)?;
+        for state in &mut states {
+            state.flush_written();
+        }
+        Ok(states)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Messages
+
+    fn handle_message(&mut self, topic: &str, partition: i32, offset: i64, payload: Option<&[u8]>) {
+        let (Some(kind), Ok(p)) = (self.topics.kind_of(topic), u16::try_from(partition)) else {
+            return;
+        };
+        if self.stalled.contains_key(&(kind, p)) {
+            return;
+        }
+        let Some(Unit::Ready(state)) = self.units.get_mut(&p) else {
+            return;
+        };
+        if offset < state.offsets().get(kind) {
+            return; // already in the stored state (fetched before the seek took effect)
+        }
+        let payload = payload.unwrap_or_default();
+        let decoded = match self.codec.decode(kind, payload) {
+            Err(CodecError::UnknownSchema(fp)) => {
+                // A newer collector's schema: read the registry and try again.
+                if let Err(e) =
+                    registry::load(&self.deps.kafka, &self.codec, Duration::from_secs(5))
+                {
+                    warn!(error = %e, "reading the schema registry topic");
+                }
+                self.codec.decode(kind, payload).map_err(|e| (e, Some(fp)))
+            }
+            other => other.map_err(|e| (e, None)),
+        };
+        let fact = match decoded {
+            Ok(fact) => fact,
+            Err((CodecError::UnknownSchema(fp), _)) | Err((_, Some(fp))) => {
+                // Never drop a fact we might decode later: park the partition and retry.
+                self.deps
+                    .metrics
+                    .decode_errors
+                    .with_label_values(&["unknown_schema"])
+                    .inc();
+                error!(
+                    topic,
+                    partition,
+                    offset,
+                    fingerprint = format!("{fp:016x}"),
+                    "unknown writer schema; pausing the partition for 30 s"
+                );
+                let _ = self.consumer.seek(
+                    topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(5),
+                );
+                let mut tpl = TopicPartitionList::new();
+                let _ = tpl.add_partition(topic, partition);
+                let _ = self.consumer.pause(&tpl);
+                self.stalled
+                    .insert((kind, p), Instant::now() + Duration::from_secs(30));
+                return;
+            }
+            Err((e, None)) => {
+                self.deps
+                    .metrics
+                    .decode_errors
+                    .with_label_values(&["corrupt"])
+                    .inc();
+                error!(topic, partition, offset, error = %e, "undecodable message skipped (not written by an EventFlow collector)");
+                state.skip(kind, offset);
+                return;
+            }
+        };
+        let outcome = state.apply(offset, fact);
+        let label = match outcome {
+            Outcome::Counted => "counted",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Late => {
+                self.deps.metrics.late_facts.inc();
+                "late"
+            }
+            Outcome::Redelivery => "redelivery",
+        };
+        self.deps
+            .metrics
+            .facts
+            .with_label_values(&[kind.as_str(), label])
+            .inc();
+    }
+
+    fn resume_stalled(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(FactKind, u16)> = self
+            .stalled
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for (kind, p) in due {
+            self.stalled.remove(&(kind, p));
+            let mut tpl = TopicPartitionList::new();
+            let _ = tpl.add_partition(&self.topics.fact(kind), i32::from(p));
+            let _ = self.consumer.resume(&tpl);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Flushing
+
+    fn resolve_lookups(&self, states: &mut [PartitionState]) -> anyhow::Result<()> {
+        let wanted: Vec<_> = states
+            .iter()
+            .flat_map(PartitionState::pending_lookups)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let found = self
+            .deps
+            .runtime
+            .block_on(self.deps.store.first_visits(&wanted))?;
+        for state in states.iter_mut() {
+            state.resolve_lookups(found.iter().cloned());
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, shutdown: &CancellationToken) {
+        let started = Instant::now();
+        let mut states: Vec<Box<PartitionState>> = Vec::new();
+        let keys: Vec<u16> = self.units.keys().copied().collect();
+        for p in keys {
+            if let Some(Unit::Ready(s)) = self.units.remove(&p) {
+                states.push(s);
+            } else {
+                self.units.insert(p, Unit::Pending);
+            }
+        }
+        let result = (|| -> anyhow::Result<()> {
+            let mut plain: Vec<&mut PartitionState> = states.iter_mut().map(|b| &mut **b).collect();
+            let wanted: Vec<_> = plain.iter().flat_map(|s| s.pending_lookups()).collect();
+            if !wanted.is_empty() {
+                let found = loop {
+                    match self
+                        .deps
+                        .runtime
+                        .block_on(self.deps.store.first_visits(&wanted))
+                    {
+                        Ok(found) => break found,
+                        Err(e) if !shutdown.is_cancelled() => {
+                            warn!(error = %e, "session lookup failed; retrying");
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                for s in plain.iter_mut() {
+                    s.resolve_lookups(found.iter().cloned());
+                }
+            }
+            if !plain.iter().any(|s| s.has_output()) {
+                return Ok(());
+            }
+            let batch = merge(plain.iter_mut().map(|s| s.take_flush()));
+            self.write_with_retry(&batch, shutdown)?;
+            for s in plain.iter_mut() {
+                s.flush_written();
+            }
+            self.commit(&plain);
+            let m = &self.deps.metrics;
+            m.flush_rows
+                .with_label_values(&["facts"])
+                .inc_by(batch.facts.len() as u64);
+            m.flush_rows
+                .with_label_values(&["aggregates"])
+                .inc_by(batch.aggregate_rows() as u64);
+            m.flush_duration.observe(started.elapsed().as_secs_f64());
+            m.last_flush_timestamp
+                .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+            Ok(())
+        })();
+        for s in states {
+            self.units.insert(s.partition(), Unit::Ready(s));
+        }
+        self.last_flush = Instant::now();
+        if let Err(e) = result {
+            // Only on shutdown: the unflushed facts are re-read from Kafka by the next owner.
+            warn!(error = %e, "flush abandoned");
+        }
+    }
+
+    /// Writes `batch`, retrying with backoff until ClickHouse acknowledges it or shutdown.
+    fn write_with_retry(
+        &self,
+        batch: &FlushBatch,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.deps.runtime.block_on(self.deps.store.write(batch)) {
+                Ok(()) => {
+                    self.deps.status.healthy.store(true, Ordering::SeqCst);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.deps.metrics.insert_errors.inc();
+                    self.deps.status.healthy.store(false, Ordering::SeqCst);
+                    if !e.is_retryable() {
+                        error!(error = %e, "ClickHouse rejected a flush (not retryable); will retry after 5 s in case the schema is being migrated");
+                        backoff = Duration::from_secs(5);
+                    } else {
+                        warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "ClickHouse write failed; retrying");
+                    }
+                    if shutdown.is_cancelled() {
+                        anyhow::bail!("shutdown during a failing flush: {e}");
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Commits the Kafka offsets the written flush covers (advisory: the checkpoint stored with
+    /// the facts is authoritative; committed offsets feed lag tooling and are never ahead of it).
+    fn commit(&self, states: &[&mut PartitionState]) {
+        let mut tpl = TopicPartitionList::new();
+        for s in states {
+            let offsets = s.offsets();
+            for kind in FactKind::ALL {
+                let _ = tpl.add_partition_offset(
+                    &self.topics.fact(kind),
+                    i32::from(s.partition()),
+                    Offset::Offset(offsets.get(kind)),
+                );
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                debug!(error = %e, "offset commit failed (the checkpoint in ClickHouse is authoritative)");
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Progress and metrics
+
+    /// Per unit: the receive time up to which its facts are in the aggregates; `now` when the
+    /// unit has consumed everything in its three topic partitions.
+    fn effective_watermarks(&self) -> Vec<(u16, i64, i64)> {
+        let hw = self
+            .consumer
+            .context()
+            .high_watermarks
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        let now = Utc::now().timestamp_millis();
+        self.ready_states()
+            .map(|s| {
+                let mut lag = 0i64;
+                for kind in FactKind::ALL {
+                    let high = hw
+                        .get(&(self.topics.fact(kind), i32::from(s.partition())))
+                        .copied()
+                        .unwrap_or(0);
+                    lag += (high - s.offsets().get(kind)).max(0);
+                }
+                let caught_up = lag == 0 && s.unflushed() == 0;
+                (
+                    s.partition(),
+                    if caught_up { now } else { s.watermark_ms() },
+                    lag,
+                )
+            })
+            .collect()
+    }
+
+    fn heartbeat(&mut self) {
+        self.last_heartbeat = Instant::now();
+        let now = Utc::now().timestamp_millis();
+        let rows: Vec<ProgressRow> = self
+            .effective_watermarks()
+            .into_iter()
+            .map(|(p, wm, _)| ProgressRow {
+                kafka_partition: p,
+                instance: self.instance.clone(),
+                watermark_ms: wm,
+                heartbeat_ms: u64::try_from(now).unwrap_or(0),
+            })
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(e) = self.deps.runtime.block_on(self.deps.store.heartbeat(&rows)) {
+            debug!(error = %e, "progress heartbeat failed");
+        }
+    }
+
+    fn update_metrics(&mut self) {
+        self.last_metrics = Instant::now();
+        let m = &self.deps.metrics;
+        let hw = self
+            .consumer
+            .context()
+            .high_watermarks
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        for s in self.ready_states() {
+            for kind in FactKind::ALL {
+                let topic = self.topics.fact(kind);
+                let high = hw
+                    .get(&(topic.clone(), i32::from(s.partition())))
+                    .copied()
+                    .unwrap_or(0);
+                m.consumer_lag
+                    .with_label_values(&[topic.as_str(), &s.partition().to_string()])
+                    .set((high - s.offsets().get(kind)).max(0));
+            }
+        }
+        let marks = self.effective_watermarks();
+        if let Some(min) = marks.iter().map(|(_, wm, _)| *wm).min() {
+            let now = Utc::now().timestamp_millis();
+            m.watermark_seconds.set(min as f64 / 1000.0);
+            m.staleness_seconds
+                .set(((now - min).max(0)) as f64 / 1000.0);
+        }
+        m.open_state_entries
+            .set(self.ready_states().map(|s| s.state_entries() as i64).sum());
+        // Visits today per client, over the partitions this instance owns (sum over instances).
+        let now = Utc::now().timestamp_millis();
+        let mut clients: BTreeSet<String> =
+            self.deps.clients.clients().map(|c| c.to_string()).collect();
+        for s in self.ready_states() {
+            clients.extend(s.clients().map(str::to_owned));
+        }
+        for client in clients {
+            let tz = self.deps.clients.timezone(&client);
+            let today = time::day_number(time::client_day(now, tz));
+            let visits: u64 = self
+                .ready_states()
+                .map(|s| s.day_visits(&client, today))
+                .sum();
+            m.visits_today
+                .with_label_values(&[client.as_str()])
+                .set(visits as f64);
+        }
+    }
+}
+
+/// One batch holding the rows of several partitions' flushes.
+fn merge(batches: impl IntoIterator<Item = FlushBatch>) -> FlushBatch {
+    let mut out = FlushBatch::default();
+    for b in batches {
+        out.first_visits.extend(b.first_visits);
+        out.late.extend(b.late);
+        out.facts.extend(b.facts);
+        out.minute_visits.extend(b.minute_visits);
+        out.minute_live.extend(b.minute_live);
+        out.daily_totals.extend(b.daily_totals);
+        out.daily_marketing.extend(b.daily_marketing);
+        out.daily_sessions.extend(b.daily_sessions);
+    }
+    out
+}

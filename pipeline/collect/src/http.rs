@@ -1,0 +1,699 @@
+//! HTTP endpoints of the collector (CONTRACT.md §2).
+//!
+//! `POST /v1/collect` turns a body into facts: parse and validate ([`crate::intake`]), apply
+//! tenancy and rate limits, enrich (session, attribution, campaign link, event time), append to
+//! the spool and answer `202` once the spool has fsynced them. Failures never reach the page as
+//! anything but a status code: the tracker ignores responses.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tracing::warn;
+
+use eventflow_core::fact::{Entry, Fact, FactHeader, FactKind, Ping, SessionOrigin, Utm, Visit};
+use eventflow_core::{time, ClientDirectory};
+
+use crate::intake::{self, Body, FactIn, Reason, Rejection};
+use crate::links::Links;
+use crate::metrics::CollectorMetrics;
+use crate::ratelimit::RateLimiter;
+use crate::session::{self, Attribution, CookiePolicy, Touch};
+use crate::spool::{Spool, SpoolError};
+
+/// Largest accepted body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    pub spool: Spool,
+    pub links: Links,
+    pub clients: Arc<ClientDirectory>,
+    pub metrics: CollectorMetrics,
+    pub registry: prometheus::Registry,
+    pub ip_limiter: RateLimiter<String>,
+    pub client_limiter: RateLimiter<String>,
+    pub cookies: CookiePolicy,
+    pub allowed_origins: Vec<String>,
+    pub trust_forwarded_for: bool,
+    pub allowed_lateness_ms: i64,
+    /// False once shutdown starts (readiness turns 503 first).
+    pub accepting: AtomicBool,
+}
+
+/// The collector's router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/collect", post(collect).options(preflight))
+        .route("/r/{cid}", get(redirect))
+        .route("/v1/tracker.js", get(tracker_js))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Request count and latency by route template (never the raw URI).
+async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    st.metrics
+        .request_duration
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    st.metrics
+        .requests
+        .with_label_values(&[&route, response.status().as_str()])
+        .inc();
+    response
+}
+
+fn error(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": code, "detail": detail.into()})),
+    )
+        .into_response()
+}
+
+fn log_request_failure(code: &str, detail: &str) {
+    // No fact could be read from the body, so its kind is unknown: logged as a failed visit
+    // (the default beacon) with the request-level error as reason.
+    warn!(
+        event = "VisitTrackFail",
+        reason = code,
+        client_id = "",
+        detail,
+        "beacon request rejected"
+    );
+}
+
+fn client_ip(st: &AppState, headers: &HeaderMap, peer: SocketAddr) -> String {
+    if st.trust_forwarded_for {
+        if let Some(first) = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+        {
+            return first.trim().to_owned();
+        }
+    }
+    peer.ip().to_string()
+}
+
+/// CORS: beacons carry cookies, so the allowed origin is echoed (never `*`) with credentials.
+fn cors(st: &AppState, headers: &HeaderMap, response: &mut Response) {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return;
+    };
+    let allowed = st.allowed_origins.iter().any(|a| a == "*" || a == origin);
+    if allowed {
+        if let Ok(v) = HeaderValue::from_str(origin) {
+            let h = response.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+            h.append(header::VARY, HeaderValue::from_static("Origin"));
+        }
+    }
+}
+
+async fn preflight(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    cors(&st, &headers, &mut r);
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    r
+}
+
+fn rejection_json(r: &Rejection) -> Value {
+    let mut v = json!({"index": r.index, "reason": r.reason.code()});
+    if let Reason::InvalidField { field, detail } = &r.reason {
+        v["field"] = json!(field);
+        v["detail"] = json!(detail);
+    }
+    v
+}
+
+fn record_rejection(st: &AppState, r: &Rejection) {
+    let kind = r.kind.unwrap_or(FactKind::Visit);
+    st.metrics
+        .facts
+        .with_label_values(&[kind.as_str(), "rejected"])
+        .inc();
+    st.metrics
+        .rejections
+        .with_label_values(&[kind.as_str(), r.reason.code()])
+        .inc();
+    let client = r.client_id.as_deref().unwrap_or("");
+    match &r.reason {
+        Reason::InvalidField { field, detail } => {
+            warn!(event = kind.fail_event(), reason = r.reason.code(), client_id = client, index = r.index, field = %field, detail = %detail, "fact rejected")
+        }
+        reason => warn!(
+            event = kind.fail_event(),
+            reason = reason.code(),
+            client_id = client,
+            index = r.index,
+            "fact rejected"
+        ),
+    }
+}
+
+async fn collect(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let mut response = collect_inner(&st, peer, &method, &headers, body).await;
+    cors(&st, &headers, &mut response);
+    response
+}
+
+async fn collect_inner(
+    st: &AppState,
+    peer: SocketAddr,
+    _method: &Method,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let now = Instant::now();
+    if !st
+        .ip_limiter
+        .try_take(&client_ip(st, headers, peer), 1.0, now)
+    {
+        log_request_failure("rate_limited", "too many requests from this address");
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests from this address",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let essence = ct
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" && essence != "text/plain" {
+            log_request_failure("unsupported_media_type", &essence);
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("content type {essence:?}; send application/json or text/plain"),
+            );
+        }
+    }
+    let bytes = match body {
+        Ok(b) => b,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            log_request_failure("body_too_large", "body exceeds 64 KiB");
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("body exceeds {MAX_BODY_BYTES} bytes"),
+            );
+        }
+        Err(rejection) => {
+            log_request_failure("unreadable_body", &rejection.body_text());
+            return error(
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                rejection.body_text(),
+            );
+        }
+    };
+    let values = match intake::parse_body(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            log_request_failure(e.code(), &e.to_string());
+            let status = if matches!(e, intake::BodyError::TooManyFacts(_)) {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return error(status, e.code(), e.to_string());
+        }
+    };
+
+    let mut rejected: Vec<Rejection> = Vec::new();
+    let mut valid: Vec<FactIn> = Vec::new();
+    for result in intake::validate_all(&values) {
+        match result {
+            Ok(f) if !st.clients.accepts(&f.client_id) => rejected.push(Rejection {
+                index: f.index,
+                kind: Some(f.kind()),
+                client_id: Some(f.client_id.to_string()),
+                reason: Reason::UnknownClient,
+            }),
+            Ok(f) => valid.push(f),
+            Err(r) => rejected.push(r),
+        }
+    }
+    let mut rate_limited = 0usize;
+    valid.retain(|f| {
+        if st
+            .client_limiter
+            .try_take(&f.client_id.to_string(), 1.0, now)
+        {
+            true
+        } else {
+            rate_limited += 1;
+            rejected.push(Rejection {
+                index: f.index,
+                kind: Some(f.kind()),
+                client_id: Some(f.client_id.to_string()),
+                reason: Reason::RateLimited,
+            });
+            false
+        }
+    });
+
+    // Enrichment: one session and one attribution cookie per request (one browser).
+    let cookie_header = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
+    let cookie_sid = session::cookie(cookie_header, session::SESSION_COOKIE)
+        .filter(|s| session::valid_session_id(s))
+        .map(str::to_owned);
+    let mut attribution = session::cookie(cookie_header, session::UTM_COOKIE)
+        .map(Attribution::decode)
+        .unwrap_or_default();
+    let attribution_before = attribution.clone();
+    let mut created_sid: Option<String> = None;
+    let received_ms = chrono::Utc::now().timestamp_millis();
+    let mut facts: Vec<(usize, Fact)> = Vec::with_capacity(valid.len());
+    for f in valid {
+        let kind = f.kind();
+        let (event_ms, skew) =
+            time::event_time(received_ms, f.ts.as_deref(), st.allowed_lateness_ms);
+        let header = FactHeader {
+            spool_id: 0,
+            spool_seq: 0,
+            client_id: f.client_id.to_string(),
+            received_at_ms: received_ms,
+            event_time_ms: event_ms,
+            client_ts: f.ts.clone(),
+            clock_skew: skew,
+        };
+        let body_sid = match &f.body {
+            Body::Visit(v) => v.session_id.clone(),
+            Body::Entry(e) => e.session_id.clone(),
+            Body::Ping(p) => p.session_id.clone(),
+        };
+        let (session_id, origin) = match (body_sid, &cookie_sid) {
+            (Some(s), _) => (s, SessionOrigin::Body),
+            (None, Some(c)) => (c.clone(), SessionOrigin::Cookie),
+            (None, None) if kind == FactKind::Visit => {
+                let sid = created_sid
+                    .get_or_insert_with(session::new_session_id)
+                    .clone();
+                (sid, SessionOrigin::Created)
+            }
+            (None, None) => {
+                rejected.push(Rejection {
+                    index: f.index,
+                    kind: Some(kind),
+                    client_id: Some(f.client_id.to_string()),
+                    reason: Reason::MissingSessionId,
+                });
+                continue;
+            }
+        };
+        let client = f.client_id.to_string();
+        let fact = match f.body {
+            Body::Visit(v) => {
+                let (cid, utm, inherited) = attribute(&mut attribution, v.cid, v.utm, event_ms);
+                let cid_resolved = cid
+                    .as_deref()
+                    .is_some_and(|c| st.links.resolves(&client, c));
+                Fact::Visit(Visit {
+                    header,
+                    session_id,
+                    session_origin: origin,
+                    page: v.page,
+                    event_id: v.event_id,
+                    webinar_id: v.webinar_id,
+                    event_uid: v.event_uid,
+                    path: v.path,
+                    cid,
+                    cid_resolved,
+                    utm,
+                    utm_inherited: inherited,
+                    referrer: v.referrer,
+                })
+            }
+            Body::Entry(e) => {
+                let (cid, utm, inherited) = attribute(&mut attribution, e.cid, e.utm, event_ms);
+                let cid_resolved = cid
+                    .as_deref()
+                    .is_some_and(|c| st.links.resolves(&client, c));
+                let first = attribution.first.clone();
+                Fact::Entry(Entry {
+                    header,
+                    entry_id: e.entry_id,
+                    session_id,
+                    session_origin: origin,
+                    event_id: e.event_id,
+                    webinar_id: e.webinar_id,
+                    cid,
+                    cid_resolved,
+                    utm,
+                    utm_inherited: inherited,
+                    first_touch_utm: first.as_ref().map(|t| t.utm.clone()),
+                    first_touch_at_ms: first.as_ref().map(|t| t.at_ms),
+                })
+            }
+            Body::Ping(p) => Fact::Ping(Ping {
+                header,
+                webinar_id: p.webinar_id,
+                session_id,
+                session_origin: origin,
+            }),
+        };
+        facts.push((f.index, fact));
+    }
+
+    let accepted = facts.len();
+    let mut status = StatusCode::ACCEPTED;
+    let mut retry_after = None;
+    if !facts.is_empty() {
+        let kinds: Vec<(usize, FactKind, String)> = facts
+            .iter()
+            .map(|(i, f)| (*i, f.kind(), f.header().client_id.clone()))
+            .collect();
+        match st
+            .spool
+            .append(facts.into_iter().map(|(_, f)| f).collect(), received_ms)
+            .await
+        {
+            Ok(_) => {
+                for (_, kind, _) in &kinds {
+                    st.metrics
+                        .facts
+                        .with_label_values(&[kind.as_str(), "accepted"])
+                        .inc();
+                }
+            }
+            Err(e) => {
+                // Not acknowledged: the client may retry; nothing was stored.
+                let full = matches!(e, SpoolError::Full { .. });
+                for (index, kind, client) in kinds {
+                    st.metrics
+                        .facts
+                        .with_label_values(&[kind.as_str(), "failed"])
+                        .inc();
+                    st.metrics
+                        .rejections
+                        .with_label_values(&[kind.as_str(), "spool_unavailable"])
+                        .inc();
+                    warn!(event = kind.fail_event(), reason = "spool_unavailable", client_id = %client, index, error = %e, "fact not stored");
+                }
+                for r in &rejected {
+                    record_rejection(st, r);
+                }
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    if full {
+                        "spool_full"
+                    } else {
+                        "spool_unavailable"
+                    },
+                    format!("{e}; retry later"),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                return r;
+            }
+        }
+    } else if rate_limited > 0 && rejected.len() == rate_limited {
+        status = StatusCode::TOO_MANY_REQUESTS;
+        retry_after = Some("1");
+    }
+    for r in &rejected {
+        record_rejection(st, r);
+    }
+    rejected.sort_by_key(|r| r.index);
+    let body = json!({
+        "accepted": if status == StatusCode::ACCEPTED { accepted } else { 0 },
+        "rejected": rejected.iter().map(rejection_json).collect::<Vec<_>>(),
+    });
+    let mut response = (status, Json(body)).into_response();
+    let h = response.headers_mut();
+    if let Some(ra) = retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static(ra));
+    }
+    if let Some(sid) = created_sid.as_ref().or(cookie_sid.as_ref()) {
+        if let Ok(v) = HeaderValue::from_str(&st.cookies.session(sid)) {
+            h.append(header::SET_COOKIE, v);
+        }
+    }
+    if attribution != attribution_before {
+        if let Ok(v) = HeaderValue::from_str(&st.cookies.attribution(&attribution)) {
+            h.append(header::SET_COOKIE, v);
+        }
+    }
+    response
+}
+
+/// Attribution of one fact: a fact with its own `cid` or UTM is a touch; one without inherits
+/// the last touch. Returns `(cid, utm, inherited)`.
+fn attribute(
+    attribution: &mut Attribution,
+    cid: Option<String>,
+    utm: Utm,
+    at_ms: i64,
+) -> (Option<String>, Utm, bool) {
+    if let Some(touch) = Touch::of(&cid, &utm, at_ms) {
+        attribution.touch(touch);
+        return (cid, utm, false);
+    }
+    match &attribution.last {
+        Some(last) => (last.cid.clone(), last.utm.clone(), true),
+        None => (None, Utm::default(), false),
+    }
+}
+
+/// `GET /r/{cid}`: a tracked campaign link.
+async fn redirect(
+    State(st): State<Arc<AppState>>,
+    Path(cid): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(link) = st.links.get(&cid) else {
+        st.metrics.link_clicks.with_label_values(&["unknown"]).inc();
+        warn!(event = "VisitTrackFail", reason = "unknown_link", client_id = "", cid = %cid, "click on an unknown campaign link");
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_link",
+            "no campaign link with this id",
+        );
+    };
+    st.metrics
+        .link_clicks
+        .with_label_values(&["redirected"])
+        .inc();
+    let cookie_header = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
+    let mut attribution = session::cookie(cookie_header, session::UTM_COOKIE)
+        .map(Attribution::decode)
+        .unwrap_or_default();
+    attribution.touch(Touch {
+        cid: Some(cid.clone()),
+        utm: link.utm.clone(),
+        at_ms: chrono::Utc::now().timestamp_millis(),
+    });
+    let location = with_utm(&link.destination, &cid, &link.utm);
+    let mut r = StatusCode::FOUND.into_response();
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&st.cookies.attribution(&attribution)) {
+        h.append(header::SET_COOKIE, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `destination` with the link's `cid` and UTM parameters appended (before any `#fragment`).
+pub fn with_utm(destination: &str, cid: &str, utm: &Utm) -> String {
+    let (base, fragment) = match destination.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (destination, None),
+    };
+    let mut params = vec![("cid", cid.to_owned())];
+    for (k, v) in [
+        ("utm_source", &utm.source),
+        ("utm_medium", &utm.medium),
+        ("utm_campaign", &utm.campaign),
+        ("utm_term", &utm.term),
+        ("utm_content", &utm.content),
+    ] {
+        if let Some(v) = v {
+            params.push((k, v.clone()));
+        }
+    }
+    let mut url = base.to_owned();
+    for (i, (k, v)) in params.iter().enumerate() {
+        url.push(if i == 0 && !base.contains('?') {
+            '?'
+        } else {
+            '&'
+        });
+        url.push_str(k);
+        url.push('=');
+        url.push_str(&percent_encode(v));
+    }
+    if let Some(f) = fragment {
+        url.push('#');
+        url.push_str(f);
+    }
+    url
+}
+
+const TRACKER_JS: &str = include_str!("../assets/tracker.js");
+
+async fn tracker_js() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/javascript; charset=utf-8"),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=300"),
+            ),
+        ],
+        TRACKER_JS,
+    )
+        .into_response()
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    let shared = st.spool.shared();
+    let accepting = st.accepting.load(Ordering::Acquire);
+    let body = json!({
+        "accepting": accepting,
+        "spool_writer": shared.writer_alive(),
+        "spool_full": shared.is_full(),
+        "spool_facts": shared.pending_facts(),
+    });
+    let ready = accepting && shared.writer_alive() && !shared.is_full();
+    (
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(body),
+    )
+        .into_response()
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let shared = st.spool.shared();
+    st.metrics.spool_facts.set(shared.pending_facts() as i64);
+    st.metrics.spool_bytes.set(shared.pending_bytes() as i64);
+    crate::render_metrics(&st.registry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_urls_keep_query_and_fragment() {
+        let utm = Utm {
+            source: Some("news letter".into()),
+            campaign: Some("fall&win".into()),
+            ..Utm::default()
+        };
+        assert_eq!(
+            with_utm("https://x.test/event/a", "c1", &utm),
+            "https://x.test/event/a?cid=c1&utm_source=news%20letter&utm_campaign=fall%26win"
+        );
+        assert_eq!(
+            with_utm("https://x.test/e?lang=ko#top", "c1", &Utm::default()),
+            "https://x.test/e?lang=ko&cid=c1#top"
+        );
+    }
+
+    #[test]
+    fn attribution_rules() {
+        let mut a = Attribution::default();
+        let news = Utm {
+            source: Some("news".into()),
+            ..Utm::default()
+        };
+        assert_eq!(
+            attribute(&mut a, None, Utm::default(), 1),
+            (None, Utm::default(), false)
+        );
+        assert_eq!(
+            attribute(&mut a, Some("c1".into()), news.clone(), 2),
+            (Some("c1".into()), news.clone(), false)
+        );
+        // A later page without UTM (client-side navigation) inherits the last touch.
+        assert_eq!(
+            attribute(&mut a, None, Utm::default(), 3),
+            (Some("c1".into()), news.clone(), true)
+        );
+        let ads = Utm {
+            source: Some("ads".into()),
+            ..Utm::default()
+        };
+        attribute(&mut a, None, ads.clone(), 4);
+        assert_eq!(a.first.as_ref().unwrap().utm, news);
+        assert_eq!(a.last.as_ref().unwrap().utm, ads);
+    }
+}

@@ -1,0 +1,528 @@
+//! The per-client overview: aggregate first, raw fallback per section, provenance and freshness.
+//!
+//! All aggregate reads of a request run concurrently. A section is served from aggregates only
+//! when its reads succeeded, no day of the range has late facts awaiting backfill, and the
+//! aggregate agrees with `daily_totals` where they overlap (a missing or partly deleted aggregate
+//! shows up as a disagreement). Otherwise the section is recounted from raw facts; if that fails
+//! too the section is `error` with its zero value and the response is still 200.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::NaiveDate;
+use chrono_tz::Tz;
+use serde::Serialize;
+
+use eventflow_core::time;
+use eventflow_store::read::{CampaignTotals, LiveMinute, MarketingDay};
+use eventflow_store::recount::{Recount, Scope};
+use eventflow_store::rows::DayCounters;
+use eventflow_store::{Result as StoreResult, Store};
+
+/// Where a section's numbers came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Aggregated,
+    Raw,
+    Error,
+}
+
+/// The sections of the overview, in response order.
+pub const SECTIONS: [&str; 6] = [
+    "totals",
+    "by_page",
+    "by_day",
+    "campaigns",
+    "live",
+    "quality",
+];
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Totals {
+    pub visits: u64,
+    pub unique_sessions: u64,
+    pub entries: u64,
+    pub linked_entries: u64,
+    pub conversion_rate: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ByPage {
+    pub landing: u64,
+    pub webinar: u64,
+    pub live: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DayRow {
+    pub date: String,
+    pub visits: u64,
+    pub unique_sessions: u64,
+    pub entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CampaignRow {
+    pub cid: String,
+    pub utm_source: String,
+    pub utm_medium: String,
+    pub utm_campaign: String,
+    pub visits: u64,
+    pub entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LiveRow {
+    pub webinar_id: String,
+    pub peak_concurrent: u64,
+    pub peak_minute: String,
+    pub viewer_minutes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Quality {
+    pub session_link_rate: f64,
+    pub utm_missing_ratio: f64,
+    pub unresolved_cid_ratio: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Meta {
+    pub response_time_ms: u64,
+    pub generated_at: String,
+    pub data_sources: BTreeMap<&'static str, Source>,
+    pub watermark: Option<String>,
+    pub staleness_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OverviewResponse {
+    pub client_id: String,
+    pub from: String,
+    pub to: String,
+    pub timezone: String,
+    pub totals: Totals,
+    pub by_page: ByPage,
+    pub by_day: Vec<DayRow>,
+    pub campaigns: Vec<CampaignRow>,
+    pub live: Vec<LiveRow>,
+    pub quality: Quality,
+    pub meta: Meta,
+}
+
+/// Rounds a ratio for presentation (4 decimals).
+fn ratio(num: u64, den: u64, when_empty: f64) -> f64 {
+    if den == 0 {
+        return when_empty;
+    }
+    (num as f64 / den as f64 * 10_000.0).round() / 10_000.0
+}
+
+/// Figures of the day-based sections, from aggregates or raw facts.
+#[derive(Debug, Default)]
+struct DayData {
+    counters: BTreeMap<u16, DayCounters>,
+    range_sessions: u64,
+    day_sessions: BTreeMap<u16, u64>,
+}
+
+impl DayData {
+    fn sum(&self) -> DayCounters {
+        self.counters
+            .values()
+            .fold(DayCounters::default(), |mut a, c| {
+                a.visits += c.visits;
+                a.visits_landing += c.visits_landing;
+                a.visits_webinar += c.visits_webinar;
+                a.visits_live += c.visits_live;
+                a.entries += c.entries;
+                a.linked_entries += c.linked_entries;
+                a.visits_utm_missing += c.visits_utm_missing;
+                a.visits_cid_unresolved += c.visits_cid_unresolved;
+                a.viewer_minutes += c.viewer_minutes;
+                a
+            })
+    }
+
+    fn totals(&self) -> Totals {
+        let s = self.sum();
+        Totals {
+            visits: s.visits,
+            unique_sessions: self.range_sessions,
+            entries: s.entries,
+            linked_entries: s.linked_entries,
+            conversion_rate: ratio(s.entries, self.range_sessions, 0.0),
+        }
+    }
+
+    fn by_page(&self) -> ByPage {
+        let s = self.sum();
+        ByPage {
+            landing: s.visits_landing,
+            webinar: s.visits_webinar,
+            live: s.visits_live,
+        }
+    }
+
+    fn by_day(&self, days: &[NaiveDate]) -> Vec<DayRow> {
+        days.iter()
+            .map(|d| {
+                let n = time::day_number(*d);
+                let c = self.counters.get(&n).copied().unwrap_or_default();
+                DayRow {
+                    date: time::format_day(*d),
+                    visits: c.visits,
+                    unique_sessions: self.day_sessions.get(&n).copied().unwrap_or(0),
+                    entries: c.entries,
+                }
+            })
+            .collect()
+    }
+
+    fn quality(&self) -> Quality {
+        let s = self.sum();
+        Quality {
+            session_link_rate: ratio(s.linked_entries, s.entries, 1.0),
+            utm_missing_ratio: ratio(s.visits_utm_missing, s.visits, 0.0),
+            unresolved_cid_ratio: ratio(s.visits_cid_unresolved, s.visits, 0.0),
+        }
+    }
+}
+
+fn campaign_rows(rows: Vec<CampaignTotals>) -> Vec<CampaignRow> {
+    rows.into_iter()
+        .map(|r| CampaignRow {
+            cid: r.cid,
+            utm_source: r.utm_source,
+            utm_medium: r.utm_medium,
+            utm_campaign: r.utm_campaign,
+            visits: r.visits,
+            entries: r.entries,
+        })
+        .collect()
+}
+
+/// Peak, peak minute and viewer-minutes per webinar; busiest webinars first.
+pub fn live_rows(minutes: &[LiveMinute], tz: Tz) -> Vec<LiveRow> {
+    let mut by_webinar: BTreeMap<&str, (u64, u32, u64)> = BTreeMap::new();
+    for m in minutes {
+        let e = by_webinar.entry(&m.webinar_id).or_insert((0, u32::MAX, 0));
+        if m.viewers > e.0 || (m.viewers == e.0 && m.minute < e.1) {
+            e.0 = m.viewers;
+            e.1 = m.minute;
+        }
+        e.2 += m.viewers;
+    }
+    let mut rows: Vec<LiveRow> = by_webinar
+        .into_iter()
+        .filter(|(_, (peak, _, _))| *peak > 0)
+        .map(|(w, (peak, minute, total))| LiveRow {
+            webinar_id: w.to_owned(),
+            peak_concurrent: peak,
+            peak_minute: time::format_in_tz(i64::from(minute) * 1000, tz),
+            viewer_minutes: total,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.viewer_minutes
+            .cmp(&a.viewer_minutes)
+            .then(a.webinar_id.cmp(&b.webinar_id))
+    });
+    rows
+}
+
+/// A request for an overview.
+#[derive(Debug, Clone)]
+pub struct OverviewQuery {
+    pub client_id: String,
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    pub tz: Tz,
+    pub campaign_limit: u32,
+}
+
+impl OverviewQuery {
+    pub fn days(&self) -> Vec<NaiveDate> {
+        eventflow_store::recount::days(&Scope {
+            client_id: self.client_id.clone(),
+            from: self.from,
+            to: self.to,
+            tz: self.tz,
+            cid: None,
+        })
+    }
+
+    /// `[start, end)` of the range in unix seconds.
+    pub fn seconds(&self) -> (u32, u32) {
+        let (start, _) = time::day_bounds_ms(self.from, self.tz);
+        let (_, end) = time::day_bounds_ms(self.to, self.tz);
+        (
+            u32::try_from(start / 1000).unwrap_or(0),
+            u32::try_from(end / 1000).unwrap_or(u32::MAX),
+        )
+    }
+}
+
+/// Sections with their sources, before metadata.
+#[derive(Debug)]
+pub struct Sections {
+    pub totals: Totals,
+    pub by_page: ByPage,
+    pub by_day: Vec<DayRow>,
+    pub campaigns: Vec<CampaignRow>,
+    pub live: Vec<LiveRow>,
+    pub quality: Quality,
+    pub sources: BTreeMap<&'static str, Source>,
+}
+
+/// Computes every section of `q` (the decision rules are in the module docs).
+pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
+    let c = q.client_id.as_str();
+    let (from_s, to_s) = q.seconds();
+    let (days, day_sessions, range_sessions, campaigns, marketing_days, live, pending) = tokio::join!(
+        store.daily_totals(c, q.from, q.to),
+        store.day_sessions(c, q.from, q.to),
+        store.range_sessions(c, q.from, q.to),
+        store.campaign_totals(c, q.from, q.to, q.campaign_limit),
+        store.marketing_days(c, q.from, q.to),
+        store.live_minutes(c, None, from_s, to_s),
+        store.pending_late_days(c, q.from, q.to),
+    );
+    let complete = matches!(&pending, Ok(p) if p.is_empty());
+    let list = q.days();
+
+    // Cross-checks against daily_totals.
+    let sessions_agree = match (&days, &day_sessions) {
+        (Ok(d), Ok(s)) => {
+            let keys: BTreeSet<u16> = d.keys().chain(s.keys()).copied().collect();
+            keys.iter().all(|k| {
+                d.get(k).map_or(0, |c| c.unique_sessions) == s.get(k).copied().unwrap_or(0)
+            })
+        }
+        _ => false,
+    };
+    let marketing_agrees = match (&days, &marketing_days) {
+        (Ok(d), Ok(m)) => {
+            let keys: BTreeSet<u16> = d.keys().chain(m.keys()).copied().collect();
+            keys.iter().all(|k| {
+                let t = d.get(k).copied().unwrap_or_default();
+                let md = m.get(k).copied().unwrap_or(MarketingDay::default());
+                t.visits == md.visits && t.entries == md.entries
+            })
+        }
+        _ => false,
+    };
+    let live_agrees = match (&days, &live) {
+        (Ok(d), Ok(l)) => {
+            let mut per_day: BTreeMap<u16, u64> = BTreeMap::new();
+            for m in l {
+                *per_day
+                    .entry(time::day_number(time::client_day(
+                        i64::from(m.minute) * 1000,
+                        q.tz,
+                    )))
+                    .or_default() += m.viewers;
+            }
+            let keys: BTreeSet<u16> = d.keys().chain(per_day.keys()).copied().collect();
+            keys.iter().all(|k| {
+                d.get(k).map_or(0, |c| c.viewer_minutes) == per_day.get(k).copied().unwrap_or(0)
+            })
+        }
+        _ => false,
+    };
+
+    let day_ok = complete && days.is_ok();
+    let agg_day_data = match (&days, &day_sessions, &range_sessions) {
+        (Ok(d), Ok(s), Ok(r)) => Some(DayData {
+            counters: d.clone(),
+            range_sessions: *r,
+            day_sessions: s.clone(),
+        }),
+        (Ok(d), _, _) => Some(DayData {
+            counters: d.clone(),
+            ..DayData::default()
+        }),
+        _ => None,
+    };
+    let use_agg = [
+        ("totals", day_ok && sessions_agree && range_sessions.is_ok()),
+        ("by_page", day_ok),
+        ("by_day", day_ok && sessions_agree),
+        ("campaigns", day_ok && campaigns.is_ok() && marketing_agrees),
+        ("live", day_ok && live_agrees),
+        ("quality", day_ok),
+    ];
+
+    // One raw recount serves every section that needs it.
+    let mut raw: Option<StoreResult<Recount>> = None;
+    if use_agg.iter().any(|(_, ok)| !ok) {
+        let scope = Scope {
+            client_id: q.client_id.clone(),
+            from: q.from,
+            to: q.to,
+            tz: q.tz,
+            cid: None,
+        };
+        raw = Some(store.recount(&scope, false).await);
+    }
+    let raw_day_data = match &raw {
+        Some(Ok(r)) => Some(DayData {
+            counters: r.totals.iter().map(|((d, _), c)| (*d, *c)).collect(),
+            range_sessions: r.range_sessions,
+            day_sessions: r.day_sessions.clone(),
+        }),
+        _ => None,
+    };
+
+    let mut sources = BTreeMap::new();
+    let mut pick = |name: &'static str| -> (Source, Option<&DayData>) {
+        let agg = use_agg
+            .iter()
+            .find(|(n, _)| *n == name)
+            .is_some_and(|(_, ok)| *ok);
+        let (source, data) = if agg {
+            (Source::Aggregated, agg_day_data.as_ref())
+        } else if raw_day_data.is_some() {
+            (Source::Raw, raw_day_data.as_ref())
+        } else {
+            (Source::Error, None)
+        };
+        sources.insert(name, source);
+        (source, data)
+    };
+
+    let totals = pick("totals").1.map(DayData::totals).unwrap_or_default();
+    let by_page = pick("by_page").1.map(DayData::by_page).unwrap_or_default();
+    let by_day = pick("by_day")
+        .1
+        .map(|d| d.by_day(&list))
+        .unwrap_or_else(|| DayData::default().by_day(&list));
+    let quality = pick("quality").1.map(DayData::quality).unwrap_or_default();
+    let campaigns = match pick("campaigns").0 {
+        Source::Aggregated => campaign_rows(campaigns.unwrap_or_default()),
+        Source::Raw => raw_campaigns(raw.as_ref(), q.campaign_limit),
+        Source::Error => Vec::new(),
+    };
+    let live = match pick("live").0 {
+        Source::Aggregated => live_rows(&live.unwrap_or_default(), q.tz),
+        Source::Raw => match &raw {
+            Some(Ok(r)) => {
+                let mut per: BTreeMap<(String, u32), u64> = BTreeMap::new();
+                for ((w, m, _), v) in &r.live {
+                    *per.entry((w.clone(), *m)).or_default() += v;
+                }
+                let minutes: Vec<LiveMinute> = per
+                    .into_iter()
+                    .map(|((webinar_id, minute), viewers)| LiveMinute {
+                        webinar_id,
+                        minute,
+                        viewers,
+                    })
+                    .collect();
+                live_rows(&minutes, q.tz)
+            }
+            _ => Vec::new(),
+        },
+        Source::Error => Vec::new(),
+    };
+    Sections {
+        totals,
+        by_page,
+        by_day,
+        campaigns,
+        live,
+        quality,
+        sources,
+    }
+}
+
+fn raw_campaigns(raw: Option<&StoreResult<Recount>>, limit: u32) -> Vec<CampaignRow> {
+    let Some(Ok(r)) = raw else { return Vec::new() };
+    let mut per: BTreeMap<(String, String, String, String), (u64, u64, u64)> = BTreeMap::new();
+    for ((_, dims, _), m) in &r.marketing {
+        let e = per
+            .entry((
+                dims.cid.clone(),
+                dims.utm_source.clone(),
+                dims.utm_medium.clone(),
+                dims.utm_campaign.clone(),
+            ))
+            .or_default();
+        e.0 += m.visits;
+        e.1 += m.entries;
+        e.2 += m.linked_entries;
+    }
+    let mut rows: Vec<CampaignTotals> = per
+        .into_iter()
+        .map(
+            |((cid, utm_source, utm_medium, utm_campaign), (visits, entries, linked_entries))| {
+                CampaignTotals {
+                    cid,
+                    utm_source,
+                    utm_medium,
+                    utm_campaign,
+                    visits,
+                    entries,
+                    linked_entries,
+                }
+            },
+        )
+        .collect();
+    rows.sort_by(|a, b| {
+        b.visits
+            .cmp(&a.visits)
+            .then(b.entries.cmp(&a.entries))
+            .then_with(|| {
+                (&a.cid, &a.utm_source, &a.utm_medium, &a.utm_campaign).cmp(&(
+                    &b.cid,
+                    &b.utm_source,
+                    &b.utm_medium,
+                    &b.utm_campaign,
+                ))
+            })
+    });
+    rows.truncate(limit as usize);
+    campaign_rows(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_peaks_take_the_earliest_busiest_minute() {
+        let m = |w: &str, minute: u32, viewers: u64| LiveMinute {
+            webinar_id: w.into(),
+            minute,
+            viewers,
+        };
+        let rows = live_rows(
+            &[
+                m("w1", 600, 3),
+                m("w1", 660, 5),
+                m("w1", 720, 5),
+                m("w2", 600, 1),
+            ],
+            chrono_tz::Asia::Seoul,
+        );
+        assert_eq!(
+            rows[0],
+            LiveRow {
+                webinar_id: "w1".into(),
+                peak_concurrent: 5,
+                peak_minute: "1970-01-01T09:11:00+09:00".into(),
+                viewer_minutes: 13
+            }
+        );
+        assert_eq!(rows[1].viewer_minutes, 1);
+    }
+
+    #[test]
+    fn ratios_and_empty_ranges() {
+        let d = DayData::default();
+        assert_eq!(d.totals().conversion_rate, 0.0);
+        assert_eq!(d.quality().session_link_rate, 1.0);
+        assert_eq!(d.quality().utm_missing_ratio, 0.0);
+        assert_eq!(ratio(1, 3, 0.0), 0.3333);
+    }
+}
