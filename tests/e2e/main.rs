@@ -1,1 +1,7 @@
+//! End-to-end and fault tests against real services: ClickHouse 18.16 (Debian package), the
+//! tansu Kafka-protocol broker and the `eventflow` binary. Run with `--test-threads=1`: each
+//! test starts its own servers.
 
+mod harness;
+mod pipeline;
+mod portability;

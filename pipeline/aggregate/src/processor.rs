@@ -150,6 +150,7 @@ struct Loop<S: ProcessorStore> {
     last_flush: Instant,
     last_heartbeat: Instant,
     last_metrics: Instant,
+    last_watermarks: Instant,
     next_rebuild: Instant,
 }
 
@@ -195,6 +196,7 @@ pub fn run<S: ProcessorStore>(
         last_flush: now,
         last_heartbeat: now,
         last_metrics: now,
+        last_watermarks: now,
         next_rebuild: now,
         deps,
     };
@@ -701,8 +703,33 @@ impl<S: ProcessorStore> Loop<S> {
         }
     }
 
+    /// Asks the broker for the end offset of every owned topic partition (statistics go stale
+    /// while a partition is paused, and are only refreshed every 5 s).
+    fn refresh_high_watermarks(&mut self) {
+        let parts: Vec<(String, i32)> = self
+            .ready_states()
+            .flat_map(|s| FactKind::ALL.map(|k| (self.topics.fact(k), i32::from(s.partition()))))
+            .collect();
+        let mut fresh = HashMap::new();
+        for (topic, p) in parts {
+            if let Ok((_, high)) =
+                self.consumer
+                    .fetch_watermarks(&topic, p, Duration::from_millis(500))
+            {
+                fresh.insert((topic, p), high);
+            }
+        }
+        if let Ok(mut hw) = self.consumer.context().high_watermarks.lock() {
+            hw.extend(fresh);
+        }
+        self.last_watermarks = Instant::now();
+    }
+
     fn update_metrics(&mut self) {
         self.last_metrics = Instant::now();
+        if self.last_watermarks.elapsed() >= Duration::from_secs(2) {
+            self.refresh_high_watermarks();
+        }
         let m = &self.deps.metrics;
         let hw = self
             .consumer

@@ -358,9 +358,17 @@ async fn collect_inner(
             }
         };
         let client = f.client_id.to_string();
+        // Cookie attribution belongs to the browser's own session; a fact naming its session
+        // in the body (a server-side integration) is attributed by its own fields only.
+        let mut no_cookie = Attribution::default();
+        let fact_attribution = if origin == SessionOrigin::Body {
+            &mut no_cookie
+        } else {
+            &mut attribution
+        };
         let fact = match f.body {
             Body::Visit(v) => {
-                let (cid, utm, inherited) = attribute(&mut attribution, v.cid, v.utm, event_ms);
+                let (cid, utm, inherited) = attribute(fact_attribution, v.cid, v.utm, event_ms);
                 let cid_resolved = cid
                     .as_deref()
                     .is_some_and(|c| st.links.resolves(&client, c));
@@ -381,11 +389,11 @@ async fn collect_inner(
                 })
             }
             Body::Entry(e) => {
-                let (cid, utm, inherited) = attribute(&mut attribution, e.cid, e.utm, event_ms);
+                let (cid, utm, inherited) = attribute(fact_attribution, e.cid, e.utm, event_ms);
                 let cid_resolved = cid
                     .as_deref()
                     .is_some_and(|c| st.links.resolves(&client, c));
-                let first = attribution.first.clone();
+                let first = fact_attribution.first.clone();
                 Fact::Entry(Entry {
                     header,
                     entry_id: e.entry_id,
