@@ -692,3 +692,76 @@ impl Chdb {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 }
+
+// -------------------------------------------------------------------------------------------
+// Headless Chromium through chromedriver (Debian packages chromium and chromium-driver)
+
+pub struct Browser {
+    pub client: fantoccini::Client,
+    _driver: Proc,
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium session with a fresh profile in `dir`.
+    pub async fn start(dir: &TestDir) -> Self {
+        let port = free_port();
+        let driver_bin = std::env::var("EVENTFLOW_CHROMEDRIVER")
+            .unwrap_or_else(|_| "/usr/bin/chromedriver".into());
+        let mut cmd = Command::new(&driver_bin);
+        cmd.arg(format!("--port={port}"));
+        let driver = Proc::spawn("chromedriver", cmd, dir.join("chromedriver.log"));
+        if !wait_tcp(port, Duration::from_secs(30)) {
+            panic!("chromedriver did not start ({driver_bin})");
+        }
+        let profile = dir.join(&format!("chromium-profile-{port}"));
+        fs::create_dir_all(&profile).expect("profile dir");
+        let caps = serde_json::json!({
+            "goog:chromeOptions": {
+                "binary": std::env::var("EVENTFLOW_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--no-first-run", "--disable-quic", "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.display()),
+                ]
+            }
+        });
+        let caps = caps.as_object().cloned().expect("capabilities");
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = fantoccini::ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap_or_else(|e| panic!("starting headless chromium: {e}"));
+        Browser {
+            client,
+            _driver: driver,
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self.client.close().await;
+    }
+}
+
+/// A static-file server for test pages (tiny, in-process): serves `routes` by exact path; any
+/// other path gets `fallback` (so `/event/...` and `/webinar/...` URLs work).
+pub async fn serve_pages(
+    routes: Vec<(String, String)>,
+    fallback: String,
+) -> (u16, tokio::task::JoinHandle<()>) {
+    use axum::response::Html;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind pages");
+    let port = listener.local_addr().expect("addr").port();
+    let mut app = axum::Router::new();
+    for (path, body) in routes {
+        app = app.route(&path, axum::routing::get(move || async move { Html(body) }));
+    }
+    let app = app.fallback(move || async move { Html(fallback) });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, task)
+}

@@ -2,6 +2,8 @@
 //! tansu Kafka-protocol broker and the `eventflow` binary. Run with `--test-threads=1`: each
 //! test starts its own servers.
 
+mod dashboard;
 mod harness;
 mod pipeline;
 mod portability;
+mod tracker;

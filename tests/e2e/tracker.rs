@@ -1,0 +1,1 @@
+//! Browser tests of the tracker (headless Chromium via chromedriver).
