@@ -7,3 +7,4 @@ mod harness;
 mod pipeline;
 mod portability;
 mod tracker;
+mod api_contract;

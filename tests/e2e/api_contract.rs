@@ -1,0 +1,1 @@
+//! The reader API against its OpenAPI document, on a running deployment.
