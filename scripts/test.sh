@@ -19,9 +19,11 @@ cargo test --workspace --lib --bins --locked
 log "end-to-end and fault tests (real ClickHouse, real broker; one at a time)"
 cargo test --locked --test e2e -- --test-threads=1
 
-if [ -d "$REPO/deploy/prometheus/tests" ]; then
-  log "alert rule tests (promtool)"
-  promtool test rules "$REPO"/deploy/prometheus/tests/*.yml
-fi
+log "alert rule tests (promtool)"
+promtool check rules "$REPO/deploy/prometheus/rules.yml"
+promtool test rules "$REPO"/deploy/prometheus/tests/*.yml
+
+log "deployment files: compose schema, Kubernetes manifests, cluster SQL on current ClickHouse"
+bash "$REPO/scripts/validate_deploy.sh"
 
 log "all tests passed in $(( $(date +%s) - started ))s"

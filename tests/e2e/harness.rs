@@ -406,6 +406,8 @@ listen = "127.0.0.1:{processor}"
 flush_interval = "300ms"
 fold_late_interval = "2s"
 reconcile_interval = "0s"
+orphan_after = "8s"
+rejoin_backoff = "10s"
 
 [api]
 listen = "127.0.0.1:{api}"

@@ -2,9 +2,10 @@
 //! tansu Kafka-protocol broker and the `eventflow` binary. Run with `--test-threads=1`: each
 //! test starts its own servers.
 
+mod api_contract;
 mod dashboard;
+mod faults;
 mod harness;
 mod pipeline;
 mod portability;
 mod tracker;
-mod api_contract;

@@ -38,6 +38,13 @@ pub struct ProcessorConfig {
     /// How many recent client days the continuous reconcile checks.
     #[serde(default = "default_reconcile_days")]
     pub reconcile_days: u32,
+    /// A partition with a backlog whose committed offsets have not moved for this long, and
+    /// that this instance does not own, is orphaned: the instance rejoins the group.
+    #[serde(default = "default_orphan_after")]
+    pub orphan_after: String,
+    /// At most one forced rejoin this often.
+    #[serde(default = "default_rejoin_backoff")]
+    pub rejoin_backoff: String,
 }
 
 fn default_listen() -> String {
@@ -64,6 +71,12 @@ fn default_reconcile_interval() -> String {
 fn default_reconcile_days() -> u32 {
     3
 }
+fn default_orphan_after() -> String {
+    "30s".to_owned()
+}
+fn default_rejoin_backoff() -> String {
+    "60s".to_owned()
+}
 
 impl Default for ProcessorConfig {
     fn default() -> Self {
@@ -77,6 +90,8 @@ impl Default for ProcessorConfig {
             fold_late_interval: default_fold_interval(),
             reconcile_interval: default_reconcile_interval(),
             reconcile_days: default_reconcile_days(),
+            orphan_after: default_orphan_after(),
+            rejoin_backoff: default_rejoin_backoff(),
         }
     }
 }
@@ -109,6 +124,12 @@ impl ProcessorConfig {
     pub fn reconcile_interval_ms(&self) -> Result<i64, DurationError> {
         duration("reconcile_interval", &self.reconcile_interval)
     }
+    pub fn orphan_after_ms(&self) -> Result<i64, DurationError> {
+        duration("orphan_after", &self.orphan_after)
+    }
+    pub fn rejoin_backoff_ms(&self) -> Result<i64, DurationError> {
+        duration("rejoin_backoff", &self.rejoin_backoff)
+    }
 
     /// Checks every duration once at start-up.
     pub fn validate(&self) -> Result<(), DurationError> {
@@ -116,6 +137,8 @@ impl ProcessorConfig {
         self.flush_interval_ms()?;
         self.fold_late_interval_ms()?;
         self.reconcile_interval_ms()?;
+        self.orphan_after_ms()?;
+        self.rejoin_backoff_ms()?;
         Ok(())
     }
 

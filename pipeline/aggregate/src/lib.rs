@@ -13,6 +13,7 @@ pub mod processor;
 pub mod reconcile;
 pub mod sink;
 pub mod state;
+pub mod watchdog;
 
 pub use config::ProcessorConfig;
 pub use metrics::ProcessorMetrics;

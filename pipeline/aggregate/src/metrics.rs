@@ -25,6 +25,8 @@ pub struct ProcessorMetrics {
     pub visits_today: GaugeVec,
     pub reconcile_mismatch: GaugeVec,
     pub reconcile_last_run: Gauge,
+    pub orphaned_partitions: IntGauge,
+    pub forced_rejoins: IntCounter,
 }
 
 impl ProcessorMetrics {
@@ -85,7 +87,17 @@ impl ProcessorMetrics {
                 &["client", "metric"],
             )?,
             reconcile_last_run: Gauge::new(names::RECONCILE_LAST_RUN_TIMESTAMP_SECONDS, "Unix time of the last completed reconcile.")?,
+            orphaned_partitions: IntGauge::new(
+                names::PROCESSOR_ORPHANED_PARTITIONS,
+                "Partition numbers with a backlog and no committed progress that this instance does not own.",
+            )?,
+            forced_rejoins: IntCounter::new(
+                names::PROCESSOR_FORCED_REJOINS_TOTAL,
+                "Times this instance left and rejoined the consumer group because partitions were orphaned.",
+            )?,
         };
+        registry.register(Box::new(m.orphaned_partitions.clone()))?;
+        registry.register(Box::new(m.forced_rejoins.clone()))?;
         registry.register(Box::new(m.reconcile_mismatch.clone()))?;
         registry.register(Box::new(m.reconcile_last_run.clone()))?;
         registry.register(Box::new(m.consumer_lag.clone()))?;

@@ -25,7 +25,6 @@ use anyhow::Context as _;
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
-use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +39,7 @@ use crate::config::ProcessorConfig;
 use crate::metrics::ProcessorMetrics;
 use crate::sink::ProcessorStore;
 use crate::state::{FlushBatch, Outcome, PartitionState, WindowConfig, EPOCH_SHIFT};
+use crate::watchdog;
 
 /// Shared view of the processor for health endpoints.
 #[derive(Debug, Default)]
@@ -58,6 +58,8 @@ pub struct ProcessorDeps<S: ProcessorStore> {
     pub clients: Arc<ClientDirectory>,
     pub metrics: ProcessorMetrics,
     pub status: Arc<ProcessorStatus>,
+    /// Partitions of each fact topic (checked at start-up).
+    pub partitions: usize,
     /// Runtime the store's futures run on (the loop itself is a plain thread).
     pub runtime: Handle,
 }
@@ -78,10 +80,9 @@ enum RebalanceEvent {
 }
 
 /// librdkafka callbacks: rebalance events are queued for the loop (they arrive inside `poll`,
-/// on the loop's thread), statistics feed the lag metric.
+/// on the loop's thread).
 struct LoopContext {
     events: Mutex<Vec<RebalanceEvent>>,
-    high_watermarks: Mutex<HashMap<(String, i32), i64>>,
 }
 
 fn tpl_entries(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -91,20 +92,7 @@ fn tpl_entries(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
         .collect()
 }
 
-impl ClientContext for LoopContext {
-    fn stats(&self, statistics: Statistics) {
-        let Ok(mut hw) = self.high_watermarks.lock() else {
-            return;
-        };
-        for (topic, t) in statistics.topics {
-            for (partition, p) in t.partitions {
-                if partition >= 0 && p.hi_offset >= 0 {
-                    hw.insert((topic.clone(), partition), p.hi_offset);
-                }
-            }
-        }
-    }
-}
+impl ClientContext for LoopContext {}
 
 impl ConsumerContext for LoopContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -150,8 +138,8 @@ struct Loop<S: ProcessorStore> {
     last_flush: Instant,
     last_heartbeat: Instant,
     last_metrics: Instant,
-    last_watermarks: Instant,
     next_rebuild: Instant,
+    watchdog: Arc<watchdog::Shared>,
 }
 
 /// Runs the processor until `shutdown` is cancelled. Blocking: call from a dedicated thread.
@@ -163,7 +151,6 @@ pub fn run<S: ProcessorStore>(
     let topics = deps.kafka.topics();
     let context = LoopContext {
         events: Mutex::new(Vec::new()),
-        high_watermarks: Mutex::new(HashMap::new()),
     };
     let consumer: BaseConsumer<LoopContext> = deps
         .kafka
@@ -179,6 +166,26 @@ pub fn run<S: ProcessorStore>(
     let flush_interval =
         Duration::from_millis(u64::try_from(deps.config.flush_interval_ms()?).unwrap_or(1000));
     let instance = deps.config.instance_name();
+    let watchdog_shared = Arc::new(watchdog::Shared::default());
+    let watchdog_thread = watchdog::spawn(
+        watchdog::WatchdogConfig {
+            kafka: deps.kafka.clone(),
+            group_id: deps.config.group_id.clone(),
+            partitions: deps.partitions,
+            every: Duration::from_secs(2),
+            orphan_after: Duration::from_millis(
+                u64::try_from(deps.config.orphan_after_ms()?).unwrap_or(30_000),
+            ),
+            rejoin_backoff: Duration::from_millis(
+                u64::try_from(deps.config.rejoin_backoff_ms()?).unwrap_or(60_000),
+            ),
+        },
+        watchdog_shared.clone(),
+        watchdog::WatchdogMetrics {
+            orphaned: deps.metrics.orphaned_partitions.clone(),
+            rejoins: deps.metrics.forced_rejoins.clone(),
+        },
+    )?;
     info!(instance = %instance, group = %deps.config.group_id, topics = ?fact_topics, "processor started");
     deps.status.running.store(true, Ordering::SeqCst);
     deps.status.healthy.store(true, Ordering::SeqCst);
@@ -196,13 +203,15 @@ pub fn run<S: ProcessorStore>(
         last_flush: now,
         last_heartbeat: now,
         last_metrics: now,
-        last_watermarks: now,
         next_rebuild: now,
+        watchdog: watchdog_shared.clone(),
         deps,
     };
     let result = l.run(&shutdown);
     l.deps.status.running.store(false, Ordering::SeqCst);
     l.consumer.unsubscribe();
+    watchdog_shared.stop.store(true, Ordering::Release);
+    let _ = watchdog_thread.join();
     result
 }
 
@@ -221,6 +230,9 @@ impl<S: ProcessorStore> Loop<S> {
                 }
                 Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
                 None => {}
+            }
+            if self.watchdog.rejoin.swap(false, Ordering::AcqRel) {
+                self.rejoin(shutdown);
             }
             self.resume_stalled();
             if self.units.values().any(|u| matches!(u, Unit::Pending))
@@ -305,6 +317,27 @@ impl<S: ProcessorStore> Loop<S> {
             .metrics
             .assigned_partitions
             .set(self.units.len() as i64);
+        if let Ok(mut owned) = self.watchdog.owned.lock() {
+            *owned = self.units.keys().copied().collect();
+        }
+    }
+
+    /// Flushes, leaves the group and joins again as a new member: forces a fresh assignment.
+    fn rejoin(&mut self, shutdown: &CancellationToken) {
+        self.flush(shutdown);
+        warn!("rejoining the consumer group");
+        self.consumer.unsubscribe();
+        self.units.clear();
+        self.assigned.clear();
+        self.stalled.clear();
+        if let Ok(mut owned) = self.watchdog.owned.lock() {
+            owned.clear();
+        }
+        let topics = self.topics.facts();
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        if let Err(e) = self.consumer.subscribe(&names) {
+            error!(error = %e, "subscribing again failed");
+        }
     }
 
     /// Rebuilds the state of pending units from ClickHouse and positions their consumers.
@@ -655,8 +688,7 @@ impl<S: ProcessorStore> Loop<S> {
     /// unit has consumed everything in its three topic partitions.
     fn effective_watermarks(&self) -> Vec<(u16, i64, i64)> {
         let hw = self
-            .consumer
-            .context()
+            .watchdog
             .high_watermarks
             .lock()
             .map(|h| h.clone())
@@ -703,37 +735,11 @@ impl<S: ProcessorStore> Loop<S> {
         }
     }
 
-    /// Asks the broker for the end offset of every owned topic partition (statistics go stale
-    /// while a partition is paused, and are only refreshed every 5 s).
-    fn refresh_high_watermarks(&mut self) {
-        let parts: Vec<(String, i32)> = self
-            .ready_states()
-            .flat_map(|s| FactKind::ALL.map(|k| (self.topics.fact(k), i32::from(s.partition()))))
-            .collect();
-        let mut fresh = HashMap::new();
-        for (topic, p) in parts {
-            if let Ok((_, high)) =
-                self.consumer
-                    .fetch_watermarks(&topic, p, Duration::from_millis(500))
-            {
-                fresh.insert((topic, p), high);
-            }
-        }
-        if let Ok(mut hw) = self.consumer.context().high_watermarks.lock() {
-            hw.extend(fresh);
-        }
-        self.last_watermarks = Instant::now();
-    }
-
     fn update_metrics(&mut self) {
         self.last_metrics = Instant::now();
-        if self.last_watermarks.elapsed() >= Duration::from_secs(2) {
-            self.refresh_high_watermarks();
-        }
         let m = &self.deps.metrics;
         let hw = self
-            .consumer
-            .context()
+            .watchdog
             .high_watermarks
             .lock()
             .map(|h| h.clone())

@@ -292,6 +292,7 @@ async fn run_processor(
         clients: clients.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
+        partitions,
         runtime: tokio::runtime::Handle::current(),
     };
     let loop_shutdown = shutdown.clone();

@@ -194,6 +194,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -228,7 +229,7 @@ fn error(status: StatusCode, code: &str, detail: impl Into<String>) -> Response 
 }
 
 /// Authenticates the request and authorizes it for `client`. Returns the client's time zone.
-fn authorize(st: &AppState, headers: &HeaderMap, client: &str) -> Result<Tz, Response> {
+async fn authorize(st: &AppState, headers: &HeaderMap, client: &str) -> Result<Tz, Response> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -259,11 +260,16 @@ fn authorize(st: &AppState, headers: &HeaderMap, client: &str) -> Result<Tz, Res
             "this token may not read this client",
         ));
     }
-    let known = ClientId::parse(client).ok().filter(|id| {
-        st.deps.clients.is_known(id)
-            || (principal == Principal::Admin && st.deps.clients.accepts(id))
-    });
-    if known.is_none() {
+    // A client exists when it is configured, or (admin only, when unknown clients are accepted)
+    // when facts of it were stored.
+    let known = match ClientId::parse(client) {
+        Ok(id) if st.deps.clients.is_known(&id) => true,
+        Ok(id) if principal == Principal::Admin && st.deps.clients.accepts(&id) => {
+            st.deps.store.client_has_facts(client).await.unwrap_or(true)
+        }
+        _ => false,
+    };
+    if !known {
         return Err(error(
             StatusCode::NOT_FOUND,
             "unknown_client",
@@ -377,7 +383,7 @@ async fn overview(
     params: Result<Query<RangeParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let started = Instant::now();
-    let tz = match authorize(&st, &headers, &client) {
+    let tz = match authorize(&st, &headers, &client).await {
         Ok(tz) => tz,
         Err(r) => return r,
     };
@@ -447,7 +453,7 @@ async fn live_series(
     params: Result<Query<RangeParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let started = Instant::now();
-    let tz = match authorize(&st, &headers, &client) {
+    let tz = match authorize(&st, &headers, &client).await {
         Ok(tz) => tz,
         Err(r) => return r,
     };
@@ -483,15 +489,20 @@ async fn live_series(
     };
     let (from_s, to_s) = q.seconds();
     let store = &st.deps.store;
-    let pending = store.pending_late_days(&client, from, to).await;
-    let complete = matches!(&pending, Ok(p) if p.is_empty());
-    let agg = if complete {
-        store
-            .live_minutes(&client, Some(&webinar), from_s, to_s)
-            .await
-            .ok()
-    } else {
-        None
+    // The same completeness rules as the overview's live section: no pending late facts, and
+    // minute_live agrees with daily_totals for every day of the range.
+    let (pending, days, all) = tokio::join!(
+        store.pending_late_days(&client, from, to),
+        store.daily_totals(&client, from, to),
+        store.live_minutes(&client, None, from_s, to_s),
+    );
+    let agg = match (pending, days, all) {
+        (Ok(p), Ok(d), Ok(all)) if p.is_empty() && overview::live_agrees(&d, &all, tz) => Some(
+            all.into_iter()
+                .filter(|m| m.webinar_id == webinar)
+                .collect::<Vec<_>>(),
+        ),
+        _ => None,
     };
     let (source, minutes) = match agg {
         Some(m) => (Source::Aggregated, m),
@@ -567,8 +578,21 @@ async fn openapi() -> Response {
 
 async fn dashboard() -> Response {
     let mut r = Html(DASHBOARD).into_response();
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:"),
+    );
     r
 }
 

@@ -416,3 +416,18 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// Whether any fact of `client` was stored (primary-key lookup).
+    pub async fn client_has_facts(&self, client: &str) -> Result<bool> {
+        self.timed(async {
+            Ok(self
+                .query("SELECT count() FROM (SELECT 1 FROM facts WHERE client_id = ? LIMIT 1)")?
+                .bind(client)
+                .fetch_one::<u64>()
+                .await?
+                > 0)
+        })
+        .await
+    }
+}
