@@ -98,6 +98,16 @@ impl ProcessorMetrics {
         };
         registry.register(Box::new(m.orphaned_partitions.clone()))?;
         registry.register(Box::new(m.forced_rejoins.clone()))?;
+        // Series that alerts watch exist from the start (at 0), so a first error shows as an
+        // increase rather than as a new series.
+        for kind in eventflow_core::FactKind::ALL {
+            for outcome in ["counted", "duplicate", "late", "redelivery"] {
+                m.facts.with_label_values(&[kind.as_str(), outcome]);
+            }
+        }
+        for reason in ["unknown_schema", "corrupt"] {
+            m.decode_errors.with_label_values(&[reason]);
+        }
         registry.register(Box::new(m.reconcile_mismatch.clone()))?;
         registry.register(Box::new(m.reconcile_last_run.clone()))?;
         registry.register(Box::new(m.consumer_lag.clone()))?;

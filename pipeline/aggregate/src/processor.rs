@@ -140,6 +140,9 @@ struct Loop<S: ProcessorStore> {
     last_metrics: Instant,
     next_rebuild: Instant,
     watchdog: Arc<watchdog::Shared>,
+    /// Label values currently exported, so those no longer owned can be removed.
+    exported_lag: BTreeSet<(String, String)>,
+    exported_clients: BTreeSet<String>,
 }
 
 /// Runs the processor until `shutdown` is cancelled. Blocking: call from a dedicated thread.
@@ -205,6 +208,8 @@ pub fn run<S: ProcessorStore>(
         last_metrics: now,
         next_rebuild: now,
         watchdog: watchdog_shared.clone(),
+        exported_lag: BTreeSet::new(),
+        exported_clients: BTreeSet::new(),
         deps,
     };
     let result = l.run(&shutdown);
@@ -653,6 +658,12 @@ impl<S: ProcessorStore> Loop<S> {
                     if shutdown.is_cancelled() {
                         anyhow::bail!("shutdown during a failing flush: {e}");
                     }
+                    // The loop is blocked here: keep staleness honest while ClickHouse fails.
+                    let wm = self.deps.metrics.watermark_seconds.get();
+                    if wm > 0.0 {
+                        let now = Utc::now().timestamp_millis() as f64 / 1000.0;
+                        self.deps.metrics.staleness_seconds.set((now - wm).max(0.0));
+                    }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -744,6 +755,7 @@ impl<S: ProcessorStore> Loop<S> {
             .lock()
             .map(|h| h.clone())
             .unwrap_or_default();
+        let mut lag_labels = BTreeSet::new();
         for s in self.ready_states() {
             for kind in FactKind::ALL {
                 let topic = self.topics.fact(kind);
@@ -751,11 +763,21 @@ impl<S: ProcessorStore> Loop<S> {
                     .get(&(topic.clone(), i32::from(s.partition())))
                     .copied()
                     .unwrap_or(0);
+                let partition = s.partition().to_string();
                 m.consumer_lag
-                    .with_label_values(&[topic.as_str(), &s.partition().to_string()])
+                    .with_label_values(&[topic.as_str(), partition.as_str()])
                     .set((high - s.offsets().get(kind)).max(0));
+                lag_labels.insert((topic, partition));
             }
         }
+        // Partitions given away in a rebalance are reported by their new owner only.
+        for (topic, partition) in self.exported_lag.difference(&lag_labels) {
+            let _ = m
+                .consumer_lag
+                .remove_label_values(&[topic.as_str(), partition.as_str()]);
+        }
+        self.exported_lag = lag_labels;
+
         let marks = self.effective_watermarks();
         if let Some(min) = marks.iter().map(|(_, wm, _)| *wm).min() {
             let now = Utc::now().timestamp_millis();
@@ -772,17 +794,21 @@ impl<S: ProcessorStore> Loop<S> {
         for s in self.ready_states() {
             clients.extend(s.clients().map(str::to_owned));
         }
-        for client in clients {
-            let tz = self.deps.clients.timezone(&client);
+        for client in &clients {
+            let tz = self.deps.clients.timezone(client);
             let today = time::day_number(time::client_day(now, tz));
             let visits: u64 = self
                 .ready_states()
-                .map(|s| s.day_visits(&client, today))
+                .map(|s| s.day_visits(client, today))
                 .sum();
             m.visits_today
                 .with_label_values(&[client.as_str()])
                 .set(visits as f64);
         }
+        for gone in self.exported_clients.difference(&clients) {
+            let _ = m.visits_today.remove_label_values(&[gone.as_str()]);
+        }
+        self.exported_clients = clients;
     }
 }
 

@@ -54,6 +54,10 @@ enum Command {
         /// Only ClickHouse.
         #[arg(long)]
         skip_kafka: bool,
+        /// Apply the cluster variant of the schema (sql/cluster/) to this ClickHouse cluster
+        /// (default: clickhouse.cluster).
+        #[arg(long)]
+        cluster: Option<String>,
     },
     /// Recompute aggregates from raw facts for a date range, a client or a campaign link.
     Backfill {
@@ -176,7 +180,17 @@ async fn run(command: Command, loaded: Loaded) -> anyhow::Result<std::process::E
             let registry = prometheus::Registry::new();
             run_api(&cfg, registry, shutdown_signal()).await?;
         }
-        Command::Migrate { skip_kafka } => migrate(&cfg, !skip_kafka).await?,
+        Command::Migrate {
+            skip_kafka,
+            cluster,
+        } => {
+            migrate(
+                &cfg,
+                !skip_kafka,
+                cluster.or(cfg.clickhouse.cluster.clone()),
+            )
+            .await?
+        }
         Command::Backfill {
             from,
             to,
@@ -334,15 +348,25 @@ async fn run_processor(
     }
 }
 
-async fn migrate(cfg: &Config, kafka: bool) -> anyhow::Result<()> {
-    let report = eventflow_store::migrate::apply(&cfg.clickhouse)
-        .await
-        .with_context(|| {
-            format!(
-                "migrating ClickHouse at {} (is it running?)",
-                cfg.clickhouse.url
-            )
-        })?;
+async fn migrate(cfg: &Config, kafka: bool, cluster: Option<String>) -> anyhow::Result<()> {
+    let report = match &cluster {
+        Some(name) => eventflow_store::migrate::apply_cluster(&cfg.clickhouse, name)
+            .await
+            .with_context(|| {
+                format!(
+                    "migrating ClickHouse cluster {name} through {}",
+                    cfg.clickhouse.url
+                )
+            })?,
+        None => eventflow_store::migrate::apply(&cfg.clickhouse)
+            .await
+            .with_context(|| {
+                format!(
+                    "migrating ClickHouse at {} (is it running?)",
+                    cfg.clickhouse.url
+                )
+            })?,
+    };
     println!(
         "clickhouse {}: applied {:?}, already applied {:?}",
         cfg.clickhouse.database, report.applied, report.already_applied

@@ -8,14 +8,21 @@
  *   data-page        landing | webinar | live (default: detected from the URL)
  *   data-event-id    event id of a landing page (default: the {path} of /event/{path})
  *   data-webinar-id  webinar id (default: the {id} of /webinar/{id}[/live])
+ *   data-ping-interval  milliseconds between live pings (default 30000, at least 1000)
  *
  * API: eventflow.entry({entry_id, event_id | webinar_id, session_id?, utm?, cid?})
- *      eventflow.visit()  re-sends a visit for the current URL (called on SPA navigation)
+ *      eventflow.visit()  re-sends a visit for the current URL
+ * A client-side navigation to another path (history.pushState/replaceState, back/forward) is a
+ * new visit; a fragment change (#anchor) is not. Live pages ping at once, then every interval
+ * while document.visibilityState is "visible", and once more when they become visible again.
+ *
+ * Pages that load this script async may call eventflow.entry before it arrives, or when it
+ * cannot load at all, through this stub (queued calls are sent when the tracker loads):
+ *   <script>window.eventflow=window.eventflow||{q:[],entry:function(f){window.eventflow.q.push(["entry",f])}};</script>
  */
 (function (w, d) {
   "use strict";
   if (!w || !d || (w.eventflow && w.eventflow.__loaded)) return;
-  var PING_MS = 30000;
   var script = d.currentScript || (function () {
     try { var s = d.querySelectorAll("script[data-client]"); return s[s.length - 1]; } catch (e) { return null; }
   })();
@@ -23,8 +30,11 @@
   var client = attr("data-client");
   var endpoint = attr("data-endpoint");
   try { if (!endpoint && script && script.src) endpoint = new URL(script.src, w.location.href).origin; } catch (e) {}
-  var url = (endpoint || "") + "/v1/collect";
-  var pingTimer = null;
+  var url = String(endpoint || "").replace(/\/+$/, "") + "/v1/collect";
+  var PING_MS = Math.max(1000, parseInt(attr("data-ping-interval"), 10) || 30000);
+  var pingTimer = null, lastPath = null;
+  var queued = [];
+  try { if (w.eventflow && w.eventflow.q && w.eventflow.q.length) queued = w.eventflow.q.slice(); } catch (e) {}
 
   function uid() {
     try { if (w.crypto && w.crypto.randomUUID) return w.crypto.randomUUID(); } catch (e) {}
@@ -72,7 +82,8 @@
   function visit() {
     try {
       var p = page();
-      if (!p.kind) return;
+      lastPath = p.path;
+      if (!p.kind) { schedulePings(p); return; }
       var q = query();
       var f = { type: "visit", page: p.kind, path: p.path, event_uid: uid() };
       if (p.eventId) f.event_id = p.eventId;
@@ -130,9 +141,15 @@
         return result;
       };
     });
-    w.addEventListener("popstate", function () { setTimeout(visit, 0); });
+    // popstate also fires for a #fragment change on the same page: not a new page view.
+    w.addEventListener("popstate", function () {
+      setTimeout(function () { try { if (w.location.pathname !== lastPath) visit(); } catch (e) {} }, 0);
+    });
   } catch (e) {}
 
-  w.eventflow = { __loaded: true, entry: entry, visit: visit };
+  try { w.eventflow = { __loaded: true, entry: entry, visit: visit }; } catch (e) {}
   visit();
+  for (var i = 0; i < queued.length; i++) {
+    try { if (queued[i] && queued[i][0] === "entry") entry(queued[i][1]); } catch (e) {}
+  }
 })(typeof window !== "undefined" ? window : null, typeof document !== "undefined" ? document : null);

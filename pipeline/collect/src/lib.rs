@@ -95,15 +95,16 @@ pub async fn serve(
     let links_refresh = duration("links_refresh", &c.links_refresh)?;
     let grace = duration("shutdown_grace", &c.shutdown_grace)?;
     let codec = FactCodec::new()?;
+    let metrics = CollectorMetrics::new(&deps.registry)?;
     let spool = Spool::open(
         SpoolOptions {
             dir: PathBuf::from(&c.spool_dir),
             max_bytes: c.spool_max_bytes,
             segment_bytes: c.spool_segment_bytes,
+            fsync_seconds: Some(metrics.spool_fsync.clone()),
         },
         codec.clone(),
     )?;
-    let metrics = CollectorMetrics::new(&deps.registry)?;
     let stop_drainer = Arc::new(AtomicBool::new(false));
     let drainer = drain::Drainer {
         shared: spool.shared().clone(),

@@ -1,7 +1,8 @@
 //! Prometheus metrics of the collector (names in `eventflow_core::metrics`).
 
 use prometheus::{
-    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry,
 };
 
 use eventflow_core::metrics as names;
@@ -19,6 +20,7 @@ pub struct CollectorMetrics {
     pub produce_errors: IntCounterVec,
     pub delivered: IntCounter,
     pub link_clicks: IntCounterVec,
+    pub spool_fsync: Histogram,
 }
 
 impl CollectorMetrics {
@@ -83,7 +85,27 @@ impl CollectorMetrics {
                 ),
                 &["outcome"],
             )?,
+            spool_fsync: Histogram::with_opts(
+                HistogramOpts::new(
+                    names::COLLECTOR_SPOOL_FSYNC_SECONDS,
+                    "Duration of one group commit of the spool (write and fdatasync).",
+                )
+                .buckets(names::LATENCY_BUCKETS.to_vec()),
+            )?,
         };
+        // Series that alerts watch exist from the start (at 0).
+        for kind in eventflow_core::FactKind::ALL {
+            for outcome in ["accepted", "rejected", "failed"] {
+                m.facts.with_label_values(&[kind.as_str(), outcome]);
+            }
+        }
+        for kind in ["transport", "delivery", "fatal"] {
+            m.produce_errors.with_label_values(&[kind]);
+        }
+        for outcome in ["redirected", "unknown"] {
+            m.link_clicks.with_label_values(&[outcome]);
+        }
+        registry.register(Box::new(m.spool_fsync.clone()))?;
         registry.register(Box::new(m.facts.clone()))?;
         registry.register(Box::new(m.rejections.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;

@@ -164,6 +164,8 @@ pub struct SpoolOptions {
     pub max_bytes: u64,
     /// Size at which a new segment file is started.
     pub segment_bytes: u64,
+    /// Observes each group commit (write and `fdatasync`), if set.
+    pub fsync_seconds: Option<prometheus::Histogram>,
 }
 
 #[derive(Debug, Clone)]
@@ -416,6 +418,7 @@ impl Spool {
             codec,
             next_seq,
             segment_bytes: options.segment_bytes,
+            fsync_seconds: options.fsync_seconds.clone(),
             file: None,
             file_len: 0,
         };
@@ -471,6 +474,7 @@ struct Writer {
     codec: FactCodec,
     next_seq: u64,
     segment_bytes: u64,
+    fsync_seconds: Option<prometheus::Histogram>,
     file: Option<File>,
     file_len: u64,
 }
@@ -550,7 +554,12 @@ impl Writer {
         if accepted.is_empty() {
             return;
         }
-        match self.write_durably(first_seq, &buf) {
+        let started = Instant::now();
+        let written = self.write_durably(first_seq, &buf);
+        if let Some(h) = &self.fsync_seconds {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        match written {
             Ok(()) => {
                 self.shared
                     .pending_bytes
@@ -640,6 +649,7 @@ mod tests {
                 dir: dir.to_owned(),
                 max_bytes,
                 segment_bytes: 4096,
+                fsync_seconds: None,
             },
             FactCodec::new().unwrap(),
         )

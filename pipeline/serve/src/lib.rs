@@ -127,6 +127,10 @@ impl ApiMetrics {
                 &["client"],
             )?,
         };
+        for section in overview::SECTIONS {
+            m.fallback.with_label_values(&[section]);
+            m.section_errors.with_label_values(&[section]);
+        }
         registry.register(Box::new(m.request_duration.clone()))?;
         registry.register(Box::new(m.fallback.clone()))?;
         registry.register(Box::new(m.section_errors.clone()))?;

@@ -21,6 +21,11 @@ pub struct ClickHouseConfig {
     /// Upper bound for one request (insert or query), in milliseconds.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// Name of the ClickHouse cluster when the cluster variant of the schema is used
+    /// (`eventflow migrate --cluster`): inserts then go synchronously through the Distributed
+    /// tables (`insert_distributed_sync = 1`). See sql/cluster/README.md.
+    #[serde(default)]
+    pub cluster: Option<String>,
 }
 
 fn default_url() -> String {
@@ -47,6 +52,7 @@ impl Default for ClickHouseConfig {
             user: default_user(),
             password: String::new(),
             request_timeout_ms: default_request_timeout_ms(),
+            cluster: None,
         }
     }
 }
@@ -63,6 +69,11 @@ impl ClickHouseConfig {
             .with_validation(false);
         if !self.password.is_empty() {
             client = client.with_password(&self.password);
+        }
+        if self.cluster.is_some() {
+            // The facts of a partition and its checkpoint must be on their shard when the
+            // INSERT returns (ADR 0002).
+            client = client.with_setting("insert_distributed_sync", "1");
         }
         client
     }

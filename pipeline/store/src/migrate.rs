@@ -29,6 +29,23 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The cluster variant (`sql/cluster/`), applied by `eventflow migrate --cluster NAME` after
+/// replacing `{cluster}` and `{database}`.
+pub const CLUSTER_MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "cluster/001_facts",
+        sql: include_str!("../../../sql/cluster/001_facts.sql"),
+    },
+    Migration {
+        name: "cluster/002_aggregates",
+        sql: include_str!("../../../sql/cluster/002_aggregates.sql"),
+    },
+    Migration {
+        name: "cluster/003_operations",
+        sql: include_str!("../../../sql/cluster/003_operations.sql"),
+    },
+];
+
 /// Splits a migration file into statements: `--` comment lines are dropped and statements end
 /// with `;` at the end of a line (no statement in `sql/` has a `;` inside a string).
 pub fn statements(sql: &str) -> Vec<String> {
@@ -117,6 +134,41 @@ pub async fn apply(config: &ClickHouseConfig) -> Result<Report> {
     Ok(report)
 }
 
+/// Applies the cluster variant of the schema to `cluster` (every statement is
+/// `IF NOT EXISTS ... ON CLUSTER`, so re-running is harmless; nothing is recorded per host).
+pub async fn apply_cluster(config: &ClickHouseConfig, cluster: &str) -> Result<Report> {
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    if !valid(cluster) || !valid(&config.database) {
+        return Err(StoreError::Invalid(
+            "cluster and database names must be [A-Za-z0-9_-]+".into(),
+        ));
+    }
+    let client = config.client();
+    let mut report = Report::default();
+    for migration in CLUSTER_MIGRATIONS {
+        let sql = migration
+            .sql
+            .replace("{cluster}", cluster)
+            .replace("{database}", &config.database);
+        for stmt in statements(&sql) {
+            client
+                .query(&stmt)
+                .execute()
+                .await
+                .map_err(|source| StoreError::Migration {
+                    name: migration.name.to_owned(),
+                    source,
+                })?;
+        }
+        report.applied.push(migration.name);
+    }
+    Ok(report)
+}
+
 /// Quotes a ClickHouse identifier with backticks.
 pub fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
@@ -139,6 +191,21 @@ mod tests {
         files.sort();
         let listed: Vec<String> = MIGRATIONS.iter().map(|m| m.name.to_owned()).collect();
         assert_eq!(files, listed);
+        let mut cluster: Vec<String> = std::fs::read_dir(format!("{dir}/cluster"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .map(|n| format!("cluster/{}", n.trim_end_matches(".sql")))
+            .collect();
+        cluster.sort();
+        assert_eq!(
+            cluster,
+            CLUSTER_MIGRATIONS
+                .iter()
+                .map(|m| m.name.to_owned())
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]
