@@ -21,6 +21,7 @@ cargo test --locked --test e2e -- --test-threads=1
 
 log "alert rule tests (promtool)"
 promtool check rules "$REPO/deploy/prometheus/rules.yml"
+python3 "$REPO/scripts/check_runbooks.py"
 promtool test rules "$REPO"/deploy/prometheus/tests/*.yml
 
 log "deployment files: compose schema, Kubernetes manifests, cluster SQL on current ClickHouse"

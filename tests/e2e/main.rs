@@ -9,3 +9,4 @@ mod harness;
 mod pipeline;
 mod portability;
 mod tracker;
+mod drill;
