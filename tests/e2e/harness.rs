@@ -701,6 +701,18 @@ impl Chdb {
 pub struct Browser {
     pub client: fantoccini::Client,
     _driver: Proc,
+    profile: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // chromedriver's Chromium children outlive it when a test panics before close().
+        let _ = Command::new("pkill")
+            .arg("-9")
+            .arg("-f")
+            .arg(self.profile.display().to_string())
+            .status();
+    }
 }
 
 impl Browser {
@@ -738,11 +750,12 @@ impl Browser {
         Browser {
             client,
             _driver: driver,
+            profile,
         }
     }
 
     pub async fn close(self) {
-        let _ = self.client.close().await;
+        let _ = self.client.clone().close().await;
     }
 }
 

@@ -10,3 +10,4 @@ mod pipeline;
 mod portability;
 mod tracker;
 mod drill;
+mod collector;

@@ -6,7 +6,8 @@
  *   data-client      client id
  *   data-endpoint    collector origin (default: the origin the script was loaded from)
  *   data-page        landing | webinar | live (default: detected from the URL)
- *   data-event-id    event id of a landing page (default: the {path} of /event/{path})
+ *   data-event-id    event id of a landing page (default: the first segment of /event/{path}; sub-pages such
+ *                    as /event/{path}/register count as views of that event's landing pages)
  *   data-webinar-id  webinar id (default: the {id} of /webinar/{id}[/live])
  *   data-ping-interval  milliseconds between live pings (default 30000, at least 1000)
  *
@@ -15,6 +16,8 @@
  * A client-side navigation to another path (history.pushState/replaceState, back/forward) is a
  * new visit; a fragment change (#anchor) is not. Live pages ping at once, then every interval
  * while document.visibilityState is "visible", and once more when they become visible again.
+ * On a page's first visit, pings and entries are sent once the collector has answered it (so a
+ * fresh browser has its ef_sid cookie), after 2 s at most, and at once when the page is left.
  *
  * Pages that load this script async may call eventflow.entry before it arrives, or when it
  * cannot load at all, through this stub (queued calls are sent when the tracker loads):
@@ -31,7 +34,7 @@
   var endpoint = attr("data-endpoint");
   try { if (!endpoint && script && script.src) endpoint = new URL(script.src, w.location.href).origin; } catch (e) {}
   var url = String(endpoint || "").replace(/\/+$/, "") + "/v1/collect";
-  var PING_MS = Math.max(1000, parseInt(attr("data-ping-interval"), 10) || 30000);
+  var PING_MS = Math.max(1000, parseInt(attr("data-ping-interval"), 10) || 30000), HOLD_MS = 2000;
   var pingTimer = null, lastPath = null;
   var queued = [];
   try { if (w.eventflow && w.eventflow.q && w.eventflow.q.length) queued = w.eventflow.q.slice(); } catch (e) {}
@@ -41,19 +44,39 @@
     return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2) + Math.random().toString(36).slice(2);
   }
 
-  function send(fact) {
+  // Sends one fact: sendBeacon, else fetch keepalive. With `answered`, fetch is preferred and
+  // `answered` runs once the collector has answered (or failed).
+  function send(fact, answered) {
     try {
-      if (!client) return;
+      if (!client) { if (answered) answered(); return; }
       fact.client_id = client;
-      fact.ts = new Date().toISOString();
+      if (!fact.ts) fact.ts = new Date().toISOString();
       var body = JSON.stringify(fact);
-      var queued = false;
-      try { queued = !!(w.navigator.sendBeacon && w.navigator.sendBeacon(url, body)); } catch (e) { queued = false; }
-      if (!queued && w.fetch) {
-        w.fetch(url, { method: "POST", body: body, keepalive: true, credentials: "include", mode: "cors",
-          headers: { "Content-Type": "text/plain" } }).catch(function () {});
-      }
-    } catch (e) { /* tracking must never break the page */ }
+      var opts = { method: "POST", body: body, keepalive: true, credentials: "include", mode: "cors",
+        headers: { "Content-Type": "text/plain" } };
+      if (answered && w.fetch) { w.fetch(url, opts).then(answered, answered); return; }
+      var sent = false;
+      try { sent = !!(w.navigator.sendBeacon && w.navigator.sendBeacon(url, body)); } catch (e) { sent = false; }
+      if (!sent && w.fetch) w.fetch(url, opts).catch(function () {});
+      if (answered) answered();
+    } catch (e) { /* tracking must never break the page */ try { if (answered) answered(); } catch (e2) {} }
+  }
+
+  // A fresh browser has no ef_sid until the collector answers the first visit (it creates
+  // sessions for visits only): pings and entries wait for that answer, at most HOLD_MS and
+  // never past pagehide, so that they carry the session cookie.
+  var ready = false, held = [];
+  function release() {
+    if (ready) return;
+    ready = true;
+    var h = held; held = [];
+    for (var i = 0; i < h.length; i++) send(h[i]);
+  }
+  function track(fact) {
+    try {
+      if (!fact.ts) fact.ts = new Date().toISOString();
+      if (ready) send(fact); else held.push(fact);
+    } catch (e) {}
   }
 
   function query() {
@@ -75,7 +98,7 @@
     var m;
     if ((m = path.match(/^\/webinar\/([^\/]+)\/live\/?$/))) { kind = kind || "live"; webinarId = webinarId || decodeURIComponent(m[1]); }
     else if ((m = path.match(/^\/webinar\/([^\/]+)\/?$/))) { kind = kind || "webinar"; webinarId = webinarId || decodeURIComponent(m[1]); }
-    else if ((m = path.match(/^\/event\/(.+?)\/?$/))) { kind = kind || "landing"; eventId = eventId || decodeURIComponent(m[1]); }
+    else if ((m = path.match(/^\/event\/([^\/]+)(?:\/.*)?$/))) { kind = kind || "landing"; eventId = eventId || decodeURIComponent(m[1]); }
     return { kind: kind, eventId: eventId, webinarId: webinarId, path: path };
   }
 
@@ -83,7 +106,7 @@
     try {
       var p = page();
       lastPath = p.path;
-      if (!p.kind) { schedulePings(p); return; }
+      if (!p.kind) { schedulePings(p); release(); return; }
       var q = query();
       var f = { type: "visit", page: p.kind, path: p.path, event_uid: uid() };
       if (p.eventId) f.event_id = p.eventId;
@@ -91,7 +114,7 @@
       if (Object.keys(q.utm).length) f.utm = q.utm;
       if (q.cid) f.cid = q.cid;
       try { if (d.referrer) f.referrer = d.referrer; } catch (e) {}
-      send(f);
+      if (ready) send(f); else { send(f, release); setTimeout(release, HOLD_MS); }
       schedulePings(p);
     } catch (e) {}
   }
@@ -101,7 +124,7 @@
       if (pingTimer) { clearInterval(pingTimer); pingTimer = null; }
       if (p.kind !== "live" || !p.webinarId) return;
       var ping = function () {
-        try { if (d.visibilityState === "visible") send({ type: "ping", webinar_id: p.webinarId }); } catch (e) {}
+        try { if (d.visibilityState === "visible") track({ type: "ping", webinar_id: p.webinarId }); } catch (e) {}
       };
       ping();
       pingTimer = setInterval(ping, PING_MS);
@@ -121,15 +144,16 @@
       var q = query();
       if (!f.utm && Object.keys(q.utm).length) f.utm = q.utm;
       if (!f.cid && q.cid) f.cid = q.cid;
-      send(f);
+      track(f);
     } catch (e) {}
     return true;
   }
 
   try {
     d.addEventListener("visibilitychange", function () {
-      try { if (d.visibilityState === "visible") { var p = page(); if (p.kind === "live") send({ type: "ping", webinar_id: p.webinarId }); } } catch (e) {}
+      try { if (d.visibilityState === "visible") { var p = page(); if (p.kind === "live") track({ type: "ping", webinar_id: p.webinarId }); } } catch (e) {}
     });
+    w.addEventListener("pagehide", release);
     // Single-page apps: a client-side navigation is a new page view.
     ["pushState", "replaceState"].forEach(function (name) {
       var orig = w.history && w.history[name];

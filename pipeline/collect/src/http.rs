@@ -317,7 +317,13 @@ async fn collect_inner(
         .map(Attribution::decode)
         .unwrap_or_default();
     let attribution_before = attribution.clone();
-    let mut created_sid: Option<String> = None;
+    // A visit without a session creates one for the whole request (one browser), so an entry or
+    // ping sent in the same batch by a browser without a cookie yet shares it.
+    let creates_session = cookie_sid.is_none()
+        && valid
+            .iter()
+            .any(|f| matches!(&f.body, Body::Visit(v) if v.session_id.is_none()));
+    let created_sid: Option<String> = creates_session.then(session::new_session_id);
     let received_ms = chrono::Utc::now().timestamp_millis();
     let mut facts: Vec<(usize, Fact)> = Vec::with_capacity(valid.len());
     for f in valid {
@@ -341,12 +347,10 @@ async fn collect_inner(
         let (session_id, origin) = match (body_sid, &cookie_sid) {
             (Some(s), _) => (s, SessionOrigin::Body),
             (None, Some(c)) => (c.clone(), SessionOrigin::Cookie),
-            (None, None) if kind == FactKind::Visit => {
-                let sid = created_sid
-                    .get_or_insert_with(session::new_session_id)
-                    .clone();
-                (sid, SessionOrigin::Created)
-            }
+            (None, None) if created_sid.is_some() => (
+                created_sid.clone().unwrap_or_default(),
+                SessionOrigin::Created,
+            ),
             (None, None) => {
                 rejected.push(Rejection {
                     index: f.index,

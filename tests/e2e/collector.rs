@@ -1,0 +1,324 @@
+//! The collector's answers to bad input, over HTTP against the real binary: a clear 4xx and a
+//! counted reason for every malformed input, good facts of the same batch kept and stored
+//! verbatim, one structured log line per failure and none per success, rate limits.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+async fn post_raw(
+    url: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let resp = http()
+        .post(format!("{url}/v1/collect"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("POST");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, resp.json().await.unwrap_or(Value::Null), headers)
+}
+
+async fn post(url: &str, body: Value) -> (u16, Value) {
+    let (s, v, _) = post_raw(url, "application/json", body.to_string().into_bytes()).await;
+    (s, v)
+}
+
+fn visit(extra: Value) -> Value {
+    let mut v = json!({"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "s1"});
+    v.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    v
+}
+
+fn reasons(body: &Value) -> Vec<(u64, String, Option<String>)> {
+    body["rejected"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    (
+                        r["index"].as_u64().unwrap(),
+                        r["reason"].as_str().unwrap().to_owned(),
+                        r["field"].as_str().map(str::to_owned),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_counted_reasons() {
+    let dir = TestDir::new("collector-input");
+    let ch = ClickHouse::start(&dir);
+    let broker = Tansu::start(&dir);
+    let d = Deployment::new(
+        &dir,
+        &ch.url(),
+        &broker.brokers(),
+        3,
+        "[tenancy]\nallow_unknown_clients = false\n",
+    );
+    d.migrate();
+    let collector = d.start("collector");
+    let _processor = d.start("processor");
+    let c = d.collector_url();
+
+    // Request-level errors: status and error code.
+    let big = format!(
+        "[{}]",
+        vec![visit(json!({"path": "x".repeat(1000)})).to_string(); 70].join(",")
+    );
+    let too_many = Value::Array(vec![visit(json!({})); 101]).to_string();
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "invalid JSON",
+            "application/json",
+            b"{\"type\": \"visit\",".to_vec(),
+            400,
+            "malformed_json",
+        ),
+        (
+            "invalid UTF-8",
+            "text/plain",
+            b"{\"type\": \"visit\", \"client_id\": \"\xff\xfe\"}".to_vec(),
+            400,
+            "invalid_utf8",
+        ),
+        (
+            "not an object",
+            "application/json",
+            b"42".to_vec(),
+            400,
+            "not_object_or_array",
+        ),
+        (
+            "empty batch",
+            "application/json",
+            b"[]".to_vec(),
+            400,
+            "empty_batch",
+        ),
+        (
+            "over 64 KiB",
+            "application/json",
+            big.into_bytes(),
+            413,
+            "body_too_large",
+        ),
+        (
+            "101 facts",
+            "application/json",
+            too_many.into_bytes(),
+            413,
+            "too_many_facts",
+        ),
+        (
+            "XML",
+            "application/xml",
+            b"<visit/>".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (name, ct, body, status, code) in cases {
+        let (s, v, _) = post_raw(&c, ct, body).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (status, Some(code)),
+            "{name}: {v}"
+        );
+        assert!(v["detail"].is_string(), "{name}: {v}");
+    }
+
+    // Fact-level errors next to good facts: the good ones are kept.
+    let ten_kb = "u".repeat(10 * 1024);
+    let nasty = "Robert'); DROP TABLE facts; -- <script>alert(\"x\")</script> \\ % _ \u{1F600}";
+    let batch = json!([
+        visit(json!({"event_uid": "good-1"})),
+        {"type": "visit", "client_id": 7, "page": "landing", "event_id": "e"},
+        {"type": "teleport", "client_id": "acme"},
+        visit(json!({"page": 5})),
+        visit(json!({"utm": "newsletter"})),
+        visit(json!({"path": "/event/a\u{0001}b"})),
+        visit(json!({"utm": {"source": ten_kb}})),
+        visit(json!({"client_id": "nobody"})),
+        visit(json!({"event_uid": "ts-1970", "ts": "1970-01-01T00:00:00Z"})),
+        visit(json!({"event_uid": "ts-2100", "ts": "2100-01-01T00:00:00Z"})),
+        visit(json!({"event_uid": "nasty", "session_id": "s-nasty", "path": nasty, "referrer": nasty,
+            "utm": {"source": nasty, "medium": nasty, "campaign": nasty, "term": nasty, "content": nasty}, "cid": nasty})),
+        {"type": "ping", "client_id": "acme", "webinar_id": "w1"},
+    ]);
+    let (s, v) = post(&c, batch).await;
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["accepted"], 4, "{v}");
+    assert_eq!(
+        reasons(&v),
+        vec![
+            (1, "invalid_client_id".into(), None),
+            (2, "unknown_type".into(), None),
+            (3, "invalid_page".into(), None),
+            (4, "invalid_field".into(), Some("utm".into())),
+            (5, "invalid_field".into(), Some("path".into())),
+            (6, "invalid_field".into(), Some("utm.source".into())),
+            (7, "unknown_client".into(), None),
+            (11, "missing_session_id".into(), None),
+        ]
+    );
+
+    // A browser without a cookie sends a visit and a registration together: one session.
+    let (s, v) = post(&c, json!([
+        {"type": "entry", "client_id": "acme", "entry_id": "e-batch", "event_id": "summit"},
+        {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "event_uid": "batch-visit"},
+    ]))
+    .await;
+    assert_eq!((s, v["accepted"].as_u64()), (202, Some(2)), "{v}");
+
+    // Everything accepted is stored verbatim; bad clocks fall back to receive time.
+    eventually(Duration::from_secs(60), "accepted facts stored", || async {
+        ch.number("SELECT count() FROM eventflow.facts FINAL WHERE client_id = 'acme' AND kind != 'checkpoint'") == 6
+    })
+    .await;
+    let row = ch
+        .query("SELECT path, referrer, utm_source, utm_medium, utm_campaign, utm_term, utm_content, cid, cid_resolved FROM eventflow.facts FINAL WHERE event_uid = 'nasty' FORMAT JSONEachRow")
+        .unwrap();
+    let row: Value = serde_json::from_str(row.trim()).unwrap();
+    for field in [
+        "path",
+        "referrer",
+        "utm_source",
+        "utm_medium",
+        "utm_campaign",
+        "utm_term",
+        "utm_content",
+        "cid",
+    ] {
+        assert_eq!(row[field].as_str(), Some(nasty), "{field} stored verbatim");
+    }
+    assert_eq!(row["cid_resolved"].as_u64(), Some(0));
+    let skew = ch
+        .query("SELECT event_uid, clock_skew, abs(event_time_ms - received_at_ms) < 1000 FROM eventflow.facts FINAL WHERE event_uid LIKE 'ts-%' ORDER BY event_uid FORMAT TSV")
+        .unwrap();
+    assert_eq!(skew.trim(), "ts-1970\t1\t1\nts-2100\t1\t1");
+    let sessions = ch.query("SELECT uniqExact(session_id), min(session_origin) FROM eventflow.facts FINAL WHERE event_uid = 'batch-visit' OR entry_id = 'e-batch' FORMAT TSV").unwrap();
+    assert_eq!(sessions.trim(), "1\tcreated");
+
+    // Counted reasons, and one structured log line per failure, none per success.
+    let m = get_text(&format!("{c}/metrics")).await;
+    for (reason, n) in [
+        ("invalid_field", 3.0),
+        ("unknown_client", 1.0),
+        ("invalid_page", 1.0),
+        ("missing_session_id", 1.0),
+    ] {
+        let got: f64 = m
+            .lines()
+            .filter(|l| {
+                l.starts_with("eventflow_collector_rejections_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(got, n, "rejections with reason {reason}");
+    }
+    let log = collector.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let fails = |event: &str| lines.iter().filter(|l| l["event"] == event).count();
+    // 7 request-level errors + 7 rejected visits (the bad client id and unknown type count as visits).
+    assert_eq!(fails("VisitTrackFail"), 7 + 7, "{log}");
+    assert_eq!(fails("PingTrackFail"), 1);
+    assert_eq!(fails("EntryTrackFail"), 0);
+    let field = lines
+        .iter()
+        .find(|l| {
+            l["event"] == "VisitTrackFail"
+                && l["reason"] == "invalid_field"
+                && l["field"] == "utm.source"
+        })
+        .expect("field named");
+    assert_eq!(field["client_id"], "acme");
+    let per_success = lines
+        .iter()
+        .filter(|l| l["level"] == "INFO" && l.to_string().contains("good-1"))
+        .count();
+    assert_eq!(per_success, 0, "successes are not logged per fact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429() {
+    let dir = TestDir::new("collector-ratelimit");
+    let ch = ClickHouse::start(&dir);
+    let broker = Tansu::start(&dir);
+    let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "");
+    d.migrate();
+    let port = free_port();
+    let _collector = d.start_with(
+        "collector",
+        &[
+            ("EVENTFLOW__COLLECTOR__LISTEN", format!("127.0.0.1:{port}")),
+            (
+                "EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_IP__PER_SECOND",
+                "1".into(),
+            ),
+            ("EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_IP__BURST", "3".into()),
+            (
+                "EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_CLIENT__PER_SECOND",
+                "1".into(),
+            ),
+            (
+                "EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_CLIENT__BURST",
+                "2".into(),
+            ),
+        ],
+    );
+    let c = format!("http://127.0.0.1:{port}");
+    // Per client: a burst of 2 facts, then the rest of the batch is rate limited (counted).
+    let (s, v) = post(
+        &c,
+        json!([
+            visit(json!({})),
+            visit(json!({})),
+            visit(json!({})),
+            visit(json!({}))
+        ]),
+    )
+    .await;
+    assert_eq!((s, v["accepted"].as_u64()), (202, Some(2)), "{v}");
+    assert_eq!(
+        reasons(&v).iter().filter(|r| r.1 == "rate_limited").count(),
+        2
+    );
+    // Only rate-limited facts in a request: 429.
+    let (s, v, h) = post_raw(
+        &c,
+        "application/json",
+        visit(json!({})).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!((s, v["accepted"].as_u64()), (429, Some(0)), "{v}");
+    assert_eq!(h.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    // Per IP: a burst of 3 requests, refilled at 1 per second; the burst is spent, so one of
+    // the next two requests (sent back to back) is refused before its body is read.
+    let mut refused = None;
+    for _ in 0..2 {
+        let (s, v, h) = post_raw(&c, "application/json", b"{}".to_vec()).await;
+        if s == 429 {
+            refused = Some((v, h));
+            break;
+        }
+    }
+    let (v, h) = refused.expect("a request over the per-IP limit gets 429");
+    assert_eq!(v["error"].as_str(), Some("rate_limited"), "{v}");
+    assert!(h.contains_key("retry-after"));
+}
