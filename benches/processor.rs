@@ -83,7 +83,16 @@ fn generate_day(n: usize, sessions: u64, day_start: i64, codec: &FactCodec) -> V
                 path: Some("/event/summit".into()),
                 cid: (r % 4 == 0).then(|| format!("cid{}", r % 9)),
                 cid_resolved: false,
-                utm: if r % 3 == 0 { Utm::default() } else { Utm { source: Some(sources[(r % 4) as usize].into()), medium: Some("email".into()), campaign: Some("fall".into()), ..Utm::default() } },
+                utm: if r % 3 == 0 {
+                    Utm::default()
+                } else {
+                    Utm {
+                        source: Some(sources[(r % 4) as usize].into()),
+                        medium: Some("email".into()),
+                        campaign: Some("fall".into()),
+                        ..Utm::default()
+                    }
+                },
                 utm_inherited: false,
                 referrer: None,
             })
@@ -103,7 +112,12 @@ fn generate_day(n: usize, sessions: u64, day_start: i64, codec: &FactCodec) -> V
                 first_touch_at_ms: None,
             })
         } else {
-            Fact::Ping(Ping { header, webinar_id: format!("w{}", r % 7), session_id: session.clone(), session_origin: SessionOrigin::Cookie })
+            Fact::Ping(Ping {
+                header,
+                webinar_id: format!("w{}", r % 7),
+                session_id: session.clone(),
+                session_origin: SessionOrigin::Cookie,
+            })
         };
         let key = fact.partition_key();
         let partition = (eventflow_core::hash::id128("p", &key) % u128::from(PARTITIONS)) as u16;
@@ -120,7 +134,8 @@ fn clients() -> Arc<ClientDirectory> {
 async fn run(msgs: &[(u16, FactKind, Vec<u8>)], store: Option<&Store>, flush_every: usize) -> (f64, usize) {
     let codec = FactCodec::new().expect("codec");
     let cfg = WindowConfig::new(48 * 3_600_000);
-    let mut states: Vec<PartitionState> = (0..PARTITIONS).map(|p| PartitionState::new(p, cfg, clients(), &Checkpoint::default(), 1)).collect();
+    let mut states: Vec<PartitionState> =
+        (0..PARTITIONS).map(|p| PartitionState::new(p, cfg, clients(), &Checkpoint::default(), 1)).collect();
     let mut offsets = [0i64; PARTITIONS as usize];
     let started = Instant::now();
     for (i, (p, kind, bytes)) in msgs.iter().enumerate() {
@@ -156,7 +171,11 @@ fn main() {
     println!("== processor benchmark: {n} facts in one day, 100 clients, {PARTITIONS} partitions");
     let t = Instant::now();
     let day = generate_day(n, 200_000, T0, &codec);
-    println!("generated and Avro-encoded in {:.1}s ({} bytes per message on average)", t.elapsed().as_secs_f64(), day.iter().map(|m| m.2.len()).sum::<usize>() / n);
+    println!(
+        "generated and Avro-encoded in {:.1}s ({} bytes per message on average)",
+        t.elapsed().as_secs_f64(),
+        day.iter().map(|m| m.2.len()).sum::<usize>() / n
+    );
 
     // Decode alone, for the share of decoding in the total.
     let t = Instant::now();
@@ -168,7 +187,11 @@ fn main() {
 
     let base_rss = rss_kib("VmRSS:");
     let (rate, entries) = rt.block_on(run(&day, None, 50_000));
-    println!("decode + windows + flush batches:      {:>10.0} facts/s  ({entries} state entries, RSS {} MiB)", rate, rss_kib("VmRSS:") / 1024);
+    println!(
+        "decode + windows + flush batches:      {:>10.0} facts/s  ({entries} state entries, RSS {} MiB)",
+        rate,
+        rss_kib("VmRSS:") / 1024
+    );
     let _ = base_rss;
 
     if std::env::var("BENCH_SKIP_CLICKHOUSE").is_err() {
@@ -191,7 +214,12 @@ fn main() {
         let before = rss_kib("VmRSS:");
         let (_, entries) = rt.block_on(run(&msgs, None, 50_000));
         let after = rss_kib("VmRSS:");
-        println!("{sessions:>8} sessions: {entries:>9} state entries, RSS {:>5} MiB (+{} MiB), peak {} MiB", after / 1024, after.saturating_sub(before) / 1024, rss_kib("VmHWM:") / 1024);
+        println!(
+            "{sessions:>8} sessions: {entries:>9} state entries, RSS {:>5} MiB (+{} MiB), peak {} MiB",
+            after / 1024,
+            after.saturating_sub(before) / 1024,
+            rss_kib("VmHWM:") / 1024
+        );
         drop(msgs);
     }
 

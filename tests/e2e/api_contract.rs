@@ -44,15 +44,7 @@ pub async fn start_pipeline(name: &str, extra: &str) -> Pipeline {
     let collector = d.start("collector");
     let processor = d.start("processor");
     let api = d.start("api");
-    Pipeline {
-        api,
-        processor,
-        collector,
-        broker,
-        ch: Some(ch),
-        d,
-        dir,
-    }
+    Pipeline { api, processor, collector, broker, ch: Some(ch), d, dir }
 }
 
 impl Pipeline {
@@ -174,10 +166,7 @@ pub async fn send_known_facts(p: &Pipeline) -> Known {
 
     let today = seoul_day(now);
     let days = |count: i64| -> Vec<String> {
-        (0..count)
-            .rev()
-            .map(|k| (today - Span::days(k)).format("%Y-%m-%d").to_string())
-            .collect()
+        (0..count).rev().map(|k| (today - Span::days(k)).format("%Y-%m-%d").to_string()).collect()
     };
     let live_minutes = (0..5)
         .map(|m| {
@@ -215,23 +204,15 @@ const KEYWORDS: [&str; 12] = [
 ];
 
 fn resolve<'a>(doc: &'a Value, reference: &str) -> &'a Value {
-    let pointer = reference
-        .strip_prefix('#')
-        .unwrap_or_else(|| panic!("only local $ref are supported: {reference}"));
-    doc.pointer(pointer)
-        .unwrap_or_else(|| panic!("dangling $ref {reference}"))
+    let pointer = reference.strip_prefix('#').unwrap_or_else(|| panic!("only local $ref are supported: {reference}"));
+    doc.pointer(pointer).unwrap_or_else(|| panic!("dangling $ref {reference}"))
 }
 
 /// Validates `value` against `schema`; appends one message per violation to `errors`.
 pub fn validate(doc: &Value, schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
-    let s = schema
-        .as_object()
-        .unwrap_or_else(|| panic!("schema at {at} is not an object"));
+    let s = schema.as_object().unwrap_or_else(|| panic!("schema at {at} is not an object"));
     for key in s.keys() {
-        assert!(
-            KEYWORDS.contains(&key.as_str()),
-            "schema keyword {key:?} at {at} is not checked by this validator"
-        );
+        assert!(KEYWORDS.contains(&key.as_str()), "schema keyword {key:?} at {at} is not checked by this validator");
     }
     if let Some(r) = s.get("$ref").and_then(Value::as_str) {
         return validate(doc, resolve(doc, r), value, at, errors);
@@ -277,9 +258,7 @@ pub fn validate(doc: &Value, schema: &Value, value: &Value, at: &str, errors: &m
     }
     if let (Some(format), Some(text)) = (s.get("format").and_then(Value::as_str), value.as_str()) {
         let ok = match format {
-            "date" => {
-                text.len() == 10 && chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_ok()
-            }
+            "date" => text.len() == 10 && chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_ok(),
             "date-time" => DateTime::parse_from_rfc3339(text).is_ok(),
             other => panic!("unknown format {other:?} at {at}"),
         };
@@ -289,12 +268,7 @@ pub fn validate(doc: &Value, schema: &Value, value: &Value, at: &str, errors: &m
     }
     if let Some(obj) = value.as_object() {
         let props = s.get("properties").and_then(Value::as_object);
-        for req in s
-            .get("required")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for req in s.get("required").and_then(Value::as_array).into_iter().flatten() {
             let req = req.as_str().expect("required names are strings");
             if !obj.contains_key(req) {
                 errors.push(format!("{at}: missing required property {req:?}"));
@@ -343,8 +317,7 @@ struct Reply {
 
 impl Reply {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.text)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text))
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text))
     }
 }
 
@@ -356,22 +329,12 @@ impl Contract {
             req = req.bearer_auth(t);
         }
         let resp = req.send().await.expect("GET");
-        let header = |name: &str| {
-            resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let content_type = header("content-type").unwrap_or_default();
         let www_authenticate = header("www-authenticate");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        let reply = Reply {
-            status,
-            content_type,
-            www_authenticate,
-            text,
-        };
+        let reply = Reply { status, content_type, www_authenticate, text };
         self.check(template, url, &reply);
         reply
     }
@@ -379,30 +342,15 @@ impl Contract {
     fn check(&mut self, template: &str, url: &str, r: &Reply) {
         let doc = self.doc.clone();
         let operation = doc["paths"][template]["get"].clone();
-        assert!(
-            operation.is_object(),
-            "GET {template} is not documented (called {url})"
-        );
+        assert!(operation.is_object(), "GET {template} is not documented (called {url})");
         let mut response = operation["responses"][r.status.to_string()].clone();
-        assert!(
-            response.is_object(),
-            "GET {url}: status {} is not documented for {template}: {}",
-            r.status,
-            r.text
-        );
+        assert!(response.is_object(), "GET {url}: status {} is not documented for {template}: {}", r.status, r.text);
         if let Some(reference) = response.get("$ref").and_then(Value::as_str) {
             response = resolve(&doc, reference).clone();
         }
-        let media = r
-            .content_type
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_owned();
-        let content = response["content"]
-            .as_object()
-            .unwrap_or_else(|| panic!("{template} {}: no content documented", r.status));
+        let media = r.content_type.split(';').next().unwrap_or("").trim().to_owned();
+        let content =
+            response["content"].as_object().unwrap_or_else(|| panic!("{template} {}: no content documented", r.status));
         let schema = content.get(&media).unwrap_or_else(|| {
             panic!(
                 "GET {url}: content type {:?} not documented for {template} {} (documented: {:?})",
@@ -412,11 +360,7 @@ impl Contract {
             )
         })["schema"]
             .clone();
-        let value = if media == "application/json" {
-            r.json()
-        } else {
-            Value::String(r.text.clone())
-        };
+        let value = if media == "application/json" { r.json() } else { Value::String(r.text.clone()) };
         let errors = schema_errors(&doc, &schema, &value);
         assert!(
             errors.is_empty(),
@@ -425,8 +369,7 @@ impl Contract {
             errors.join("\n  "),
             r.text
         );
-        self.seen
-            .insert((template.to_owned(), "get".to_owned(), r.status));
+        self.seen.insert((template.to_owned(), "get".to_owned(), r.status));
     }
 
     /// Every documented path, method and status that was never exercised.
@@ -457,8 +400,7 @@ fn assert_error(r: &Reply, status: u16, code: &str) {
 /// The validator itself rejects what it must (so a passing contract test means something).
 #[test]
 fn schema_validator_rejects_drift() {
-    let doc: Value =
-        serde_json::from_str(include_str!("../../pipeline/serve/assets/openapi.json")).unwrap();
+    let doc: Value = serde_json::from_str(include_str!("../../pipeline/serve/assets/openapi.json")).unwrap();
     let totals = json!({"$ref": "#/components/schemas/Totals"});
     let good = json!({"visits": 6, "unique_sessions": 4, "entries": 3, "linked_entries": 2, "conversion_rate": 0.75});
     assert_eq!(schema_errors(&doc, &totals, &good), Vec::<String>::new());
@@ -485,11 +427,7 @@ fn schema_validator_rejects_drift() {
     // Response objects are closed.
     for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
         if schema["type"] == "object" && name != "OpenApiDocument" {
-            assert_eq!(
-                schema["additionalProperties"],
-                json!(false),
-                "{name} must set additionalProperties: false"
-            );
+            assert_eq!(schema["additionalProperties"], json!(false), "{name} must set additionalProperties: false");
         }
     }
 }
@@ -498,20 +436,11 @@ fn schema_validator_rejects_drift() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_matches_openapi() {
     // Unknown client ids are refused so that the admin token can observe 404.
-    let mut p = start_pipeline(
-        "api-contract",
-        "\n[tenancy]\nallow_unknown_clients = false\n",
-    )
-    .await;
+    let mut p = start_pipeline("api-contract", "\n[tenancy]\nallow_unknown_clients = false\n").await;
     let known = send_known_facts(&p).await;
-    let doc: Value =
-        serde_json::from_str(&get_text(&format!("{}/openapi.json", p.d.api_url())).await)
-            .expect("openapi.json is JSON");
-    let mut c = Contract {
-        doc,
-        base: p.d.api_url(),
-        seen: BTreeSet::new(),
-    };
+    let doc: Value = serde_json::from_str(&get_text(&format!("{}/openapi.json", p.d.api_url())).await)
+        .expect("openapi.json is JSON");
+    let mut c = Contract { doc, base: p.d.api_url(), seen: BTreeSet::new() };
 
     // ---- documents and operations --------------------------------------------------------
     let r = c.call("/openapi.json", "/openapi.json", None).await;
@@ -525,46 +454,30 @@ async fn every_route_matches_openapi() {
 
     // ---- overview: default range, 30d, explicit from/to, admin --------------------------
     let acme = "/v1/clients/acme/statistics";
-    let r = c
-        .call(OVERVIEW, &format!("{acme}/overview"), Some(ACME_TOKEN))
-        .await;
+    let r = c.call(OVERVIEW, &format!("{acme}/overview"), Some(ACME_TOKEN)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let o = r.json();
-    assert_eq!(
-        (o["from"].as_str(), o["to"].as_str()),
-        (Some(known.days7[0].as_str()), Some(known.days7[6].as_str()))
-    );
+    assert_eq!((o["from"].as_str(), o["to"].as_str()), (Some(known.days7[0].as_str()), Some(known.days7[6].as_str())));
     assert_eq!(o["by_day"].as_array().map(Vec::len), Some(7));
     assert_eq!(
         o["totals"],
         json!({"visits": 6, "unique_sessions": 4, "entries": 3, "linked_entries": 2, "conversion_rate": 0.75})
     );
     assert!(o["meta"]["watermark"].is_string(), "{o}");
-    let r = c
-        .call(
-            OVERVIEW,
-            &format!("{acme}/overview?range=30d"),
-            Some(ACME_TOKEN),
-        )
-        .await;
+    let r = c.call(OVERVIEW, &format!("{acme}/overview?range=30d"), Some(ACME_TOKEN)).await;
     assert_eq!(r.json()["by_day"].as_array().map(Vec::len), Some(30));
     assert_eq!(r.json()["from"], known.days30[0].as_str());
     let url = format!("{acme}/overview?from={d}&to={d}", d = known.day);
     let r = c.call(OVERVIEW, &url, Some(ADMIN_TOKEN)).await;
     let o = r.json();
-    assert_eq!(
-        o["by_day"],
-        json!([{"date": known.day, "visits": 6, "unique_sessions": 4, "entries": 3}])
-    );
+    assert_eq!(o["by_day"], json!([{"date": known.day, "visits": 6, "unique_sessions": 4, "entries": 3}]));
     assert_eq!(
         o["live"],
         json!([{"webinar_id": "w1", "peak_concurrent": 3, "peak_minute": known.live_minutes[2], "viewer_minutes": 9}])
     );
 
     // ---- live series ---------------------------------------------------------------------
-    let r = c
-        .call(LIVE, &format!("{acme}/live/w1"), Some(ACME_TOKEN))
-        .await;
+    let r = c.call(LIVE, &format!("{acme}/live/w1"), Some(ACME_TOKEN)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let s = r.json();
     let expected: Vec<Value> = known
@@ -574,70 +487,27 @@ async fn every_route_matches_openapi() {
         .map(|(m, n)| json!({"minute": m, "concurrent": n}))
         .collect();
     assert_eq!(s["series"], Value::Array(expected));
-    let r = c
-        .call(
-            LIVE,
-            &format!("{acme}/live/nobody-watched?range=30d"),
-            Some(ACME_TOKEN),
-        )
-        .await;
+    let r = c.call(LIVE, &format!("{acme}/live/nobody-watched?range=30d"), Some(ACME_TOKEN)).await;
     assert_eq!(r.json()["series"], json!([]));
 
     // ---- errors --------------------------------------------------------------------------
-    for (template, path) in [
-        (OVERVIEW, format!("{acme}/overview")),
-        (LIVE, format!("{acme}/live/w1")),
-    ] {
-        let r = c
-            .call(
-                template,
-                &format!("{path}?from=2026-13-01"),
-                Some(ACME_TOKEN),
-            )
-            .await;
+    for (template, path) in [(OVERVIEW, format!("{acme}/overview")), (LIVE, format!("{acme}/live/w1"))] {
+        let r = c.call(template, &format!("{path}?from=2026-13-01"), Some(ACME_TOKEN)).await;
         assert_error(&r, 400, "invalid_date");
-        let r = c
-            .call(
-                template,
-                &format!("{path}?from=2026-11-03&to=2026-11-02"),
-                Some(ACME_TOKEN),
-            )
-            .await;
+        let r = c.call(template, &format!("{path}?from=2026-11-03&to=2026-11-02"), Some(ACME_TOKEN)).await;
         assert_error(&r, 400, "invalid_range");
-        let r = c
-            .call(
-                template,
-                &format!("{path}?from=2020-01-01&to=2026-11-02"),
-                Some(ACME_TOKEN),
-            )
-            .await;
+        let r = c.call(template, &format!("{path}?from=2020-01-01&to=2026-11-02"), Some(ACME_TOKEN)).await;
         assert_error(&r, 400, "range_too_long");
-        let r = c
-            .call(template, &format!("{path}?range=1y"), Some(ACME_TOKEN))
-            .await;
+        let r = c.call(template, &format!("{path}?range=1y"), Some(ACME_TOKEN)).await;
         assert_error(&r, 400, "invalid_range");
-        let r = c
-            .call(
-                template,
-                &format!("{path}?range=7d&to=2026-11-02"),
-                Some(ACME_TOKEN),
-            )
-            .await;
+        let r = c.call(template, &format!("{path}?range=7d&to=2026-11-02"), Some(ACME_TOKEN)).await;
         assert_error(&r, 400, "invalid_range");
-        let r = c
-            .call(
-                template,
-                &format!("{path}?from=2026-11-01&from=2026-11-02"),
-                Some(ACME_TOKEN),
-            )
-            .await;
+        let r = c.call(template, &format!("{path}?from=2026-11-01&from=2026-11-02"), Some(ACME_TOKEN)).await;
         assert_error(&r, 400, "invalid_query");
         let r = c.call(template, &path, None).await;
         assert_error(&r, 401, "unauthorized");
         assert_eq!(r.www_authenticate.as_deref(), Some("Bearer"));
-        let r = c
-            .call(template, &path, Some("not-a-token-at-all-000"))
-            .await;
+        let r = c.call(template, &path, Some("not-a-token-at-all-000")).await;
         assert_error(&r, 401, "unauthorized");
         let r = c.call(template, &path, Some(GLOBEX_TOKEN)).await;
         assert_error(&r, 403, "forbidden");
@@ -649,61 +519,30 @@ async fn every_route_matches_openapi() {
         assert_error(&r, 404, "unknown_client");
     }
     let long = "w".repeat(129);
-    let r = c
-        .call(LIVE, &format!("{acme}/live/{long}"), Some(ACME_TOKEN))
-        .await;
+    let r = c.call(LIVE, &format!("{acme}/live/{long}"), Some(ACME_TOKEN)).await;
     assert_error(&r, 400, "invalid_webinar_id");
-    let r = c
-        .call(LIVE, &format!("{acme}/live/w%01"), Some(ACME_TOKEN))
-        .await;
+    let r = c.call(LIVE, &format!("{acme}/live/w%01"), Some(ACME_TOKEN)).await;
     assert_error(&r, 400, "invalid_webinar_id");
 
     // ---- ClickHouse down: sections in error (still 200), freshness unknown, not ready ----
     p.kill_clickhouse();
-    let r = c
-        .call(OVERVIEW, &format!("{acme}/overview"), Some(ACME_TOKEN))
-        .await;
+    let r = c.call(OVERVIEW, &format!("{acme}/overview"), Some(ACME_TOKEN)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let o = r.json();
-    for section in [
-        "totals",
-        "by_page",
-        "by_day",
-        "campaigns",
-        "live",
-        "quality",
-    ] {
-        assert_eq!(
-            o["meta"]["data_sources"][section], "error",
-            "{section}: {o}"
-        );
+    for section in ["totals", "by_page", "by_day", "campaigns", "live", "quality"] {
+        assert_eq!(o["meta"]["data_sources"][section], "error", "{section}: {o}");
     }
-    assert_eq!(
-        (
-            o["meta"]["watermark"].clone(),
-            o["meta"]["staleness_seconds"].clone()
-        ),
-        (Value::Null, Value::Null)
-    );
+    assert_eq!((o["meta"]["watermark"].clone(), o["meta"]["staleness_seconds"].clone()), (Value::Null, Value::Null));
     assert_eq!(o["totals"]["visits"], 0);
-    assert_eq!(
-        o["by_day"].as_array().map(Vec::len),
-        Some(7),
-        "by_day keeps every day, zeros included"
-    );
-    let r = c
-        .call(LIVE, &format!("{acme}/live/w1"), Some(ACME_TOKEN))
-        .await;
+    assert_eq!(o["by_day"].as_array().map(Vec::len), Some(7), "by_day keeps every day, zeros included");
+    let r = c.call(LIVE, &format!("{acme}/live/w1"), Some(ACME_TOKEN)).await;
     assert_eq!(r.json()["meta"]["data_sources"]["live"], "error");
     let r = c.call("/readyz", "/readyz", None).await;
     assert_error(&r, 503, "clickhouse_unavailable");
 
     // ---- nothing documented went untested --------------------------------------------------
     let missing = c.unexercised();
-    assert!(
-        missing.is_empty(),
-        "documented but never exercised: {missing:?}"
-    );
+    assert!(missing.is_empty(), "documented but never exercised: {missing:?}");
     let _ = known.facts_accepted;
 }
 
@@ -714,18 +553,10 @@ async fn every_route_matches_openapi() {
 async fn live_series_falls_back_to_raw_when_its_aggregate_is_missing() {
     let p = start_pipeline("api-live-raw", "").await;
     let known = send_known_facts(&p).await;
-    p.ch()
-        .query("ALTER TABLE eventflow.minute_live DELETE WHERE client_id = 'acme'")
-        .expect("mutation");
-    eventually(
-        Duration::from_secs(30),
-        "minute_live rows of acme deleted",
-        || async {
-            p.ch()
-                .number("SELECT count() FROM eventflow.minute_live WHERE client_id = 'acme'")
-                == 0
-        },
-    )
+    p.ch().query("ALTER TABLE eventflow.minute_live DELETE WHERE client_id = 'acme'").expect("mutation");
+    eventually(Duration::from_secs(30), "minute_live rows of acme deleted", || async {
+        p.ch().number("SELECT count() FROM eventflow.minute_live WHERE client_id = 'acme'") == 0
+    })
     .await;
     let api = format!("{}/v1/clients/acme/statistics", p.d.api_url());
     let (status, o) = get_json(&format!("{api}/overview"), Some(ACME_TOKEN)).await;
@@ -741,10 +572,7 @@ async fn live_series_falls_back_to_raw_when_its_aggregate_is_missing() {
         .map(|(m, n)| json!({"minute": m, "concurrent": n}))
         .collect();
     assert_eq!(
-        (
-            s["meta"]["data_sources"]["live"].clone(),
-            s["series"].clone()
-        ),
+        (s["meta"]["data_sources"]["live"].clone(), s["series"].clone()),
         (json!("raw"), Value::Array(expected)),
         "the live series must detect the missing aggregate and recount from raw facts: {s}"
     );

@@ -8,11 +8,7 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-async fn post_raw(
-    url: &str,
-    content_type: &str,
-    body: Vec<u8>,
-) -> (u16, Value, reqwest::header::HeaderMap) {
+async fn post_raw(url: &str, content_type: &str, body: Vec<u8>) -> (u16, Value, reqwest::header::HeaderMap) {
     let resp = http()
         .post(format!("{url}/v1/collect"))
         .header("content-type", content_type)
@@ -31,10 +27,9 @@ async fn post(url: &str, body: Value) -> (u16, Value) {
 }
 
 fn visit(extra: Value) -> Value {
-    let mut v = json!({"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "s1"});
-    v.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
+    let mut v =
+        json!({"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "s1"});
+    v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     v
 }
 
@@ -60,32 +55,17 @@ async fn bad_input_gets_clear_errors_and_counted_reasons() {
     let dir = TestDir::new("collector-input");
     let ch = ClickHouse::start(&dir);
     let broker = Tansu::start(&dir);
-    let d = Deployment::new(
-        &dir,
-        &ch.url(),
-        &broker.brokers(),
-        3,
-        "[tenancy]\nallow_unknown_clients = false\n",
-    );
+    let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "[tenancy]\nallow_unknown_clients = false\n");
     d.migrate();
     let collector = d.start("collector");
     let _processor = d.start("processor");
     let c = d.collector_url();
 
     // Request-level errors: status and error code.
-    let big = format!(
-        "[{}]",
-        vec![visit(json!({"path": "x".repeat(1000)})).to_string(); 70].join(",")
-    );
+    let big = format!("[{}]", vec![visit(json!({"path": "x".repeat(1000)})).to_string(); 70].join(","));
     let too_many = Value::Array(vec![visit(json!({})); 101]).to_string();
     let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
-        (
-            "invalid JSON",
-            "application/json",
-            b"{\"type\": \"visit\",".to_vec(),
-            400,
-            "malformed_json",
-        ),
+        ("invalid JSON", "application/json", b"{\"type\": \"visit\",".to_vec(), 400, "malformed_json"),
         (
             "invalid UTF-8",
             "text/plain",
@@ -93,49 +73,15 @@ async fn bad_input_gets_clear_errors_and_counted_reasons() {
             400,
             "invalid_utf8",
         ),
-        (
-            "not an object",
-            "application/json",
-            b"42".to_vec(),
-            400,
-            "not_object_or_array",
-        ),
-        (
-            "empty batch",
-            "application/json",
-            b"[]".to_vec(),
-            400,
-            "empty_batch",
-        ),
-        (
-            "over 64 KiB",
-            "application/json",
-            big.into_bytes(),
-            413,
-            "body_too_large",
-        ),
-        (
-            "101 facts",
-            "application/json",
-            too_many.into_bytes(),
-            413,
-            "too_many_facts",
-        ),
-        (
-            "XML",
-            "application/xml",
-            b"<visit/>".to_vec(),
-            415,
-            "unsupported_media_type",
-        ),
+        ("not an object", "application/json", b"42".to_vec(), 400, "not_object_or_array"),
+        ("empty batch", "application/json", b"[]".to_vec(), 400, "empty_batch"),
+        ("over 64 KiB", "application/json", big.into_bytes(), 413, "body_too_large"),
+        ("101 facts", "application/json", too_many.into_bytes(), 413, "too_many_facts"),
+        ("XML", "application/xml", b"<visit/>".to_vec(), 415, "unsupported_media_type"),
     ];
     for (name, ct, body, status, code) in cases {
         let (s, v, _) = post_raw(&c, ct, body).await;
-        assert_eq!(
-            (s, v["error"].as_str()),
-            (status, Some(code)),
-            "{name}: {v}"
-        );
+        assert_eq!((s, v["error"].as_str()), (status, Some(code)), "{name}: {v}");
         assert!(v["detail"].is_string(), "{name}: {v}");
     }
 
@@ -175,10 +121,13 @@ async fn bad_input_gets_clear_errors_and_counted_reasons() {
     );
 
     // A browser without a cookie sends a visit and a registration together: one session.
-    let (s, v) = post(&c, json!([
-        {"type": "entry", "client_id": "acme", "entry_id": "e-batch", "event_id": "summit"},
-        {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "event_uid": "batch-visit"},
-    ]))
+    let (s, v) = post(
+        &c,
+        json!([
+            {"type": "entry", "client_id": "acme", "entry_id": "e-batch", "event_id": "summit"},
+            {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "event_uid": "batch-visit"},
+        ]),
+    )
     .await;
     assert_eq!((s, v["accepted"].as_u64()), (202, Some(2)), "{v}");
 
@@ -191,16 +140,7 @@ async fn bad_input_gets_clear_errors_and_counted_reasons() {
         .query("SELECT path, referrer, utm_source, utm_medium, utm_campaign, utm_term, utm_content, cid, cid_resolved FROM eventflow.facts FINAL WHERE event_uid = 'nasty' FORMAT JSONEachRow")
         .unwrap();
     let row: Value = serde_json::from_str(row.trim()).unwrap();
-    for field in [
-        "path",
-        "referrer",
-        "utm_source",
-        "utm_medium",
-        "utm_campaign",
-        "utm_term",
-        "utm_content",
-        "cid",
-    ] {
+    for field in ["path", "referrer", "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "cid"] {
         assert_eq!(row[field].as_str(), Some(nasty), "{field} stored verbatim");
     }
     assert_eq!(row["cid_resolved"].as_u64(), Some(0));
@@ -213,27 +153,20 @@ async fn bad_input_gets_clear_errors_and_counted_reasons() {
 
     // Counted reasons, and one structured log line per failure, none per success.
     let m = get_text(&format!("{c}/metrics")).await;
-    for (reason, n) in [
-        ("invalid_field", 3.0),
-        ("unknown_client", 1.0),
-        ("invalid_page", 1.0),
-        ("missing_session_id", 1.0),
-    ] {
+    for (reason, n) in
+        [("invalid_field", 3.0), ("unknown_client", 1.0), ("invalid_page", 1.0), ("missing_session_id", 1.0)]
+    {
         let got: f64 = m
             .lines()
             .filter(|l| {
-                l.starts_with("eventflow_collector_rejections_total{")
-                    && l.contains(&format!("reason=\"{reason}\""))
+                l.starts_with("eventflow_collector_rejections_total{") && l.contains(&format!("reason=\"{reason}\""))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
         assert_eq!(got, n, "rejections with reason {reason}");
     }
     let log = collector.log_text();
-    let lines: Vec<Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let lines: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let fails = |event: &str| lines.iter().filter(|l| l["event"] == event).count();
     // 7 request-level errors + 7 rejected visits (the bad client id and unknown type count as visits).
     assert_eq!(fails("VisitTrackFail"), 7 + 7, "{log}");
@@ -241,17 +174,10 @@ async fn bad_input_gets_clear_errors_and_counted_reasons() {
     assert_eq!(fails("EntryTrackFail"), 0);
     let field = lines
         .iter()
-        .find(|l| {
-            l["event"] == "VisitTrackFail"
-                && l["reason"] == "invalid_field"
-                && l["field"] == "utm.source"
-        })
+        .find(|l| l["event"] == "VisitTrackFail" && l["reason"] == "invalid_field" && l["field"] == "utm.source")
         .expect("field named");
     assert_eq!(field["client_id"], "acme");
-    let per_success = lines
-        .iter()
-        .filter(|l| l["level"] == "INFO" && l.to_string().contains("good-1"))
-        .count();
+    let per_success = lines.iter().filter(|l| l["level"] == "INFO" && l.to_string().contains("good-1")).count();
     assert_eq!(per_success, 0, "successes are not logged per fact");
 }
 
@@ -267,45 +193,19 @@ async fn rate_limits_answer_429() {
         "collector",
         &[
             ("EVENTFLOW__COLLECTOR__LISTEN", format!("127.0.0.1:{port}")),
-            (
-                "EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_IP__PER_SECOND",
-                "1".into(),
-            ),
+            ("EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_IP__PER_SECOND", "1".into()),
             ("EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_IP__BURST", "3".into()),
-            (
-                "EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_CLIENT__PER_SECOND",
-                "1".into(),
-            ),
-            (
-                "EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_CLIENT__BURST",
-                "2".into(),
-            ),
+            ("EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_CLIENT__PER_SECOND", "1".into()),
+            ("EVENTFLOW__COLLECTOR__RATE_LIMIT_PER_CLIENT__BURST", "2".into()),
         ],
     );
     let c = format!("http://127.0.0.1:{port}");
     // Per client: a burst of 2 facts, then the rest of the batch is rate limited (counted).
-    let (s, v) = post(
-        &c,
-        json!([
-            visit(json!({})),
-            visit(json!({})),
-            visit(json!({})),
-            visit(json!({}))
-        ]),
-    )
-    .await;
+    let (s, v) = post(&c, json!([visit(json!({})), visit(json!({})), visit(json!({})), visit(json!({}))])).await;
     assert_eq!((s, v["accepted"].as_u64()), (202, Some(2)), "{v}");
-    assert_eq!(
-        reasons(&v).iter().filter(|r| r.1 == "rate_limited").count(),
-        2
-    );
+    assert_eq!(reasons(&v).iter().filter(|r| r.1 == "rate_limited").count(), 2);
     // Only rate-limited facts in a request: 429.
-    let (s, v, h) = post_raw(
-        &c,
-        "application/json",
-        visit(json!({})).to_string().into_bytes(),
-    )
-    .await;
+    let (s, v, h) = post_raw(&c, "application/json", visit(json!({})).to_string().into_bytes()).await;
     assert_eq!((s, v["accepted"].as_u64()), (429, Some(0)), "{v}");
     assert_eq!(h.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
     // Per IP: a burst of 3 requests, refilled at 1 per second; the burst is spent, so one of

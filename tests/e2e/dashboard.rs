@@ -17,10 +17,7 @@ use crate::harness::*;
 async fn open(b: &Browser, api_url: &str, client: &str, token: &str) -> String {
     // about:blank first, so that only the fragment changing still loads the page afresh.
     b.client.goto("about:blank").await.expect("about:blank");
-    b.client
-        .goto(&format!("{api_url}/#client={client}&token={token}"))
-        .await
-        .expect("open dashboard");
+    b.client.goto(&format!("{api_url}/#client={client}&token={token}")).await.expect("open dashboard");
     wait_state(&b.client).await
 }
 
@@ -28,62 +25,36 @@ async fn open(b: &Browser, api_url: &str, client: &str, token: &str) -> String {
 async fn wait_state(c: &Client) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let state = c
-            .execute("return document.body.getAttribute('data-state');", vec![])
-            .await
-            .expect("script");
+        let state = c.execute("return document.body.getAttribute('data-state');", vec![]).await.expect("script");
         let state = state.as_str().unwrap_or("").to_owned();
         if state == "ready" || state == "error" {
             return state;
         }
-        assert!(
-            Instant::now() < deadline,
-            "dashboard stuck in state {state:?}"
-        );
+        assert!(Instant::now() < deadline, "dashboard stuck in state {state:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 async fn text(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .expect("text")
+    c.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}")).text().await.expect("text")
 }
 
 async fn attr(c: &Client, css: &str, name: &str) -> Option<String> {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .attr(name)
-        .await
-        .expect("attr")
+    c.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}")).attr(name).await.expect("attr")
 }
 
 /// Section ids whose source badge is visible, with the badge's data-source and text.
 async fn visible_badges(c: &Client) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
-    for b in c
-        .find_all(Locator::Css("section .badge"))
-        .await
-        .expect("badges")
-    {
+    for b in c.find_all(Locator::Css("section .badge")).await.expect("badges") {
         if b.is_displayed().await.expect("displayed") {
             let section: Value = c
-                .execute(
-                    "return arguments[0].closest('section').id;",
-                    vec![serde_json::to_value(&b).expect("element")],
-                )
+                .execute("return arguments[0].closest('section').id;", vec![serde_json::to_value(&b).expect("element")])
                 .await
                 .expect("script");
             out.push((
                 section.as_str().unwrap_or("").to_owned(),
-                b.attr("data-source")
-                    .await
-                    .expect("attr")
-                    .unwrap_or_default(),
+                b.attr("data-source").await.expect("attr").unwrap_or_default(),
                 b.text().await.expect("text"),
             ));
         }
@@ -97,28 +68,18 @@ fn is_freshness_line(line: &str) -> bool {
         return false;
     };
     let b = rest.as_bytes();
-    let clock = b.len() > 8
-        && [0, 1, 3, 4, 6, 7].iter().all(|&i| b[i].is_ascii_digit())
-        && b[2] == b':'
-        && b[5] == b':';
+    let clock =
+        b.len() > 8 && [0, 1, 3, 4, 6, 7].iter().all(|&i| b[i].is_ascii_digit()) && b[2] == b':' && b[5] == b':';
     let Some(ago) = rest.get(8..).and_then(|r| r.strip_prefix(", ")) else {
         return false;
     };
-    let number: String = ago
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
+    let number: String = ago.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
     clock && !number.is_empty() && ago[number.len()..].starts_with(" s ago")
 }
 
 /// The values the by-day chart must carry for `field` over the 7-day range.
 fn day_values(k: &Known, on_day: u64) -> String {
-    k.days7
-        .iter()
-        .map(|d| if *d == k.day { on_day } else { 0 })
-        .map(|n| n.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+    k.days7.iter().map(|d| if *d == k.day { on_day } else { 0 }).map(|n| n.to_string()).collect::<Vec<_>>().join(",")
 }
 
 /// Pixels of a PNG screenshot (RGB or RGBA, 8 bits), row-major.
@@ -137,12 +98,7 @@ impl Shot {
         let mut data = vec![0; reader.output_buffer_size().expect("png size")];
         let info = reader.next_frame(&mut data).expect("png frame");
         data.truncate(info.buffer_size());
-        Shot {
-            width: info.width as usize,
-            height: info.height as usize,
-            channels: info.color_type.samples(),
-            data,
-        }
+        Shot { width: info.width as usize, height: info.height as usize, channels: info.color_type.samples(), data }
     }
 
     /// Pixels in the device-pixel rectangle whose colour is within `tol` of `rgb` per channel.
@@ -164,10 +120,7 @@ impl Shot {
 /// Scrolls `css` into view, takes a screenshot and returns it with the element's rectangle in
 /// device pixels of that screenshot.
 async fn shoot(c: &Client, css: &str) -> (Vec<u8>, Shot, (usize, usize, usize, usize)) {
-    let e = c
-        .find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"));
+    let e = c.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}"));
     let view: Value = c
         .execute(
             "arguments[0].scrollIntoView({block: 'center'});
@@ -229,34 +182,17 @@ async fn dashboard_renders_exact_numbers_charts_and_freshness() {
         ("linked_entries", "2"),
         ("conversion_rate", "75.0%"),
     ] {
-        assert_eq!(
-            text(c, &format!("#totals [data-metric={metric}] .value")).await,
-            shown,
-            "{metric}"
-        );
+        assert_eq!(text(c, &format!("#totals [data-metric={metric}] .value")).await, shown, "{metric}");
     }
     for (metric, shown) in [("landing", "3"), ("webinar", "2"), ("live", "1")] {
-        assert_eq!(
-            text(c, &format!("#by-page [data-metric={metric}] .value")).await,
-            shown,
-            "{metric}"
-        );
+        assert_eq!(text(c, &format!("#by-page [data-metric={metric}] .value")).await, shown, "{metric}");
     }
-    for (metric, shown) in [
-        ("session_link_rate", "66.7%"),
-        ("utm_missing_ratio", "66.7%"),
-        ("unresolved_cid_ratio", "100.0%"),
-    ] {
-        assert_eq!(
-            text(c, &format!("#quality [data-metric={metric}] .value")).await,
-            shown,
-            "{metric}"
-        );
+    for (metric, shown) in
+        [("session_link_rate", "66.7%"), ("utm_missing_ratio", "66.7%"), ("unresolved_cid_ratio", "100.0%")]
+    {
+        assert_eq!(text(c, &format!("#quality [data-metric={metric}] .value")).await, shown, "{metric}");
     }
-    let rows = c
-        .find_all(Locator::Css("#campaigns tbody tr"))
-        .await
-        .unwrap();
+    let rows = c.find_all(Locator::Css("#campaigns tbody tr")).await.unwrap();
     let mut table = Vec::new();
     for r in rows {
         table.push(r.text().await.unwrap());
@@ -273,63 +209,31 @@ async fn dashboard_renders_exact_numbers_charts_and_freshness() {
     // The daily chart: one line per series over the 7 days, a marker per day.
     for (series, on_day) in [("visits", 6), ("unique_sessions", 4), ("entries", 3)] {
         let css = format!("#by-day svg polyline[data-series={series}]");
-        assert_eq!(
-            attr(c, &css, "data-values").await.as_deref(),
-            Some(day_values(&k, on_day).as_str()),
-            "{series}"
-        );
+        assert_eq!(attr(c, &css, "data-values").await.as_deref(), Some(day_values(&k, on_day).as_str()), "{series}");
         let points = attr(c, &css, "points").await.unwrap_or_default();
         assert_eq!(points.split(' ').count(), 7, "{series}: {points}");
     }
-    assert_eq!(
-        c.find_all(Locator::Css("#by-day svg circle"))
-            .await
-            .unwrap()
-            .len(),
-        21
-    );
+    assert_eq!(c.find_all(Locator::Css("#by-day svg circle")).await.unwrap().len(), 21);
     // The live chart of w1: concurrent viewers minute by minute.
     let live = "#live [data-webinar=w1] svg polyline[data-series=concurrent]";
-    assert_eq!(
-        attr(c, live, "data-values").await.as_deref(),
-        Some("1,2,3,2,1")
-    );
-    assert_eq!(
-        c.find_all(Locator::Css("#live [data-webinar=w1] svg circle"))
-            .await
-            .unwrap()
-            .len(),
-        5
-    );
+    assert_eq!(attr(c, live, "data-values").await.as_deref(), Some("1,2,3,2,1"));
+    assert_eq!(c.find_all(Locator::Css("#live [data-webinar=w1] svg circle")).await.unwrap().len(), 5);
     let heading = text(c, "#live [data-webinar=w1] h3").await;
-    assert!(
-        heading.contains("peak 3 at") && heading.contains("9 viewer-minutes"),
-        "{heading}"
-    );
+    assert!(heading.contains("peak 3 at") && heading.contains("9 viewer-minutes"), "{heading}");
 
     // Freshness, and nothing marked as raw or unavailable.
     let line = text(c, "#freshness-line").await;
     assert!(is_freshness_line(&line), "freshness line: {line:?}");
     assert_eq!(visible_badges(c).await, vec![]);
     let page = text(c, "body").await;
-    assert!(
-        !page.contains("from raw facts") && !page.contains("unavailable"),
-        "{page}"
-    );
+    assert!(!page.contains("from raw facts") && !page.contains("unavailable"), "{page}");
 
     // The screenshot shows the charts with their coloured strokes.
     let (png_bytes, shot, rect) = shoot(c, "#by-day svg").await;
     save(&p.dir, "dashboard-by-day.png", &png_bytes);
-    for (name, rgb) in [
-        ("visits", VISITS),
-        ("sessions", SESSIONS),
-        ("entries", ENTRIES),
-    ] {
+    for (name, rgb) in [("visits", VISITS), ("sessions", SESSIONS), ("entries", ENTRIES)] {
         let n = shot.count(rect, rgb, 40);
-        assert!(
-            n >= 40,
-            "daily chart: only {n} {name}-coloured pixels in {rect:?}"
-        );
+        assert!(n >= 40, "daily chart: only {n} {name}-coloured pixels in {rect:?}");
     }
     let (png_bytes, shot, rect) = shoot(c, "#live [data-webinar=w1] svg").await;
     save(&p.dir, "dashboard-live.png", &png_bytes);
@@ -337,12 +241,7 @@ async fn dashboard_renders_exact_numbers_charts_and_freshness() {
     assert!(n >= 200, "live chart: only {n} purple pixels in {rect:?}");
 
     // The range selector reloads with 30 days.
-    c.find(Locator::Css("#range option[value='30d']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    c.find(Locator::Css("#range option[value='30d']")).await.unwrap().click().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let state = wait_state(c).await;
@@ -358,10 +257,7 @@ async fn dashboard_renders_exact_numbers_charts_and_freshness() {
         if state == "ready" && n == 30 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no 30-day chart: {state} {values}"
-        );
+        assert!(Instant::now() < deadline, "no 30-day chart: {state} {values}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(text(c, "#totals [data-metric=visits] .value").await, "6");
@@ -378,19 +274,12 @@ async fn dashboard_shows_auth_errors_and_raw_badges() {
     let c = &b.client;
     let api = p.d.api_url();
 
-    assert_eq!(
-        open(&b, &api, "acme", "wrong-token-for-tests-0001").await,
-        "error"
-    );
+    assert_eq!(open(&b, &api, "acme", "wrong-token-for-tests-0001").await, "error");
     let msg = c.find(Locator::Id("message")).await.unwrap();
     assert!(msg.is_displayed().await.unwrap());
     let msg = msg.text().await.unwrap();
     assert!(msg.contains("401") && msg.contains("token"), "{msg}");
-    assert!(c
-        .find_all(Locator::Css("#totals .card"))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(c.find_all(Locator::Css("#totals .card")).await.unwrap().is_empty());
 
     assert_eq!(open(&b, &api, "acme", GLOBEX_TOKEN).await, "error");
     let msg = text(c, "#message").await;
@@ -398,54 +287,23 @@ async fn dashboard_shows_auth_errors_and_raw_badges() {
 
     // The right token clears the message.
     assert_eq!(open(&b, &api, "acme", ACME_TOKEN).await, "ready");
-    assert!(!c
-        .find(Locator::Id("message"))
-        .await
-        .unwrap()
-        .is_displayed()
-        .await
-        .unwrap());
+    assert!(!c.find(Locator::Id("message")).await.unwrap().is_displayed().await.unwrap());
     assert_eq!(visible_badges(c).await, vec![]);
 
     // Delete acme's campaign aggregate (a mutation on 18.16) and wait until it is gone.
-    p.ch()
-        .query("ALTER TABLE eventflow.daily_marketing DELETE WHERE client_id = 'acme'")
-        .expect("mutation");
-    eventually(
-        Duration::from_secs(30),
-        "daily_marketing rows of acme deleted",
-        || async {
-            p.ch()
-                .number("SELECT count() FROM eventflow.daily_marketing WHERE client_id = 'acme'")
-                == 0
-        },
-    )
+    p.ch().query("ALTER TABLE eventflow.daily_marketing DELETE WHERE client_id = 'acme'").expect("mutation");
+    eventually(Duration::from_secs(30), "daily_marketing rows of acme deleted", || async {
+        p.ch().number("SELECT count() FROM eventflow.daily_marketing WHERE client_id = 'acme'") == 0
+    })
     .await;
-    let (status, o) = get_json(
-        &format!("{api}/v1/clients/acme/statistics/overview"),
-        Some(ACME_TOKEN),
-    )
-    .await;
+    let (status, o) = get_json(&format!("{api}/v1/clients/acme/statistics/overview"), Some(ACME_TOKEN)).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        o["meta"]["data_sources"]["campaigns"], "raw",
-        "the API must detect the missing aggregate: {o}"
-    );
+    assert_eq!(o["meta"]["data_sources"]["campaigns"], "raw", "the API must detect the missing aggregate: {o}");
 
     assert_eq!(open(&b, &api, "acme", ACME_TOKEN).await, "ready");
-    assert_eq!(
-        visible_badges(c).await,
-        vec![(
-            "campaigns".to_owned(),
-            "raw".to_owned(),
-            "from raw facts".to_owned()
-        )]
-    );
+    assert_eq!(visible_badges(c).await, vec![("campaigns".to_owned(), "raw".to_owned(), "from raw facts".to_owned())]);
     // Recounted from raw facts, the table is the same.
-    let rows = c
-        .find_all(Locator::Css("#campaigns tbody tr"))
-        .await
-        .unwrap();
+    let rows = c.find_all(Locator::Css("#campaigns tbody tr")).await.unwrap();
     let mut table = Vec::new();
     for r in rows {
         table.push(r.text().await.unwrap());
@@ -463,20 +321,14 @@ async fn dashboard_shows_auth_errors_and_raw_badges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headless_chromium_runs_local_pages() {
     let dir = TestDir::new("chromium-smoke");
-    let (port, _pages) = serve_pages(vec![], "<html><body><p id=x>a</p><script>document.getElementById('x').textContent='ran'</script></body></html>".into()).await;
+    let (port, _pages) = serve_pages(
+        vec![],
+        "<html><body><p id=x>a</p><script>document.getElementById('x').textContent='ran'</script></body></html>".into(),
+    )
+    .await;
     let b = Browser::start(&dir).await;
-    b.client
-        .goto(&format!("http://127.0.0.1:{port}/event/anything"))
-        .await
-        .unwrap();
-    let text = b
-        .client
-        .find(fantoccini::Locator::Id("x"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    b.client.goto(&format!("http://127.0.0.1:{port}/event/anything")).await.unwrap();
+    let text = b.client.find(fantoccini::Locator::Id("x")).await.unwrap().text().await.unwrap();
     assert_eq!(text, "ran");
     b.close().await;
 }

@@ -30,21 +30,14 @@ async fn visits_stopped_alert_fires_on_scraped_processor_metrics() {
     let globex = Traffic::start(d.collector_url(), "globex", 100);
     let metrics = format!("{}/metrics", d.processor_url());
     // Let visits reach the aggregates before the first scrape.
-    eventually(
-        Duration::from_secs(60),
-        "visits today for both clients",
-        || {
-            let m = metrics.clone();
-            async move {
-                let page = get_text(&m).await;
-                metric_value(&page, "eventflow_visits_today", &[("client", "acme")]).unwrap_or(0.0)
-                    > 0.0
-                    && metric_value(&page, "eventflow_visits_today", &[("client", "globex")])
-                        .unwrap_or(0.0)
-                        > 0.0
-            }
-        },
-    )
+    eventually(Duration::from_secs(60), "visits today for both clients", || {
+        let m = metrics.clone();
+        async move {
+            let page = get_text(&m).await;
+            metric_value(&page, "eventflow_visits_today", &[("client", "acme")]).unwrap_or(0.0) > 0.0
+                && metric_value(&page, "eventflow_visits_today", &[("client", "globex")]).unwrap_or(0.0) > 0.0
+        }
+    })
     .await;
 
     let mut samples: Vec<(f64, f64)> = Vec::new();
@@ -55,10 +48,8 @@ async fn visits_stopped_alert_fires_on_scraped_processor_metrics() {
             eprintln!("acme's traffic stopped after {BEFORE} scrapes");
         }
         let page = get_text(&metrics).await;
-        let value = |client| {
-            metric_value(&page, "eventflow_visits_today", &[("client", client)])
-                .expect("series exported")
-        };
+        let value =
+            |client| metric_value(&page, "eventflow_visits_today", &[("client", client)]).expect("series exported");
         samples.push((value("acme"), value("globex")));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -69,43 +60,22 @@ async fn visits_stopped_alert_fires_on_scraped_processor_metrics() {
         samples[BEFORE],
         samples[samples.len() - 1]
     );
-    assert!(
-        samples[BEFORE].0 - samples[0].0 >= 5.0,
-        "acme had steady traffic before the stop"
-    );
-    assert_eq!(
-        samples[BEFORE + 5].0,
-        samples[samples.len() - 1].0,
-        "acme's visits stopped growing"
-    );
+    assert!(samples[BEFORE].0 - samples[0].0 >= 5.0, "acme had steady traffic before the stop");
+    assert_eq!(samples[BEFORE + 5].0, samples[samples.len() - 1].0, "acme's visits stopped growing");
 
-    let series = |pick: fn(&(f64, f64)) -> f64| {
-        samples
-            .iter()
-            .map(|s| format!("{}", pick(s)))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let series =
+        |pick: fn(&(f64, f64)) -> f64| samples.iter().map(|s| format!("{}", pick(s))).collect::<Vec<_>>().join(" ");
     let rules = repo().join("deploy/prometheus/rules.yml");
     let mut yaml = String::new();
-    writeln!(
-        yaml,
-        "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:",
-        rules.display()
-    )
-    .unwrap();
-    for (name, eval, firing) in [
-        ("before the stop", BEFORE - 1, false),
-        ("after 30 silent minutes + 5", BEFORE + 40, true),
-    ] {
-        writeln!(
-            yaml,
-            "  - name: drill {name}\n    interval: 1m\n    input_series:"
-        )
-        .unwrap();
+    writeln!(yaml, "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:", rules.display()).unwrap();
+    for (name, eval, firing) in
+        [("before the stop", BEFORE - 1, false), ("after 30 silent minutes + 5", BEFORE + 40, true)]
+    {
+        writeln!(yaml, "  - name: drill {name}\n    interval: 1m\n    input_series:").unwrap();
         writeln!(yaml, "      - series: 'eventflow_visits_today{{client=\"acme\",job=\"eventflow-processor\",instance=\"p1:8082\"}}'\n        values: '{}'", series(|s| s.0)).unwrap();
         writeln!(yaml, "      - series: 'eventflow_visits_today{{client=\"globex\",job=\"eventflow-processor\",instance=\"p1:8082\"}}'\n        values: '{}'", series(|s| s.1)).unwrap();
-        writeln!(yaml, "    alert_rule_test:\n      - eval_time: {eval}m\n        alertname: EventflowVisitsStopped").unwrap();
+        writeln!(yaml, "    alert_rule_test:\n      - eval_time: {eval}m\n        alertname: EventflowVisitsStopped")
+            .unwrap();
         if firing {
             writeln!(
                 yaml,
@@ -124,14 +94,7 @@ async fn visits_stopped_alert_fires_on_scraped_processor_metrics() {
         .arg(&file)
         .output()
         .expect("promtool (Debian package prometheus)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "promtool on scraped values:\n{text}\n{yaml}"
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool on scraped values:\n{text}\n{yaml}");
     eprintln!("promtool: the alert fires for acme only\n{text}");
 }

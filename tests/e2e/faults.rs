@@ -55,8 +55,7 @@ impl Traffic {
                 for _ in 0..10 {
                     n += 1;
                     let session = format!("{client}-s{}", n % 97);
-                    let now =
-                        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
                     let (fact, kind) = match n % 7 {
                         0 => (
                             json!({"type": "entry", "client_id": client, "entry_id": format!("{client}-e{n}"), "webinar_id": "w1", "session_id": session, "ts": now}),
@@ -129,14 +128,8 @@ impl Traffic {
 
 /// p50 and p99 (ms) of latencies sent within `[from, to)`.
 pub fn percentiles(sent: &Sent, from: Instant, to: Instant) -> (f64, f64, usize) {
-    let mut l: Vec<f64> = sent
-        .latencies
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(t, _)| *t >= from && *t < to)
-        .map(|(_, ms)| *ms)
-        .collect();
+    let mut l: Vec<f64> =
+        sent.latencies.lock().unwrap().iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, ms)| *ms).collect();
     l.sort_by(|a, b| a.total_cmp(b));
     if l.is_empty() {
         return (0.0, 0.0, 0);
@@ -149,16 +142,11 @@ pub fn percentiles(sent: &Sent, from: Instant, to: Instant) -> (f64, f64, usize)
 /// storage, the overview totals and reconcile.
 pub async fn verify(ch: &ClickHouse, d: &Deployment, client: &str, sent: &Sent) {
     let accepted = sent.accepted.load(Ordering::Relaxed);
-    assert!(
-        accepted > 0,
-        "the traffic generator got nothing acknowledged"
-    );
+    assert!(accepted > 0, "the traffic generator got nothing acknowledged");
     let q_client = format!("client_id = '{client}' AND kind != 'checkpoint'");
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let stored = ch.number(&format!(
-            "SELECT count() FROM eventflow.facts FINAL WHERE {q_client}"
-        ));
+        let stored = ch.number(&format!("SELECT count() FROM eventflow.facts FINAL WHERE {q_client}"));
         if stored >= accepted || Instant::now() > deadline {
             break;
         }
@@ -166,80 +154,30 @@ pub async fn verify(ch: &ClickHouse, d: &Deployment, client: &str, sent: &Sent) 
     }
     // Give the last flush of aggregates time to land.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let stored = ch.number(&format!(
-        "SELECT count() FROM eventflow.facts FINAL WHERE {q_client}"
-    ));
-    let physical = ch.number(&format!(
-        "SELECT count() FROM eventflow.facts WHERE {q_client}"
-    ));
-    let distinct = ch.number(&format!(
-        "SELECT uniqExact(fact_id) FROM eventflow.facts WHERE {q_client}"
-    ));
+    let stored = ch.number(&format!("SELECT count() FROM eventflow.facts FINAL WHERE {q_client}"));
+    let physical = ch.number(&format!("SELECT count() FROM eventflow.facts WHERE {q_client}"));
+    let distinct = ch.number(&format!("SELECT uniqExact(fact_id) FROM eventflow.facts WHERE {q_client}"));
     eprintln!("facts acknowledged {accepted}, stored {stored}, physical rows {physical}, distinct ids {distinct}");
-    assert_eq!(
-        stored, accepted,
-        "facts lost or invented: {} acknowledged, {} stored",
-        accepted, stored
-    );
-    assert_eq!(
-        physical, distinct,
-        "a fact was stored twice ({physical} rows, {distinct} distinct facts)"
-    );
+    assert_eq!(stored, accepted, "facts lost or invented: {} acknowledged, {} stored", accepted, stored);
+    assert_eq!(physical, distinct, "a fact was stored twice ({physical} rows, {distinct} distinct facts)");
 
     // The overview equals what was sent.
     let today_and_yesterday = {
-        let tz = if client == "globex" {
-            chrono_tz::America::New_York
-        } else {
-            chrono_tz::Asia::Seoul
-        };
+        let tz = if client == "globex" { chrono_tz::America::New_York } else { chrono_tz::Asia::Seoul };
         let today = chrono::Utc::now().with_timezone(&tz).date_naive();
         (today - chrono::Duration::days(1), today)
     };
     let (from, to) = today_and_yesterday;
-    let url = format!(
-        "{}/v1/clients/{client}/statistics/overview?from={from}&to={to}",
-        d.api_url()
-    );
+    let url = format!("{}/v1/clients/{client}/statistics/overview?from={from}&to={to}", d.api_url());
     let (status, o) = get_json(&url, Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200, "{o}");
-    assert_eq!(
-        o["totals"]["visits"].as_u64(),
-        Some(sent.visits.load(Ordering::Relaxed)),
-        "{o}"
-    );
-    assert_eq!(
-        o["totals"]["entries"].as_u64(),
-        Some(sent.entries.load(Ordering::Relaxed)),
-        "{o}"
-    );
-    assert_eq!(
-        o["totals"]["unique_sessions"].as_u64(),
-        Some(sent.sessions.lock().unwrap().len() as u64),
-        "{o}"
-    );
-    for section in [
-        "totals",
-        "by_page",
-        "by_day",
-        "campaigns",
-        "live",
-        "quality",
-    ] {
-        assert_eq!(
-            o["meta"]["data_sources"][section], "aggregated",
-            "{section}: {o}"
-        );
+    assert_eq!(o["totals"]["visits"].as_u64(), Some(sent.visits.load(Ordering::Relaxed)), "{o}");
+    assert_eq!(o["totals"]["entries"].as_u64(), Some(sent.entries.load(Ordering::Relaxed)), "{o}");
+    assert_eq!(o["totals"]["unique_sessions"].as_u64(), Some(sent.sessions.lock().unwrap().len() as u64), "{o}");
+    for section in ["totals", "by_page", "by_day", "campaigns", "live", "quality"] {
+        assert_eq!(o["meta"]["data_sources"][section], "aggregated", "{section}: {o}");
     }
-    let (code, out) = d.run(&[
-        "reconcile",
-        "--from",
-        &from.to_string(),
-        "--to",
-        &to.to_string(),
-        "--client",
-        client,
-    ]);
+    let (code, out) = d.run(&["reconcile", "--from", &from.to_string(), "--to", &to.to_string(), "--client", client]);
     assert_eq!(code, 0, "reconcile found differences:\n{out}");
 }
 
@@ -293,28 +231,19 @@ async fn rebalances_between_two_processors_lose_and_double_nothing() {
         metric_sum(&page, "eventflow_processor_assigned_partitions")
     };
     // Both instances own partitions.
-    eventually(
-        Duration::from_secs(60),
-        "partitions split between two instances",
-        || async { assigned(d.processor_port).await >= 1.0 && assigned(port_b).await >= 1.0 },
-    )
+    eventually(Duration::from_secs(60), "partitions split between two instances", || async {
+        assigned(d.processor_port).await >= 1.0 && assigned(port_b).await >= 1.0
+    })
     .await;
     for round in 0..3 {
         tokio::time::sleep(Duration::from_secs(3)).await;
         a.stop(Duration::from_secs(30)); // leaves the group: b takes everything
-        eventually(
-            Duration::from_secs(60),
-            "b owns every partition",
-            || async { assigned(port_b).await >= 4.0 },
-        )
-        .await;
+        eventually(Duration::from_secs(60), "b owns every partition", || async { assigned(port_b).await >= 4.0 }).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         a = d.start("processor"); // joins: partitions move back
-        eventually(
-            Duration::from_secs(60),
-            "a owns partitions again",
-            || async { assigned(d.processor_port).await >= 1.0 },
-        )
+        eventually(Duration::from_secs(60), "a owns partitions again", || async {
+            assigned(d.processor_port).await >= 1.0
+        })
         .await;
         eprintln!("round {round}: rebalanced twice");
     }
@@ -366,38 +295,22 @@ async fn broker_outage_keeps_every_acknowledged_fact() {
     broker.stop();
     let outage_start = Instant::now();
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let spooled = metric_sum(
-        &get_text(&format!("{}/metrics", d.collector_url())).await,
-        "eventflow_collector_spool_facts",
-    );
-    assert!(
-        spooled > 0.0,
-        "facts wait in the spool while the broker is down"
-    );
+    let spooled =
+        metric_sum(&get_text(&format!("{}/metrics", d.collector_url())).await, "eventflow_collector_spool_facts");
+    assert!(spooled > 0.0, "facts wait in the spool while the broker is down");
     let outage_end = Instant::now();
     broker.restart();
-    eprintln!(
-        "broker back after {:?} ({} facts were spooled)",
-        outage_end - outage_start,
-        spooled
-    );
+    eprintln!("broker back after {:?} ({} facts were spooled)", outage_end - outage_start, spooled);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let sent = traffic.stop().await;
     let (p50, p99, n) = percentiles(&sent, outage_start, outage_end);
     let (bp50, bp99, bn) = percentiles(&sent, before - Duration::from_secs(3), outage_start);
     eprintln!("collector latency: before the outage p50 {bp50:.1} ms p99 {bp99:.1} ms ({bn} requests); during p50 {p50:.1} ms p99 {p99:.1} ms ({n} requests)");
     assert!(n > 0, "requests were acknowledged during the outage");
-    assert_eq!(
-        sent.refused_requests.load(Ordering::Relaxed),
-        0,
-        "no request was refused during the outage"
-    );
+    assert_eq!(sent.refused_requests.load(Ordering::Relaxed), 0, "no request was refused during the outage");
     verify(&ch, &d, "acme", &sent).await;
     eventually(Duration::from_secs(60), "spool drained", || async {
-        metric_sum(
-            &get_text(&format!("{}/metrics", d.collector_url())).await,
-            "eventflow_collector_spool_facts",
-        ) == 0.0
+        metric_sum(&get_text(&format!("{}/metrics", d.collector_url())).await, "eventflow_collector_spool_facts") == 0.0
     })
     .await;
 }
@@ -414,10 +327,8 @@ async fn collector_killed_with_a_full_spool_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.stop();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let spooled = metric_sum(
-        &get_text(&format!("{}/metrics", d.collector_url())).await,
-        "eventflow_collector_spool_facts",
-    );
+    let spooled =
+        metric_sum(&get_text(&format!("{}/metrics", d.collector_url())).await, "eventflow_collector_spool_facts");
     assert!(spooled > 0.0);
     collector.kill9();
     // Requests during the collector's absence are not acknowledged and do not count.
@@ -431,10 +342,7 @@ async fn collector_killed_with_a_full_spool_loses_nothing() {
     let page = get_text(&format!("{}/metrics", d.processor_url())).await;
     let redeliveries: f64 = page
         .lines()
-        .filter(|l| {
-            l.starts_with("eventflow_processor_facts_total{")
-                && l.contains("outcome=\"redelivery\"")
-        })
+        .filter(|l| l.starts_with("eventflow_processor_facts_total{") && l.contains("outcome=\"redelivery\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     eprintln!("redeliveries dropped by the processor: {redeliveries}");

@@ -22,21 +22,13 @@ pub fn repo() -> PathBuf {
 
 /// A free loopback port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
 }
 
 fn wait_tcp(port: u16, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if TcpStream::connect_timeout(
-            &SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_millis(200),
-        )
-        .is_ok()
-        {
+        if TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -51,14 +43,9 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new(name: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let path = repo()
-            .join(".data")
-            .join("test")
-            .join(format!("{name}-{}-{nanos}", std::process::id()));
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let path = repo().join(".data").join("test").join(format!("{name}-{}-{nanos}", std::process::id()));
         fs::create_dir_all(&path).expect("creating test dir");
         Self { path }
     }
@@ -87,23 +74,11 @@ pub struct Proc {
 
 impl Proc {
     fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Self {
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
+        let out = fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        cmd.stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .stdin(Stdio::null());
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self {
-            name: name.to_owned(),
-            child: Some(child),
-            log,
-        }
+        cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err)).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { name: name.to_owned(), child: Some(child), log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -121,10 +96,7 @@ impl Proc {
     /// SIGTERM and wait (SIGKILL after `timeout`).
     pub fn stop(&mut self, timeout: Duration) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
             let deadline = Instant::now() + timeout;
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -138,9 +110,7 @@ impl Proc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn log_text(&self) -> String {
@@ -166,17 +136,12 @@ pub struct ClickHouse {
 
 impl ClickHouse {
     pub fn binary() -> String {
-        std::env::var("EVENTFLOW_CLICKHOUSE_SERVER")
-            .unwrap_or_else(|_| "/usr/sbin/clickhouse-server".into())
+        std::env::var("EVENTFLOW_CLICKHOUSE_SERVER").unwrap_or_else(|_| "/usr/sbin/clickhouse-server".into())
     }
 
     pub fn start(dir: &TestDir) -> Self {
-        let mut ch = ClickHouse {
-            http_port: free_port(),
-            tcp_port: free_port(),
-            dir: dir.join("clickhouse"),
-            proc: None,
-        };
+        let mut ch =
+            ClickHouse { http_port: free_port(), tcp_port: free_port(), dir: dir.join("clickhouse"), proc: None };
         ch.launch();
         ch
     }
@@ -214,24 +179,16 @@ impl ClickHouse {
         fs::write(d.join("config.xml"), config).expect("clickhouse config");
         fs::write(d.join("users.xml"), users).expect("clickhouse users");
         let mut cmd = Command::new(Self::binary());
-        cmd.arg(format!("--config-file={}", d.join("config.xml").display()))
-            .current_dir(d);
+        cmd.arg(format!("--config-file={}", d.join("config.xml").display())).current_dir(d);
         self.proc = Some(Proc::spawn("clickhouse", cmd, d.join("stdout.log")));
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if self
-                .query("SELECT 1")
-                .map(|r| r.trim() == "1")
-                .unwrap_or(false)
-            {
+            if self.query("SELECT 1").map(|r| r.trim() == "1").unwrap_or(false) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!(
-            "ClickHouse did not start; see {}",
-            d.join("error.log").display()
-        );
+        panic!("ClickHouse did not start; see {}", d.join("error.log").display());
     }
 
     pub fn url(&self) -> String {
@@ -265,9 +222,7 @@ impl ClickHouse {
     /// One number from a query.
     pub fn number(&self, sql: &str) -> u64 {
         let r = self.query(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-        r.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{sql}: not a number: {r:?}"))
+        r.trim().parse().unwrap_or_else(|_| panic!("{sql}: not a number: {r:?}"))
     }
 
     /// Stops the server (SIGTERM) and starts it again on the same port and data.
@@ -297,8 +252,7 @@ impl Tansu {
         if let Ok(p) = std::env::var("EVENTFLOW_TANSU") {
             return PathBuf::from(p);
         }
-        let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default())
-            .join(".cache/eventflow/tools/bin/tansu");
+        let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/eventflow/tools/bin/tansu");
         if cached.exists() {
             return cached;
         }
@@ -306,11 +260,7 @@ impl Tansu {
     }
 
     pub fn start(dir: &TestDir) -> Self {
-        let mut t = Tansu {
-            port: free_port(),
-            dir: dir.join("tansu"),
-            proc: None,
-        };
+        let mut t = Tansu { port: free_port(), dir: dir.join("tansu"), proc: None };
         t.launch();
         t
     }
@@ -332,10 +282,7 @@ impl Tansu {
         .env("RUST_LOG", "warn");
         self.proc = Some(Proc::spawn("tansu", cmd, self.dir.join("tansu.log")));
         if !wait_tcp(self.port, Duration::from_secs(30)) {
-            panic!(
-                "tansu did not start; see {}",
-                self.dir.join("tansu.log").display()
-            );
+            panic!("tansu did not start; see {}", self.dir.join("tansu.log").display());
         }
     }
 
@@ -380,13 +327,7 @@ pub const GLOBEX_TOKEN: &str = "globex-token-for-tests-01";
 
 impl Deployment {
     /// Writes a configuration for `clickhouse` and `brokers` (`extra` is appended verbatim).
-    pub fn new(
-        dir: &TestDir,
-        clickhouse_url: &str,
-        brokers: &str,
-        partitions: u32,
-        extra: &str,
-    ) -> Self {
+    pub fn new(dir: &TestDir, clickhouse_url: &str, brokers: &str, partitions: u32, extra: &str) -> Self {
         let d = Deployment {
             dir: dir.path.clone(),
             config: dir.join("eventflow.toml"),
@@ -449,19 +390,14 @@ token = "{globex}"
     }
 
     fn hash(token: &str) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_eventflow"))
-            .args(["hash-token", token])
-            .output()
-            .expect("hash-token");
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_eventflow")).args(["hash-token", token]).output().expect("hash-token");
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventflow"));
-        cmd.arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .current_dir(&self.dir);
+        cmd.arg("--config").arg(&self.config).args(args).current_dir(&self.dir);
         cmd
     }
 
@@ -528,16 +464,7 @@ token = "{globex}"
 
 fn http_status(url: &str) -> Option<u16> {
     let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "2",
-            url,
-        ])
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url])
         .output()
         .ok()?;
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
@@ -554,18 +481,14 @@ pub fn metric_sum(page: &str, metric: &str) -> f64 {
 
 /// Sample of `metric{labels}` where every `label="value"` pair in `labels` matches.
 pub fn metric_value(page: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    page.lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
-        .find_map(|l| {
-            let ok = labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")));
-            if ok {
-                l.rsplit(' ').next()?.parse().ok()
-            } else {
-                None
-            }
-        })
+    page.lines().filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' '])).find_map(|l| {
+        let ok = labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")));
+        if ok {
+            l.rsplit(' ').next()?.parse().ok()
+        } else {
+            None
+        }
+    })
 }
 
 /// An async HTTP client for tests.
@@ -578,14 +501,7 @@ pub fn http() -> reqwest::Client {
 }
 
 pub async fn get_text(url: &str) -> String {
-    http()
-        .get(url)
-        .send()
-        .await
-        .expect("GET")
-        .text()
-        .await
-        .expect("body")
+    http().get(url).send().await.expect("GET").text().await.expect("body")
 }
 
 /// `GET` with a bearer token; returns (status, JSON body).
@@ -658,19 +574,12 @@ impl Chdb {
         let data = dir.join("chdb");
         fs::create_dir_all(&data).expect("chdb dir");
         let mut cmd = Command::new("python3");
-        cmd.arg(tests_path("chdb_http.py"))
-            .arg("--port")
-            .arg(port.to_string())
-            .arg("--path")
-            .arg(&data);
+        cmd.arg(tests_path("chdb_http.py")).arg("--port").arg(port.to_string()).arg("--path").arg(&data);
         let mut proc = Proc::spawn("chdb", cmd, dir.join("chdb.log"));
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if !proc.is_running() {
-                panic!(
-                    "the chdb server exited (is the chdb Python package installed?):\n{}",
-                    proc.log_text()
-                );
+                panic!("the chdb server exited (is the chdb Python package installed?):\n{}", proc.log_text());
             }
             if http_status(&format!("http://127.0.0.1:{port}/ping")) == Some(200) {
                 return Chdb { port, proc };
@@ -707,11 +616,7 @@ pub struct Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         // chromedriver's Chromium children outlive it when a test panics before close().
-        let _ = Command::new("pkill")
-            .arg("-9")
-            .arg("-f")
-            .arg(self.profile.display().to_string())
-            .status();
+        let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.profile.display().to_string()).status();
     }
 }
 
@@ -719,8 +624,7 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium session with a fresh profile in `dir`.
     pub async fn start(dir: &TestDir) -> Self {
         let port = free_port();
-        let driver_bin = std::env::var("EVENTFLOW_CHROMEDRIVER")
-            .unwrap_or_else(|_| "/usr/bin/chromedriver".into());
+        let driver_bin = std::env::var("EVENTFLOW_CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".into());
         let mut cmd = Command::new(&driver_bin);
         cmd.arg(format!("--port={port}"));
         let driver = Proc::spawn("chromedriver", cmd, dir.join("chromedriver.log"));
@@ -747,11 +651,7 @@ impl Browser {
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
             .unwrap_or_else(|e| panic!("starting headless chromium: {e}"));
-        Browser {
-            client,
-            _driver: driver,
-            profile,
-        }
+        Browser { client, _driver: driver, profile }
     }
 
     pub async fn close(self) {
@@ -761,14 +661,9 @@ impl Browser {
 
 /// A static-file server for test pages (tiny, in-process): serves `routes` by exact path; any
 /// other path gets `fallback` (so `/event/...` and `/webinar/...` URLs work).
-pub async fn serve_pages(
-    routes: Vec<(String, String)>,
-    fallback: String,
-) -> (u16, tokio::task::JoinHandle<()>) {
+pub async fn serve_pages(routes: Vec<(String, String)>, fallback: String) -> (u16, tokio::task::JoinHandle<()>) {
     use axum::response::Html;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind pages");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind pages");
     let port = listener.local_addr().expect("addr").port();
     let mut app = axum::Router::new();
     for (path, body) in routes {

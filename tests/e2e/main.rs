@@ -3,11 +3,11 @@
 //! test starts its own servers.
 
 mod api_contract;
+mod collector;
 mod dashboard;
+mod drill;
 mod faults;
 mod harness;
 mod pipeline;
 mod portability;
 mod tracker;
-mod drill;
-mod collector;

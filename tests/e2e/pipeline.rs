@@ -17,15 +17,9 @@ fn recent_midnight(tz: Tz) -> (DateTime<Utc>, String, String) {
     let local_today = now.with_timezone(&tz).date_naive();
     let mut day = local_today;
     loop {
-        let m = tz
-            .from_local_datetime(&day.and_time(NaiveTime::MIN))
-            .earliest()
-            .expect("midnight")
-            .with_timezone(&Utc);
+        let m = tz.from_local_datetime(&day.and_time(NaiveTime::MIN)).earliest().expect("midnight").with_timezone(&Utc);
         if now - m >= chrono::Duration::minutes(30) {
-            let d1 = (day - chrono::Duration::days(1))
-                .format("%Y-%m-%d")
-                .to_string();
+            let d1 = (day - chrono::Duration::days(1)).format("%Y-%m-%d").to_string();
             return (m, d1, day.format("%Y-%m-%d").to_string());
         }
         day -= chrono::Duration::days(1);
@@ -46,12 +40,7 @@ async fn post(url: &str, body: Value, cookie: Option<&str>) -> (u16, Value, Vec<
     }
     let resp = req.send().await.expect("POST /v1/collect");
     let status = resp.status().as_u16();
-    let cookies = resp
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap_or("").to_owned())
-        .collect();
+    let cookies = resp.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap_or("").to_owned()).collect();
     (status, resp.json().await.unwrap_or(Value::Null), cookies)
 }
 
@@ -75,9 +64,7 @@ async fn beacons_become_exact_overview_numbers() {
             "landing" => v["event_id"] = json!("summit"),
             _ => v["webinar_id"] = json!("w1"),
         }
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         v
     };
     let entry = |session: &str, id: &str, t: i64| json!({"type": "entry", "client_id": "acme", "entry_id": id, "webinar_id": "w1", "session_id": session, "ts": at(m, t)});
@@ -113,20 +100,11 @@ async fn beacons_become_exact_overview_numbers() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            (
-                r["index"].as_u64().unwrap(),
-                r["reason"].as_str().unwrap().to_owned(),
-            )
-        })
+        .map(|r| (r["index"].as_u64().unwrap(), r["reason"].as_str().unwrap().to_owned()))
         .collect();
     assert_eq!(
         reasons,
-        vec![
-            (14, "missing_event_id".into()),
-            (15, "unknown_type".into()),
-            (16, "missing_session_id".into())
-        ]
+        vec![(14, "missing_event_id".into()), (15, "unknown_type".into()), (16, "missing_session_id".into())]
     );
 
     // ---- globex, America/New_York: sessions from the ef_sid cookie ---------------------------
@@ -138,15 +116,8 @@ async fn beacons_become_exact_overview_numbers() {
     )
     .await;
     assert_eq!((status, body["accepted"].as_u64()), (202, Some(1)));
-    let sid = cookies
-        .iter()
-        .find(|c| c.starts_with("ef_sid="))
-        .expect("collector creates ef_sid")
-        .clone();
-    assert!(
-        sid.contains("SameSite=Lax") && sid.contains("Max-Age=1800"),
-        "{sid}"
-    );
+    let sid = cookies.iter().find(|c| c.starts_with("ef_sid=")).expect("collector creates ef_sid").clone();
+    assert!(sid.contains("SameSite=Lax") && sid.contains("Max-Age=1800"), "{sid}");
     let cookie = sid.split(';').next().unwrap().to_owned();
     let (status, body, _) = post(
         &c,
@@ -157,19 +128,12 @@ async fn beacons_become_exact_overview_numbers() {
         Some(&cookie),
     )
     .await;
-    assert_eq!(
-        (status, body["accepted"].as_u64()),
-        (202, Some(2)),
-        "{body}"
-    );
+    assert_eq!((status, body["accepted"].as_u64()), (202, Some(2)), "{body}");
 
     wait_processed(&d, 14 + 3, Duration::from_secs(90)).await;
 
     // ---- acme overview ----------------------------------------------------------------------
-    let url = format!(
-        "{}/v1/clients/acme/statistics/overview?from={d1}&to={d2}",
-        d.api_url()
-    );
+    let url = format!("{}/v1/clients/acme/statistics/overview?from={d1}&to={d2}", d.api_url());
     let (status, o) = get_json(&url, Some(ACME_TOKEN)).await;
     assert_eq!(status, 200, "{o}");
     assert_eq!(
@@ -210,28 +174,15 @@ async fn beacons_become_exact_overview_numbers() {
         o["quality"],
         json!({"session_link_rate": 0.3333, "utm_missing_ratio": 0.5, "unresolved_cid_ratio": 1.0})
     );
-    for section in [
-        "totals",
-        "by_page",
-        "by_day",
-        "campaigns",
-        "live",
-        "quality",
-    ] {
-        assert_eq!(
-            o["meta"]["data_sources"][section], "aggregated",
-            "{section}: {o}"
-        );
+    for section in ["totals", "by_page", "by_day", "campaigns", "live", "quality"] {
+        assert_eq!(o["meta"]["data_sources"][section], "aggregated", "{section}: {o}");
     }
     assert!(o["meta"]["watermark"].is_string(), "{o}");
     assert!(o["meta"]["staleness_seconds"].as_f64().unwrap() >= 0.0);
     assert!(o["meta"]["response_time_ms"].is_u64());
 
     // ---- globex overview --------------------------------------------------------------------
-    let url = format!(
-        "{}/v1/clients/globex/statistics/overview?from={g1}&to={g2}",
-        d.api_url()
-    );
+    let url = format!("{}/v1/clients/globex/statistics/overview?from={g1}&to={g2}", d.api_url());
     let (status, o) = get_json(&url, Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200, "{o}");
     // One cookie session: landing before midnight, webinar after, then a linked registration.
@@ -255,21 +206,11 @@ async fn beacons_become_exact_overview_numbers() {
     assert_eq!(get_json(&acme, Some(GLOBEX_TOKEN)).await.0, 403);
 
     // ---- live series ------------------------------------------------------------------------
-    let (status, s) = get_json(
-        &format!(
-            "{}/v1/clients/acme/statistics/live/w1?from={d1}&to={d2}",
-            d.api_url()
-        ),
-        Some(ACME_TOKEN),
-    )
-    .await;
+    let (status, s) =
+        get_json(&format!("{}/v1/clients/acme/statistics/live/w1?from={d1}&to={d2}", d.api_url()), Some(ACME_TOKEN))
+            .await;
     assert_eq!(status, 200);
-    let series: Vec<u64> = s["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["concurrent"].as_u64().unwrap())
-        .collect();
+    let series: Vec<u64> = s["series"].as_array().unwrap().iter().map(|p| p["concurrent"].as_u64().unwrap()).collect();
     assert_eq!(series, vec![2, 2]);
     assert_eq!(s["meta"]["data_sources"]["live"], "aggregated");
 
@@ -280,32 +221,25 @@ async fn beacons_become_exact_overview_numbers() {
     // ---- metrics ----------------------------------------------------------------------------
     let cm = get_text(&format!("{}/metrics", d.collector_url())).await;
     assert_eq!(
-        metric_value(
-            &cm,
-            "eventflow_collector_facts_total",
-            &[("type", "visit"), ("outcome", "accepted")]
-        ),
+        metric_value(&cm, "eventflow_collector_facts_total", &[("type", "visit"), ("outcome", "accepted")]),
         Some(7.0)
     );
     assert_eq!(
-        metric_value(
-            &cm,
-            "eventflow_collector_rejections_total",
-            &[("reason", "missing_session_id")]
-        ),
+        metric_value(&cm, "eventflow_collector_rejections_total", &[("reason", "missing_session_id")]),
         Some(1.0)
     );
     let pm = get_text(&format!("{}/metrics", d.processor_url())).await;
     assert_eq!(
-        metric_value(
-            &pm,
-            "eventflow_processor_facts_total",
-            &[("type", "visit"), ("outcome", "duplicate")]
-        ),
+        metric_value(&pm, "eventflow_processor_facts_total", &[("type", "visit"), ("outcome", "duplicate")]),
         Some(1.0)
     );
     assert_eq!(metric_sum(&pm, "eventflow_processor_consumer_lag"), 0.0);
     assert!(metric_sum(&pm, "eventflow_processor_watermark_seconds") > 1.7e9);
     let am = get_text(&format!("{}/metrics", d.api_url())).await;
-    assert!(am.contains("eventflow_api_request_duration_seconds_bucket{route=\"/v1/clients/{client_id}/statistics/overview\""), "{am}");
+    assert!(
+        am.contains(
+            "eventflow_api_request_duration_seconds_bucket{route=\"/v1/clients/{client_id}/statistics/overview\""
+        ),
+        "{am}"
+    );
 }

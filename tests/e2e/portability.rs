@@ -28,20 +28,8 @@ const T0: i64 = 1_795_132_800_000;
 
 fn clients() -> Arc<ClientDirectory> {
     let mut map = BTreeMap::new();
-    map.insert(
-        "acme".to_owned(),
-        ClientSettings {
-            timezone: Some("Asia/Seoul".into()),
-            token: None,
-        },
-    );
-    map.insert(
-        "globex".to_owned(),
-        ClientSettings {
-            timezone: Some("America/New_York".into()),
-            token: None,
-        },
-    );
+    map.insert("acme".to_owned(), ClientSettings { timezone: Some("Asia/Seoul".into()), token: None });
+    map.insert("globex".to_owned(), ClientSettings { timezone: Some("America/New_York".into()), token: None });
     Arc::new(ClientDirectory::new(&TenancyConfig::default(), &map).unwrap())
 }
 
@@ -97,11 +85,7 @@ fn dataset() -> Vec<(u16, Fact)> {
                     path: None,
                     cid_resolved: cid.as_deref() == Some("known") && *client == "acme",
                     cid,
-                    utm: if i % 4 == 0 {
-                        Utm::default()
-                    } else {
-                        utm(if i % 2 == 0 { "news" } else { "ads" })
-                    },
+                    utm: if i % 4 == 0 { Utm::default() } else { utm(if i % 2 == 0 { "news" } else { "ads" }) },
                     utm_inherited: false,
                     referrer: None,
                 }),
@@ -110,12 +94,7 @@ fn dataset() -> Vec<(u16, Fact)> {
                 out.push((
                     partition,
                     Fact::Entry(Entry {
-                        header: header(
-                            next(),
-                            client,
-                            t + if i % 6 == 1 { -60_000 } else { 60_000 },
-                            t + 1500,
-                        ),
+                        header: header(next(), client, t + if i % 6 == 1 { -60_000 } else { 60_000 }, t + 1500),
                         entry_id: format!("{session}-e{}", i / 26),
                         session_id: session.clone(),
                         session_origin: SessionOrigin::Cookie,
@@ -170,9 +149,8 @@ fn dataset() -> Vec<(u16, Fact)> {
 /// Processes the data set with the real windowing state and writes it with the real store.
 async fn load(store: &Store) {
     let cfg = WindowConfig::new(H);
-    let mut states: Vec<PartitionState> = (0..2)
-        .map(|p| PartitionState::new(p, cfg, clients(), &Checkpoint::default(), 1))
-        .collect();
+    let mut states: Vec<PartitionState> =
+        (0..2).map(|p| PartitionState::new(p, cfg, clients(), &Checkpoint::default(), 1)).collect();
     let mut offsets = [0i64; 2];
     for (i, (p, fact)) in dataset().into_iter().enumerate() {
         let s = &mut states[p as usize];
@@ -189,10 +167,7 @@ async fn load(store: &Store) {
     let cps = store.checkpoints(&[0, 1]).await.unwrap();
     let cp = cps.get(&1).cloned().unwrap();
     let mut takeover = PartitionState::new(1, cfg, clients(), &cp, cp.epoch + 1);
-    let rows = store
-        .facts_since(&[1], takeover.replay_from_ms())
-        .await
-        .unwrap();
+    let rows = store.facts_since(&[1], takeover.replay_from_ms()).await.unwrap();
     takeover.replay(rows);
     flush(store, &mut takeover).await;
     store
@@ -242,144 +217,43 @@ async fn snapshot(store: &Store) -> BTreeMap<&'static str, Vec<String>> {
     let tz = chrono_tz::Asia::Seoul;
     let (s0, s1) = ((T0 / 1000 - 86_400) as u32, (T0 / 1000 + 3 * 86_400) as u32);
     let mut m = BTreeMap::new();
-    m.insert(
-        "checkpoints",
-        sorted(store.load_checkpoints(&[0, 1]).await.unwrap()),
-    );
-    m.insert(
-        "all_checkpoints",
-        sorted(store.all_checkpoints().await.unwrap()),
-    );
-    m.insert(
-        "facts_since",
-        sorted(store.partition_facts_since(&[0, 1], 0).await.unwrap()),
-    );
-    let pairs: Vec<(String, String)> = (0..13)
-        .map(|i| ("acme".to_owned(), format!("acme-s{i}")))
-        .collect();
-    m.insert(
-        "session_first_visits",
-        sorted(store.session_first_visits(&pairs).await.unwrap()),
-    );
-    m.insert(
-        "clients_with_facts",
-        sorted(store.clients_with_facts(from, to).await.unwrap()),
-    );
-    m.insert(
-        "campaign_links",
-        sorted(store.campaign_links().await.unwrap()),
-    );
-    m.insert(
-        "watermark",
-        vec![format!("{:?}", store.watermark().await.unwrap().min_ms)],
-    );
-    m.insert(
-        "all_pending",
-        sorted(store.all_pending_late_days().await.unwrap()),
-    );
+    m.insert("checkpoints", sorted(store.load_checkpoints(&[0, 1]).await.unwrap()));
+    m.insert("all_checkpoints", sorted(store.all_checkpoints().await.unwrap()));
+    m.insert("facts_since", sorted(store.partition_facts_since(&[0, 1], 0).await.unwrap()));
+    let pairs: Vec<(String, String)> = (0..13).map(|i| ("acme".to_owned(), format!("acme-s{i}"))).collect();
+    m.insert("session_first_visits", sorted(store.session_first_visits(&pairs).await.unwrap()));
+    m.insert("clients_with_facts", sorted(store.clients_with_facts(from, to).await.unwrap()));
+    m.insert("campaign_links", sorted(store.campaign_links().await.unwrap()));
+    m.insert("watermark", vec![format!("{:?}", store.watermark().await.unwrap().min_ms)]);
+    m.insert("all_pending", sorted(store.all_pending_late_days().await.unwrap()));
     for client in ["acme", "globex"] {
         m.insert(
-            if client == "acme" {
-                "acme_totals"
-            } else {
-                "globex_totals"
-            },
+            if client == "acme" { "acme_totals" } else { "globex_totals" },
             sorted(store.daily_totals(client, from, to).await.unwrap()),
         );
     }
-    m.insert(
-        "totals_rows",
-        sorted(store.daily_totals_rows("acme", from, to).await.unwrap()),
-    );
-    m.insert(
-        "marketing_rows",
-        sorted(store.daily_marketing_rows("acme", from, to).await.unwrap()),
-    );
-    m.insert(
-        "marketing",
-        sorted(store.daily_marketing("acme", from, to).await.unwrap()),
-    );
-    m.insert(
-        "campaign_totals",
-        sorted(store.campaign_totals("acme", from, to, 100).await.unwrap()),
-    );
-    m.insert(
-        "marketing_days",
-        sorted(store.marketing_days("acme", from, to).await.unwrap()),
-    );
-    m.insert(
-        "range_sessions",
-        vec![store
-            .range_sessions("acme", from, to)
-            .await
-            .unwrap()
-            .to_string()],
-    );
-    m.insert(
-        "day_sessions",
-        sorted(store.day_sessions("acme", from, to).await.unwrap()),
-    );
-    m.insert(
-        "live_minutes",
-        sorted(store.live_minutes("acme", None, s0, s1).await.unwrap()),
-    );
-    m.insert(
-        "live_minutes_w1",
-        sorted(
-            store
-                .live_minutes("acme", Some("w1"), s0, s1)
-                .await
-                .unwrap(),
-        ),
-    );
-    m.insert(
-        "raw_live_minutes",
-        sorted(
-            store
-                .raw_live_minutes("acme", "w1", from, to)
-                .await
-                .unwrap(),
-        ),
-    );
-    m.insert(
-        "minute_visits",
-        sorted(store.minute_visits_rows("acme", s0, s1).await.unwrap()),
-    );
-    m.insert(
-        "minute_live",
-        sorted(store.minute_live_rows("acme", s0, s1).await.unwrap()),
-    );
-    m.insert(
-        "pending",
-        sorted(store.pending_late_days("acme", from, to).await.unwrap()),
-    );
+    m.insert("totals_rows", sorted(store.daily_totals_rows("acme", from, to).await.unwrap()));
+    m.insert("marketing_rows", sorted(store.daily_marketing_rows("acme", from, to).await.unwrap()));
+    m.insert("marketing", sorted(store.daily_marketing("acme", from, to).await.unwrap()));
+    m.insert("campaign_totals", sorted(store.campaign_totals("acme", from, to, 100).await.unwrap()));
+    m.insert("marketing_days", sorted(store.marketing_days("acme", from, to).await.unwrap()));
+    m.insert("range_sessions", vec![store.range_sessions("acme", from, to).await.unwrap().to_string()]);
+    m.insert("day_sessions", sorted(store.day_sessions("acme", from, to).await.unwrap()));
+    m.insert("live_minutes", sorted(store.live_minutes("acme", None, s0, s1).await.unwrap()));
+    m.insert("live_minutes_w1", sorted(store.live_minutes("acme", Some("w1"), s0, s1).await.unwrap()));
+    m.insert("raw_live_minutes", sorted(store.raw_live_minutes("acme", "w1", from, to).await.unwrap()));
+    m.insert("minute_visits", sorted(store.minute_visits_rows("acme", s0, s1).await.unwrap()));
+    m.insert("minute_live", sorted(store.minute_live_rows("acme", s0, s1).await.unwrap()));
+    m.insert("pending", sorted(store.pending_late_days("acme", from, to).await.unwrap()));
     for (name, by_partition, cid) in [
         ("recount", false, None),
         ("recount_by_partition", true, None),
         ("recount_cid", true, Some("known".to_owned())),
     ] {
-        let scope = Scope {
-            client_id: "acme".into(),
-            from,
-            to,
-            tz,
-            cid,
-        };
-        m.insert(
-            name,
-            vec![format!(
-                "{:?}",
-                store.recount(&scope, by_partition).await.unwrap()
-            )],
-        );
+        let scope = Scope { client_id: "acme".into(), from, to, tz, cid };
+        m.insert(name, vec![format!("{:?}", store.recount(&scope, by_partition).await.unwrap())]);
     }
-    let q = OverviewQuery {
-        client_id: "acme".into(),
-        from,
-        to,
-        tz,
-        campaign_limit: 100,
-    };
+    let q = OverviewQuery { client_id: "acme".into(), from, to, tz, campaign_limit: 100 };
     let s = overview::sections(store, &q).await;
     m.insert("overview", vec![format!("{:?}", s)]);
     m
@@ -392,85 +266,36 @@ async fn every_query_gives_the_same_answer_on_18_16_and_current_clickhouse() {
     let new = Chdb::start(&dir);
     assert_eq!(old.query("SELECT version()").unwrap().trim(), "18.16.1");
     let version = new.version();
-    assert!(
-        version.split('.').next().unwrap().parse::<u32>().unwrap() >= 23,
-        "chdb embeds ClickHouse {version}"
-    );
+    assert!(version.split('.').next().unwrap().parse::<u32>().unwrap() >= 23, "chdb embeds ClickHouse {version}");
 
     let mut results = Vec::new();
     for url in [old.url(), new.url()] {
-        let config = ClickHouseConfig {
-            url,
-            database: "portability".into(),
-            ..ClickHouseConfig::default()
-        };
-        let report = eventflow_store::migrate::apply(&config)
-            .await
-            .expect("migrations");
-        assert_eq!(
-            report.applied.len(),
-            eventflow_store::migrate::MIGRATIONS.len()
-        );
+        let config = ClickHouseConfig { url, database: "portability".into(), ..ClickHouseConfig::default() };
+        let report = eventflow_store::migrate::apply(&config).await.expect("migrations");
+        assert_eq!(report.applied.len(), eventflow_store::migrate::MIGRATIONS.len());
         // Applying again is a no-op.
-        assert!(eventflow_store::migrate::apply(&config)
-            .await
-            .unwrap()
-            .applied
-            .is_empty());
+        assert!(eventflow_store::migrate::apply(&config).await.unwrap().applied.is_empty());
         let store = Store::new(&config);
         store.ping().await.unwrap();
         load(&store).await;
         let before = snapshot(&store).await;
-        assert!(
-            !before["pending"].is_empty(),
-            "the data set has late facts awaiting backfill"
-        );
+        assert!(!before["pending"].is_empty(), "the data set has late facts awaiting backfill");
 
         // Reconcile finds exactly the late facts; backfill folds them in; then nothing differs.
         let tz = chrono_tz::Asia::Seoul;
-        let (from, to) = (
-            NaiveDate::from_ymd_opt(2026, 11, 19).unwrap(),
-            NaiveDate::from_ymd_opt(2026, 11, 22).unwrap(),
-        );
-        let mismatches = reconcile::client(&store, "acme", tz, from, to)
-            .await
-            .unwrap();
-        let unexplained: Vec<_> = mismatches
-            .iter()
-            .filter(|m| !m.pending_backfill)
-            .map(ToString::to_string)
-            .collect();
-        assert!(
-            !mismatches.is_empty() && unexplained.is_empty(),
-            "{unexplained:#?}"
-        );
+        let (from, to) =
+            (NaiveDate::from_ymd_opt(2026, 11, 19).unwrap(), NaiveDate::from_ymd_opt(2026, 11, 22).unwrap());
+        let mismatches = reconcile::client(&store, "acme", tz, from, to).await.unwrap();
+        let unexplained: Vec<_> = mismatches.iter().filter(|m| !m.pending_backfill).map(ToString::to_string).collect();
+        assert!(!mismatches.is_empty() && unexplained.is_empty(), "{unexplained:#?}");
         let dir_clients = clients();
-        let req = backfill::BackfillRequest {
-            from,
-            to,
-            client: None,
-            cid: None,
-            chunk_days: 2,
-        };
-        let report = backfill::run(&store, &dir_clients, &req, &mut |_, _| {})
-            .await
-            .unwrap();
+        let req = backfill::BackfillRequest { from, to, client: None, cid: None, chunk_days: 2 };
+        let report = backfill::run(&store, &dir_clients, &req, &mut |_, _| {}).await.unwrap();
         assert_eq!(report.client_days, 8);
-        store
-            .backfill_daily_sessions(&Scope {
-                client_id: "acme".into(),
-                from,
-                to,
-                tz,
-                cid: None,
-            })
-            .await
-            .unwrap();
+        store.backfill_daily_sessions(&Scope { client_id: "acme".into(), from, to, tz, cid: None }).await.unwrap();
         for client in ["acme", "globex"] {
             let tz = dir_clients.timezone(client);
-            let left = reconcile::client(&store, client, tz, from, to)
-                .await
-                .unwrap();
+            let left = reconcile::client(&store, client, tz, from, to).await.unwrap();
             assert!(left.is_empty(), "{client}: {left:#?}");
         }
         let cid_req = backfill::BackfillRequest {
@@ -480,33 +305,19 @@ async fn every_query_gives_the_same_answer_on_18_16_and_current_clickhouse() {
             cid: Some("known".into()),
             chunk_days: 7,
         };
-        backfill::run(&store, &dir_clients, &cid_req, &mut |_, _| {})
-            .await
-            .unwrap();
+        backfill::run(&store, &dir_clients, &cid_req, &mut |_, _| {}).await.unwrap();
         let after = snapshot(&store).await;
         assert!(after["pending"].is_empty());
         results.push((before, after));
     }
     let (old_r, new_r) = (&results[0], &results[1]);
     for (name, value) in &old_r.0 {
-        assert_eq!(
-            Some(value),
-            new_r.0.get(name),
-            "before backfill, `{name}` differs between 18.16 and {version}"
-        );
+        assert_eq!(Some(value), new_r.0.get(name), "before backfill, `{name}` differs between 18.16 and {version}");
     }
     for (name, value) in &old_r.1 {
-        assert_eq!(
-            Some(value),
-            new_r.1.get(name),
-            "after backfill, `{name}` differs between 18.16 and {version}"
-        );
+        assert_eq!(Some(value), new_r.1.get(name), "after backfill, `{name}` differs between 18.16 and {version}");
     }
     // The comparison is not vacuous.
-    assert!(
-        old_r.1["acme_totals"].len() >= 2 && old_r.1["campaign_totals"].len() >= 3,
-        "{:#?}",
-        old_r.1
-    );
+    assert!(old_r.1["acme_totals"].len() >= 2 && old_r.1["campaign_totals"].len() >= 3, "{:#?}", old_r.1);
     let _ = time::MINUTE_MS;
 }

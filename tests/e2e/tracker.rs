@@ -44,15 +44,7 @@ fn start_stack(name: &str) -> Stack {
     let collector = d.start("collector");
     let processor = d.start("processor");
     let api = d.start("api");
-    Stack {
-        _api: api,
-        _processor: processor,
-        collector,
-        _broker: broker,
-        ch,
-        d,
-        dir,
-    }
+    Stack { _api: api, _processor: processor, collector, _broker: broker, ch, d, dir }
 }
 
 /// Facts the collector acknowledged so far (all types).
@@ -74,9 +66,7 @@ async fn settle(d: &Deployment) -> u64 {
 
 /// Rows of `sql` (JSONEachRow).
 fn rows(ch: &ClickHouse, sql: &str) -> Vec<Value> {
-    let text = ch
-        .query(&format!("{sql} FORMAT JSONEachRow"))
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let text = ch.query(&format!("{sql} FORMAT JSONEachRow")).unwrap_or_else(|e| panic!("{sql}: {e}"));
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
@@ -91,10 +81,7 @@ async fn wait_rows(ch: &ClickHouse, sql: &str, n: usize) -> Vec<Value> {
         if r.len() >= n {
             return r;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {n} rows of {sql}; have {r:?}"
-        );
+        assert!(Instant::now() < deadline, "timed out waiting for {n} rows of {sql}; have {r:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -109,9 +96,7 @@ fn s(row: &Value, col: &str) -> String {
 }
 
 fn n(row: &Value, col: &str) -> i64 {
-    s(row, col)
-        .parse()
-        .unwrap_or_else(|_| panic!("{col} of {row} is not a number"))
+    s(row, col).parse().unwrap_or_else(|_| panic!("{col} of {row} is not a number"))
 }
 
 const FACT_COLUMNS: &str = "kind, session_id, session_origin, page, event_id, webinar_id, \
@@ -127,11 +112,8 @@ fn facts_sql(kind: &str) -> String {
 }
 
 async fn overview(d: &Deployment) -> Value {
-    let (status, body) = get_json(
-        &format!("{}/v1/clients/acme/statistics/overview", d.api_url()),
-        Some(ACME_TOKEN),
-    )
-    .await;
+    let (status, body) =
+        get_json(&format!("{}/v1/clients/acme/statistics/overview", d.api_url()), Some(ACME_TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     body
 }
@@ -144,10 +126,7 @@ async fn wait_overview(d: &Deployment, what: &str, cond: impl Fn(&Value) -> bool
         if cond(&o) {
             return o;
         }
-        assert!(
-            Instant::now() < deadline,
-            "overview never showed {what}: {o}"
-        );
+        assert!(Instant::now() < deadline, "overview never showed {what}: {o}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
@@ -238,12 +217,7 @@ fn site(tracker: &str, register_tracker: &str) -> Vec<(String, String)> {
     vec![
         (
             "/event/summit/register".into(),
-            page(
-                "Register for Summit",
-                "",
-                register_tracker,
-                &format!("{REGISTER}{CONTENT}"),
-            ),
+            page("Register for Summit", "", register_tracker, &format!("{REGISTER}{CONTENT}")),
         ),
         ("/thanks".into(), page("Thanks", "", tracker, THANKS)),
     ]
@@ -253,19 +227,12 @@ fn site(tracker: &str, register_tracker: &str) -> Vec<(String, String)> {
 // Browser helpers
 
 async fn js(c: &Client, script: &str) -> Value {
-    c.execute(script, vec![])
-        .await
-        .unwrap_or_else(|e| panic!("{script}: {e}"))
+    c.execute(script, vec![]).await.unwrap_or_else(|e| panic!("{script}: {e}"))
 }
 
 /// Cookies the browser holds for the current page's host (HttpOnly ones included).
 async fn cookie(c: &Client, name: &str) -> Option<String> {
-    c.get_all_cookies()
-        .await
-        .expect("cookies")
-        .into_iter()
-        .find(|k| k.name() == name)
-        .map(|k| k.value().to_owned())
+    c.get_all_cookies().await.expect("cookies").into_iter().find(|k| k.name() == name).map(|k| k.value().to_owned())
 }
 
 async fn wait_cookie(c: &Client, name: &str) -> String {
@@ -287,9 +254,7 @@ async fn path(c: &Client) -> String {
 async fn wait_path(c: &Client, want: &str, started: Instant) -> Duration {
     let deadline = started + Duration::from_secs(20);
     loop {
-        if path(c).await == want
-            && js(c, "return document.readyState === 'complete';").await == json!(true)
-        {
+        if path(c).await == want && js(c, "return document.readyState === 'complete';").await == json!(true) {
             return started.elapsed();
         }
         assert!(Instant::now() < deadline, "never reached {want}");
@@ -298,12 +263,7 @@ async fn wait_path(c: &Client, want: &str, started: Instant) -> Duration {
 }
 
 async fn tracker_loaded(c: &Client) -> bool {
-    js(
-        c,
-        "return !!(window.eventflow && window.eventflow.__loaded);",
-    )
-    .await
-        == json!(true)
+    js(c, "return !!(window.eventflow && window.eventflow.__loaded);").await == json!(true)
 }
 
 async fn wait_tracker(c: &Client) {
@@ -325,14 +285,7 @@ async fn click(c: &Client, css: &str) {
 
 /// Errors and unhandled rejections the pages of this origin recorded in this tab.
 async fn page_errors(c: &Client) -> Vec<Value> {
-    js(
-        c,
-        "return JSON.parse(sessionStorage.getItem('errors') || '[]');",
-    )
-    .await
-    .as_array()
-    .cloned()
-    .unwrap_or_default()
+    js(c, "return JSON.parse(sessionStorage.getItem('errors') || '[]');").await.as_array().cloned().unwrap_or_default()
 }
 
 /// A Chrome DevTools Protocol command through chromedriver (`/goog/cdp/execute`).
@@ -345,24 +298,16 @@ impl WebDriverCompatibleCommand for Cdp {
         base_url: &reqwest::Url,
         session_id: Option<&str>,
     ) -> Result<reqwest::Url, <reqwest::Url as std::str::FromStr>::Err> {
-        base_url.join(&format!(
-            "session/{}/goog/cdp/execute",
-            session_id.unwrap_or_default()
-        ))
+        base_url.join(&format!("session/{}/goog/cdp/execute", session_id.unwrap_or_default()))
     }
 
     fn method_and_body(&self, _url: &reqwest::Url) -> (reqwest::Method, Option<String>) {
-        (
-            reqwest::Method::POST,
-            Some(json!({"cmd": self.0, "params": self.1}).to_string()),
-        )
+        (reqwest::Method::POST, Some(json!({"cmd": self.0, "params": self.1}).to_string()))
     }
 }
 
 async fn bring_to_front(c: &Client) {
-    c.issue_cmd(Cdp("Page.bringToFront", json!({})))
-        .await
-        .expect("Page.bringToFront");
+    c.issue_cmd(Cdp("Page.bringToFront", json!({}))).await.expect("Page.bringToFront");
 }
 
 // -------------------------------------------------------------------------------------------
@@ -378,12 +323,7 @@ async fn tracker_records_each_page_kind_in_one_session() {
     // collector has answered the first visit (and set ef_sid).
     routes.push((
         "/event/summit".into(),
-        page(
-            "Summit",
-            r#"<script>eventflow.entry({entry_id: "early-1"});</script>"#,
-            &tag,
-            CONTENT,
-        ),
+        page("Summit", r#"<script>eventflow.entry({entry_id: "early-1"});</script>"#, &tag, CONTENT),
     ));
     let (pages, _server) = serve_pages(routes, page("Page", "", &tag, CONTENT)).await;
     let b = Browser::start(&st.dir).await;
@@ -391,16 +331,11 @@ async fn tracker_records_each_page_kind_in_one_session() {
     let origin = format!("http://127.0.0.1:{pages}");
 
     // A fresh browser: the first beacon has no cookie, the collector creates ef_sid.
-    c.goto(&format!("{origin}/event/summit"))
-        .await
-        .expect("landing");
+    c.goto(&format!("{origin}/event/summit")).await.expect("landing");
     let sid = wait_cookie(c, "ef_sid").await;
     // An in-page anchor is not a page view.
     click(c, "#to-agenda").await;
-    assert_eq!(
-        c.current_url().await.expect("url").fragment(),
-        Some("agenda")
-    );
+    assert_eq!(c.current_url().await.expect("url").fragment(), Some("agenda"));
     // Follow the site's links, as a visitor would (so the referrer is set).
     let t = Instant::now();
     click(c, "#to-webinar").await;
@@ -410,11 +345,7 @@ async fn tracker_records_each_page_kind_in_one_session() {
     click(c, "#to-live").await;
     wait_path(c, "/webinar/w1/live", t).await;
     wait_tracker(c).await;
-    assert!(
-        page_errors(c).await.is_empty(),
-        "{:?}",
-        page_errors(c).await
-    );
+    assert!(page_errors(c).await.is_empty(), "{:?}", page_errors(c).await);
     c.goto("about:blank").await.expect("blank");
 
     let visits = wait_rows(&st.ch, &facts_sql("visit"), 3).await;
@@ -425,19 +356,9 @@ async fn tracker_records_each_page_kind_in_one_session() {
     assert_eq!(visits, visits_after);
     let got: Vec<(String, String, String, String, String)> = visits
         .iter()
-        .map(|v| {
-            (
-                s(v, "page"),
-                s(v, "event_id"),
-                s(v, "webinar_id"),
-                s(v, "path"),
-                s(v, "session_origin"),
-            )
-        })
+        .map(|v| (s(v, "page"), s(v, "event_id"), s(v, "webinar_id"), s(v, "path"), s(v, "session_origin")))
         .collect();
-    let row = |p: &str, e: &str, w: &str, path: &str, o: &str| {
-        (p.into(), e.into(), w.into(), path.into(), o.into())
-    };
+    let row = |p: &str, e: &str, w: &str, path: &str, o: &str| (p.into(), e.into(), w.into(), path.into(), o.into());
     assert_eq!(
         got,
         vec![
@@ -447,11 +368,7 @@ async fn tracker_records_each_page_kind_in_one_session() {
         ]
     );
     for v in &visits {
-        assert_eq!(
-            s(v, "session_id"),
-            sid,
-            "one session (the ef_sid cookie): {v}"
-        );
+        assert_eq!(s(v, "session_id"), sid, "one session (the ef_sid cookie): {v}");
     }
     assert_eq!(s(&visits[0], "referrer"), "");
     assert_eq!(s(&visits[1], "referrer"), format!("{origin}/event/summit"));
@@ -467,25 +384,15 @@ async fn tracker_records_each_page_kind_in_one_session() {
             s(&entries[0], "session_id"),
             s(&entries[0], "session_origin")
         ),
-        (
-            "early-1".into(),
-            "summit".into(),
-            sid.clone(),
-            "cookie".into()
-        )
+        ("early-1".into(), "summit".into(), sid.clone(), "cookie".into())
     );
     // The live page pinged at once (every 30 s by default: the test left before the next).
     let pings = rows(&st.ch, &facts_sql("ping"));
     assert_eq!(pings.len(), 1, "{pings:?}");
-    assert_eq!(
-        (s(&pings[0], "webinar_id"), s(&pings[0], "session_id")),
-        ("w1".into(), sid.clone())
-    );
+    assert_eq!((s(&pings[0], "webinar_id"), s(&pings[0], "session_id")), ("w1".into(), sid.clone()));
 
-    let o = wait_overview(&st.d, "the three visits", |o| {
-        o["totals"]["visits"] == 3 && o["totals"]["entries"] == 1
-    })
-    .await;
+    let o =
+        wait_overview(&st.d, "the three visits", |o| o["totals"]["visits"] == 3 && o["totals"]["entries"] == 1).await;
     assert_eq!(o["by_page"], json!({"landing": 1, "webinar": 1, "live": 1}));
     assert_eq!(o["totals"]["unique_sessions"], 1);
     assert_eq!(o["totals"]["linked_entries"], 1);
@@ -500,17 +407,12 @@ async fn tracker_pings_while_live_page_is_visible() {
     let st = start_stack("tracker-pings");
     let tag = tracker_tag(st.d.collector_port, "");
     let live_tag = tracker_tag(st.d.collector_port, r#" data-ping-interval="1000""#);
-    let routes = vec![(
-        "/webinar/w1/live".into(),
-        page("Live w1", "", &live_tag, CONTENT),
-    )];
+    let routes = vec![("/webinar/w1/live".into(), page("Live w1", "", &live_tag, CONTENT))];
     let (pages, _server) = serve_pages(routes, page("Page", "", &tag, CONTENT)).await;
     let b = Browser::start(&st.dir).await;
     let c = &b.client;
 
-    c.goto(&format!("http://127.0.0.1:{pages}/webinar/w1/live"))
-        .await
-        .expect("live page");
+    c.goto(&format!("http://127.0.0.1:{pages}/webinar/w1/live")).await.expect("live page");
     wait_tracker(c).await;
     let loaded_at = js(c, "return Date.now();").await.as_i64().expect("now");
     tokio::time::sleep(Duration::from_millis(4500)).await;
@@ -527,16 +429,9 @@ async fn tracker_pings_while_live_page_is_visible() {
 
     let log = js(c, "return window.visibilityLog;").await;
     let log = log.as_array().expect("visibility log");
-    assert!(
-        page_errors(c).await.is_empty(),
-        "{:?}",
-        page_errors(c).await
-    );
+    assert!(page_errors(c).await.is_empty(), "{:?}", page_errors(c).await);
     assert_eq!(log.len(), 2, "hidden then visible: {log:?}");
-    assert_eq!(
-        (log[0][0].as_str(), log[1][0].as_str()),
-        (Some("hidden"), Some("visible"))
-    );
+    assert_eq!((log[0][0].as_str(), log[1][0].as_str()), (Some("hidden"), Some("visible")));
     let hidden_at = log[0][1].as_i64().expect("time");
     let visible_at = log[1][1].as_i64().expect("time");
     let left_at = js(c, "return Date.now();").await.as_i64().expect("now");
@@ -549,10 +444,7 @@ async fn tracker_pings_while_live_page_is_visible() {
     let sid = s(&visits[0], "session_id");
     let pings = rows(&st.ch, &facts_sql("ping"));
     for p in &pings {
-        assert_eq!(
-            (s(p, "webinar_id"), s(p, "session_id")),
-            ("w1".into(), sid.clone())
-        );
+        assert_eq!((s(p, "webinar_id"), s(p, "session_id")), ("w1".into(), sid.clone()));
     }
     let at: Vec<i64> = pings.iter().map(|p| n(p, "received_at_ms")).collect();
     let between = |from: i64, to: i64| at.iter().filter(|t| **t >= from && **t < to).count();
@@ -570,38 +462,19 @@ async fn tracker_pings_while_live_page_is_visible() {
         visible_at - hidden_at,
         left_at - visible_at,
     );
-    assert!(
-        (4..=7).contains(&visible1),
-        "pings while visible: {visible1}"
-    );
+    assert!((4..=7).contains(&visible1), "pings while visible: {visible1}");
     assert_eq!(hidden, 0, "no pings while hidden");
-    assert!(
-        (3..=6).contains(&visible2),
-        "pings after coming back: {visible2}"
-    );
-    assert!(
-        first_gap.is_some_and(|g| g.abs() < 1500),
-        "ping at once: {first_gap:?}"
-    );
-    let first_phase: Vec<i64> = at
-        .windows(2)
-        .filter(|w| w[1] < hidden_at)
-        .map(|w| w[1] - w[0])
-        .collect();
-    assert!(
-        first_phase.iter().all(|g| (500..=1800).contains(g)),
-        "every second while visible: {first_phase:?}"
-    );
+    assert!((3..=6).contains(&visible2), "pings after coming back: {visible2}");
+    assert!(first_gap.is_some_and(|g| g.abs() < 1500), "ping at once: {first_gap:?}");
+    let first_phase: Vec<i64> = at.windows(2).filter(|w| w[1] < hidden_at).map(|w| w[1] - w[0]).collect();
+    assert!(first_phase.iter().all(|g| (500..=1800).contains(g)), "every second while visible: {first_phase:?}");
 
     // Live minute buckets: one viewer in each minute that had a ping.
     let minutes = st.ch.number(
         "SELECT uniqExact(toStartOfMinute(event_time)) FROM eventflow.facts FINAL \
          WHERE client_id = 'acme' AND kind = 'ping'",
     );
-    let o = wait_overview(&st.d, "the live viewer-minutes", |o| {
-        o["live"][0]["viewer_minutes"] == minutes
-    })
-    .await;
+    let o = wait_overview(&st.d, "the live viewer-minutes", |o| o["live"][0]["viewer_minutes"] == minutes).await;
     eprintln!("overview live: {}", o["live"]);
     assert_eq!(o["live"].as_array().map(Vec::len), Some(1));
     assert_eq!(o["live"][0]["webinar_id"], "w1");
@@ -619,78 +492,39 @@ async fn tracker_records_registration_without_delaying_the_form() {
     let tag = tracker_tag(st.d.collector_port, "");
     // The registration page belongs to the summit event (not to an event "summit/register").
     let register_tag = tracker_tag(st.d.collector_port, r#" data-event-id="summit""#);
-    let (pages, _server) =
-        serve_pages(site(&tag, &register_tag), page("Page", "", &tag, CONTENT)).await;
+    let (pages, _server) = serve_pages(site(&tag, &register_tag), page("Page", "", &tag, CONTENT)).await;
     let b = Browser::start(&st.dir).await;
     let c = &b.client;
     let origin = format!("http://127.0.0.1:{pages}");
 
-    c.goto(&format!("{origin}/event/summit"))
-        .await
-        .expect("landing");
+    c.goto(&format!("{origin}/event/summit")).await.expect("landing");
     let sid = wait_cookie(c, "ef_sid").await;
-    c.goto(&format!("{origin}/event/summit/register"))
-        .await
-        .expect("register");
+    c.goto(&format!("{origin}/event/summit/register")).await.expect("register");
     wait_tracker(c).await;
     let t = Instant::now();
     click(c, "#submit").await;
     let wall = wait_path(c, "/thanks", t).await;
-    let delay = js(c, "return window.submitDelay;")
-        .await
-        .as_i64()
-        .expect("delay");
-    eprintln!(
-        "registration submit -> /thanks: {delay} ms in the page, {} ms wall time",
-        wall.as_millis()
-    );
-    assert!(
-        (0..1500).contains(&delay),
-        "form submission delayed: {delay} ms"
-    );
+    let delay = js(c, "return window.submitDelay;").await.as_i64().expect("delay");
+    eprintln!("registration submit -> /thanks: {delay} ms in the page, {} ms wall time", wall.as_millis());
+    assert!((0..1500).contains(&delay), "form submission delayed: {delay} ms");
     assert!(wall < Duration::from_millis(1500), "{wall:?}");
-    assert!(
-        page_errors(c).await.is_empty(),
-        "{:?}",
-        page_errors(c).await
-    );
-    assert!(c
-        .current_url()
-        .await
-        .expect("url")
-        .query()
-        .unwrap_or("")
-        .contains("email="));
+    assert!(page_errors(c).await.is_empty(), "{:?}", page_errors(c).await);
+    assert!(c.current_url().await.expect("url").query().unwrap_or("").contains("email="));
 
     let entries = wait_rows(&st.ch, &facts_sql("entry"), 1).await;
     settle(&st.d).await;
     assert_eq!(rows(&st.ch, &facts_sql("entry")).len(), 1);
     let e = &entries[0];
     assert_eq!(
-        (
-            s(e, "entry_id"),
-            s(e, "event_id"),
-            s(e, "session_id"),
-            s(e, "session_origin")
-        ),
-        (
-            "e-123".into(),
-            "summit".into(),
-            sid.clone(),
-            "cookie".into()
-        )
+        (s(e, "entry_id"), s(e, "event_id"), s(e, "session_id"), s(e, "session_origin")),
+        ("e-123".into(), "summit".into(), sid.clone(), "cookie".into())
     );
     let visits = rows(&st.ch, &facts_sql("visit"));
-    let kinds: Vec<(String, String, String)> = visits
-        .iter()
-        .map(|v| (s(v, "page"), s(v, "event_id"), s(v, "session_id")))
-        .collect();
+    let kinds: Vec<(String, String, String)> =
+        visits.iter().map(|v| (s(v, "page"), s(v, "event_id"), s(v, "session_id"))).collect();
     assert_eq!(
         kinds,
-        vec![
-            ("landing".into(), "summit".into(), sid.clone()),
-            ("landing".into(), "summit".into(), sid.clone()),
-        ],
+        vec![("landing".into(), "summit".into(), sid.clone()), ("landing".into(), "summit".into(), sid.clone()),],
         "the landing and the registration page; /thanks is not a tracked page"
     );
     assert!(n(&visits[0], "event_time_ms") <= n(e, "event_time_ms"));
@@ -710,10 +544,7 @@ async fn tracker_records_registration_without_delaying_the_form() {
 // 4. A broken collector never reaches the page
 
 /// A stand-in collector that counts `POST /v1/collect` and answers after `delay` with `status`.
-async fn broken_collector(
-    delay: Duration,
-    status: u16,
-) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+async fn broken_collector(delay: Duration, status: u16) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
     use axum::http::StatusCode;
     let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
@@ -732,9 +563,7 @@ async fn broken_collector(
     } else {
         app
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -748,9 +577,7 @@ async fn walk_broken(c: &Client, pages: u16, tracker_expected: bool) -> Vec<(i64
     let origin = format!("http://127.0.0.1:{pages}");
     let mut delays = Vec::new();
     for query in ["", "?nobeacon=1"] {
-        c.goto(&format!("{origin}/event/summit{query}"))
-            .await
-            .expect("landing");
+        c.goto(&format!("{origin}/event/summit{query}")).await.expect("landing");
         if tracker_expected {
             wait_tracker(c).await;
         } else {
@@ -759,24 +586,12 @@ async fn walk_broken(c: &Client, pages: u16, tracker_expected: bool) -> Vec<(i64
             assert!(!tracker_loaded(c).await);
         }
         click(c, "#like").await;
-        let out = c
-            .find(Locator::Css("#out"))
-            .await
-            .expect("#out")
-            .text()
-            .await
-            .expect("text");
+        let out = c.find(Locator::Css("#out")).await.expect("#out").text().await.expect("text");
         assert_eq!(out, "clicked", "the page's own button handler ran");
         // The page goes on working: a client-side navigation.
-        js(
-            c,
-            "history.pushState({}, '', '/webinar/w1' + location.search); return 1;",
-        )
-        .await;
+        js(c, "history.pushState({}, '', '/webinar/w1' + location.search); return 1;").await;
 
-        c.goto(&format!("{origin}/event/summit/register{query}"))
-            .await
-            .expect("register");
+        c.goto(&format!("{origin}/event/summit/register{query}")).await.expect("register");
         if tracker_expected {
             wait_tracker(c).await;
         } else {
@@ -786,18 +601,9 @@ async fn walk_broken(c: &Client, pages: u16, tracker_expected: bool) -> Vec<(i64
         let t = Instant::now();
         click(c, "#submit").await;
         let wall = wait_path(c, "/thanks", t).await;
-        let delay = js(c, "return window.submitDelay;")
-            .await
-            .as_i64()
-            .expect("delay");
-        assert!(
-            (0..1500).contains(&delay),
-            "form submission delayed {delay} ms"
-        );
-        assert!(
-            wall < Duration::from_millis(1500),
-            "form submission took {wall:?}"
-        );
+        let delay = js(c, "return window.submitDelay;").await.as_i64().expect("delay");
+        assert!((0..1500).contains(&delay), "form submission delayed {delay} ms");
+        assert!(wall < Duration::from_millis(1500), "form submission took {wall:?}");
         // Still working on the next page, and no error or rejection was ever recorded.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let errors = page_errors(c).await;
@@ -816,11 +622,7 @@ async fn tracker_never_blocks_or_throws_when_the_collector_fails() {
     let down_port = free_port();
 
     let mut report = Vec::new();
-    for (name, port) in [
-        ("down", down_port),
-        ("slow 10 s", slow_port),
-        ("500", err_port),
-    ] {
+    for (name, port) in [("down", down_port), ("slow 10 s", slow_port), ("500", err_port)] {
         let attrs = format!(r#" data-endpoint="http://127.0.0.1:{port}""#);
         let tag = tracker_tag(st.d.collector_port, &attrs);
         let (pages, server) = serve_pages(site(&tag, &tag), page("Page", "", &tag, CONTENT)).await;
@@ -829,10 +631,7 @@ async fn tracker_never_blocks_or_throws_when_the_collector_fails() {
         server.abort();
     }
     // The stand-ins did receive the beacons (visit, visit, entry per walk at least).
-    let (slow, failed) = (
-        slow_hits.load(Ordering::SeqCst),
-        err_hits.load(Ordering::SeqCst),
-    );
+    let (slow, failed) = (slow_hits.load(Ordering::SeqCst), err_hits.load(Ordering::SeqCst));
     eprintln!("beacons received: slow collector {slow}, failing collector {failed}");
     assert!(slow >= 3 && failed >= 3, "slow {slow}, failing {failed}");
 
@@ -850,11 +649,7 @@ async fn tracker_never_blocks_or_throws_when_the_collector_fails() {
     for (name, delays) in &report {
         eprintln!("form submit -> /thanks with the collector {name}: (page ms, wall ms) with sendBeacon {:?}, with fetch {:?}", delays[0], delays[1]);
     }
-    assert_eq!(
-        st.ch
-            .number("SELECT count() FROM eventflow.facts WHERE kind != 'checkpoint'"),
-        0
-    );
+    assert_eq!(st.ch.number("SELECT count() FROM eventflow.facts WHERE kind != 'checkpoint'"), 0);
     b.close().await;
 }
 
@@ -881,32 +676,18 @@ async fn tracker_keeps_first_and_last_touch_through_redirect_and_spa_navigation(
     assert_eq!(code, 0, "links import: {out}");
     // The collector refreshes its link cache every second.
     let r = format!("{}/r/spring", st.d.collector_url());
-    eventually(
-        Duration::from_secs(20),
-        "the collector knows link spring",
-        || {
-            let r = r.clone();
-            async move {
-                http()
-                    .get(&r)
-                    .send()
-                    .await
-                    .map(|x| x.status().as_u16())
-                    .ok()
-                    == Some(302)
-            }
-        },
-    )
+    eventually(Duration::from_secs(20), "the collector knows link spring", || {
+        let r = r.clone();
+        async move { http().get(&r).send().await.map(|x| x.status().as_u16()).ok() == Some(302) }
+    })
     .await;
 
     let b = Browser::start(&st.dir).await;
     let c = &b.client;
     // First touch: an ad.
-    c.goto(&format!(
-        "{origin}/event/summit?utm_source=google&utm_medium=cpc&utm_campaign=brand"
-    ))
-    .await
-    .expect("landing from the ad");
+    c.goto(&format!("{origin}/event/summit?utm_source=google&utm_medium=cpc&utm_campaign=brand"))
+        .await
+        .expect("landing from the ad");
     wait_tracker(c).await;
     let sid = wait_cookie(c, "ef_sid").await;
     wait_cookie(c, "ef_utm").await;
@@ -925,17 +706,9 @@ async fn tracker_keeps_first_and_last_touch_through_redirect_and_spa_navigation(
     js(c, "history.pushState({}, '', '/webinar/w1'); return 1;").await;
     assert_eq!(path(c).await, "/webinar/w1");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    js(
-        c,
-        "eventflow.entry({entry_id: 'e-777', webinar_id: 'w1'}); return 1;",
-    )
-    .await;
+    js(c, "eventflow.entry({entry_id: 'e-777', webinar_id: 'w1'}); return 1;").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        page_errors(c).await.is_empty(),
-        "{:?}",
-        page_errors(c).await
-    );
+    assert!(page_errors(c).await.is_empty(), "{:?}", page_errors(c).await);
     c.goto("about:blank").await.expect("blank");
 
     wait_rows(&st.ch, &facts_sql("entry"), 1).await;
@@ -945,14 +718,7 @@ async fn tracker_keeps_first_and_last_touch_through_redirect_and_spa_navigation(
     let v: Vec<(String, String, String, i64, String, i64)> = visits
         .iter()
         .map(|v| {
-            (
-                s(v, "page"),
-                s(v, "path"),
-                s(v, "cid"),
-                n(v, "cid_resolved"),
-                s(v, "utm_source"),
-                n(v, "utm_inherited"),
-            )
+            (s(v, "page"), s(v, "path"), s(v, "cid"), n(v, "cid_resolved"), s(v, "utm_source"), n(v, "utm_inherited"))
         })
         .collect();
     let row = |p: &str, path: &str, cid: &str, res: i64, src: &str, inh: i64| {
@@ -969,17 +735,11 @@ async fn tracker_keeps_first_and_last_touch_through_redirect_and_spa_navigation(
     for v in &visits {
         assert_eq!(s(v, "session_id"), sid);
     }
-    assert_eq!(
-        (s(&visits[2], "utm_medium"), s(&visits[2], "utm_campaign")),
-        ("email".into(), "spring-sale".into())
-    );
+    assert_eq!((s(&visits[2], "utm_medium"), s(&visits[2], "utm_campaign")), ("email".into(), "spring-sale".into()));
 
     assert_eq!(entries.len(), 1);
     let e = &entries[0];
-    assert_eq!(
-        (s(e, "entry_id"), s(e, "webinar_id"), s(e, "session_id")),
-        ("e-777".into(), "w1".into(), sid.clone())
-    );
+    assert_eq!((s(e, "entry_id"), s(e, "webinar_id"), s(e, "session_id")), ("e-777".into(), "w1".into(), sid.clone()));
     assert_eq!(
         (
             s(e, "utm_source"),
@@ -989,51 +749,29 @@ async fn tracker_keeps_first_and_last_touch_through_redirect_and_spa_navigation(
             n(e, "cid_resolved"),
             n(e, "utm_inherited"),
         ),
-        (
-            "newsletter".into(),
-            "email".into(),
-            "spring-sale".into(),
-            "spring".into(),
-            1,
-            1
-        ),
+        ("newsletter".into(), "email".into(), "spring-sale".into(), "spring".into(), 1, 1),
         "last touch"
     );
     assert_eq!(
-        (
-            s(e, "first_utm_source"),
-            s(e, "first_utm_medium"),
-            s(e, "first_utm_campaign")
-        ),
+        (s(e, "first_utm_source"), s(e, "first_utm_medium"), s(e, "first_utm_campaign")),
         ("google".into(), "cpc".into(), "brand".into()),
         "first touch"
     );
     let first_touch = n(e, "first_touch_ms");
-    assert!(
-        first_touch > 0 && first_touch <= n(&visits[1], "event_time_ms"),
-        "first touch at {first_touch}"
-    );
+    assert!(first_touch > 0 && first_touch <= n(&visits[1], "event_time_ms"), "first touch at {first_touch}");
     assert!((first_touch - n(&visits[0], "event_time_ms")).abs() < 5_000);
 
     let o = wait_overview(&st.d, "campaign spring", |o| {
-        o["campaigns"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|r| r["cid"] == "spring" && r["entries"] == 1))
+        o["campaigns"].as_array().is_some_and(|c| c.iter().any(|r| r["cid"] == "spring" && r["entries"] == 1))
     })
     .await;
     eprintln!("overview campaigns: {}", o["campaigns"]);
-    let spring: Vec<&Value> = o["campaigns"]
-        .as_array()
-        .expect("campaigns")
-        .iter()
-        .filter(|r| r["cid"] == "spring")
-        .collect();
+    let spring: Vec<&Value> =
+        o["campaigns"].as_array().expect("campaigns").iter().filter(|r| r["cid"] == "spring").collect();
     assert_eq!(
         spring,
-        vec![
-            &json!({"cid": "spring", "utm_source": "newsletter", "utm_medium": "email",
-                     "utm_campaign": "spring-sale", "visits": 2, "entries": 1})
-        ]
+        vec![&json!({"cid": "spring", "utm_source": "newsletter", "utm_medium": "email",
+                     "utm_campaign": "spring-sale", "visits": 2, "entries": 1})]
     );
     assert!(o["campaigns"]
         .as_array()

@@ -16,8 +16,7 @@ use tracing::info;
 use eventflow_core::time;
 use eventflow_store::recount::{Recount, Scope};
 use eventflow_store::rows::{
-    BackfillMarkRow, DailyMarketingRow, DailyTotalsRow, DayCounters, MarketingCounters,
-    MinuteLiveRow, MinuteVisitsRow,
+    BackfillMarkRow, DailyMarketingRow, DailyTotalsRow, DayCounters, MarketingCounters, MinuteLiveRow, MinuteVisitsRow,
 };
 use eventflow_store::{Store, StoreError};
 
@@ -65,15 +64,8 @@ pub async fn run(
         let tz = clients.timezone(client);
         let mut from = req.from;
         while from <= req.to {
-            let to =
-                (from + chrono::Duration::days(i64::from(req.chunk_days.max(1)) - 1)).min(req.to);
-            let scope = Scope {
-                client_id: client.clone(),
-                from,
-                to,
-                tz,
-                cid: req.cid.clone(),
-            };
+            let to = (from + chrono::Duration::days(i64::from(req.chunk_days.max(1)) - 1)).min(req.to);
+            let scope = Scope { client_id: client.clone(), from, to, tz, cid: req.cid.clone() };
             let r = backfill_scope(store, &scope).await?;
             report.rows_written += r.rows_written;
             report.rows_zeroed += r.rows_zeroed;
@@ -105,14 +97,7 @@ pub async fn backfill_scope(store: &Store, scope: &Scope) -> Result<BackfillRepo
             continue;
         }
         seen.insert((*day, dims.clone(), *p));
-        marketing.push(DailyMarketingRow::new(
-            c.to_owned(),
-            *day,
-            dims,
-            *p,
-            version(*p),
-            *m,
-        ));
+        marketing.push(DailyMarketingRow::new(c.to_owned(), *day, dims, *p, version(*p), *m));
     }
     for r in marketing_rows {
         if scope.cid.as_ref().is_some_and(|cid| &r.cid != cid) {
@@ -145,10 +130,8 @@ pub async fn backfill_scope(store: &Store, scope: &Scope) -> Result<BackfillRepo
 
     let (start_ms, _) = time::day_bounds_ms(scope.from, scope.tz);
     let (_, end_ms) = time::day_bounds_ms(scope.to, scope.tz);
-    let (from_s, to_s) = (
-        u32::try_from(start_ms / 1000).unwrap_or(0),
-        u32::try_from(end_ms / 1000).unwrap_or(u32::MAX),
-    );
+    let (from_s, to_s) =
+        (u32::try_from(start_ms / 1000).unwrap_or(0), u32::try_from(end_ms / 1000).unwrap_or(u32::MAX));
     let mut minutes: Vec<MinuteVisitsRow> = recount
         .minutes
         .iter()
@@ -164,11 +147,7 @@ pub async fn backfill_scope(store: &Store, scope: &Scope) -> Result<BackfillRepo
     let keys: BTreeSet<(u32, i8, u16)> = recount.minutes.keys().copied().collect();
     for r in store.minute_visits_rows(c, from_s, to_s).await? {
         if !keys.contains(&(r.minute, r.page, r.kafka_partition)) {
-            minutes.push(MinuteVisitsRow {
-                version: version(r.kafka_partition),
-                visits: 0,
-                ..r
-            });
+            minutes.push(MinuteVisitsRow { version: version(r.kafka_partition), visits: 0, ..r });
             report.rows_zeroed += 1;
         }
     }
@@ -190,11 +169,7 @@ pub async fn backfill_scope(store: &Store, scope: &Scope) -> Result<BackfillRepo
     let keys: BTreeSet<(String, u32, u16)> = recount.live.keys().cloned().collect();
     for r in store.minute_live_rows(c, from_s, to_s).await? {
         if !keys.contains(&(r.webinar_id.clone(), r.minute, r.kafka_partition)) {
-            live.push(MinuteLiveRow {
-                version: version(r.kafka_partition),
-                viewers: 0,
-                ..r
-            });
+            live.push(MinuteLiveRow { version: version(r.kafka_partition), viewers: 0, ..r });
             report.rows_zeroed += 1;
         }
     }

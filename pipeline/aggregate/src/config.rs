@@ -105,10 +105,7 @@ pub struct DurationError {
 }
 
 fn duration(key: &'static str, value: &str) -> Result<i64, DurationError> {
-    parse_duration_ms(value).ok_or_else(|| DurationError {
-        key,
-        value: value.to_owned(),
-    })
+    parse_duration_ms(value).ok_or_else(|| DurationError { key, value: value.to_owned() })
 }
 
 impl ProcessorConfig {
@@ -144,9 +141,8 @@ impl ProcessorConfig {
 
     pub fn instance_name(&self) -> String {
         self.instance.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/etc/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "host".into());
+            let host =
+                std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "host".into());
             format!("{host}-{}", std::process::id())
         })
     }

@@ -32,9 +32,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(HealthState { registry, status });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
 async fn metrics(State(st): State<HealthState>) -> Response {
@@ -48,14 +46,7 @@ async fn readyz(State(st): State<HealthState>) -> Response {
     if running && healthy {
         (StatusCode::OK, "ready").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            if running {
-                "clickhouse writes failing"
-            } else {
-                "not running"
-            },
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, if running { "clickhouse writes failing" } else { "not running" })
             .into_response()
     }
 }

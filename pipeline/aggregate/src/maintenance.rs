@@ -66,20 +66,11 @@ pub async fn run(
 }
 
 /// Backfills every client day that has late facts not yet folded in.
-pub async fn fold_late(
-    store: &Store,
-    clients: &ClientDirectory,
-) -> Result<usize, eventflow_store::StoreError> {
+pub async fn fold_late(store: &Store, clients: &ClientDirectory) -> Result<usize, eventflow_store::StoreError> {
     let pending = store.all_pending_late_days().await?;
     for (client, day) in &pending {
         let day = time::day_from_number(*day);
-        let scope = Scope {
-            client_id: client.clone(),
-            from: day,
-            to: day,
-            tz: clients.timezone(client),
-            cid: None,
-        };
+        let scope = Scope { client_id: client.clone(), from: day, to: day, tz: clients.timezone(client), cid: None };
         let report = backfill::backfill_scope(store, &scope).await?;
         info!(client = %client, day = %time::format_day(day), rows = report.rows_written, "late facts folded in");
     }
@@ -96,8 +87,7 @@ pub async fn reconcile_recent(
     days: u32,
 ) -> Result<(), eventflow_store::StoreError> {
     let now = Utc::now().timestamp_millis();
-    let widest_from =
-        time::client_day(now, chrono_tz::Etc::GMTPlus12) - chrono::Duration::days(i64::from(days));
+    let widest_from = time::client_day(now, chrono_tz::Etc::GMTPlus12) - chrono::Duration::days(i64::from(days));
     let widest_to = time::client_day(now, chrono_tz::Etc::GMTMinus14);
     let mut ids: BTreeSet<String> = clients.clients().map(|c| c.to_string()).collect();
     ids.extend(store.clients_with_facts(widest_from, widest_to).await?);
@@ -113,31 +103,18 @@ pub async fn reconcile_recent(
             let second = reconcile::client(store, &client, tz, from, to).await?;
             second
                 .into_iter()
-                .filter(|m| {
-                    first
-                        .iter()
-                        .any(|f| f.day == m.day && f.metric == m.metric && f.key == m.key)
-                })
+                .filter(|m| first.iter().any(|f| f.day == m.day && f.metric == m.metric && f.key == m.key))
                 .collect()
         };
-        let (pending, real): (Vec<_>, Vec<_>) =
-            confirmed.into_iter().partition(|m| m.pending_backfill);
+        let (pending, real): (Vec<_>, Vec<_>) = confirmed.into_iter().partition(|m| m.pending_backfill);
         for (metric, n) in reconcile::counts(&real) {
-            metrics
-                .reconcile_mismatch
-                .with_label_values(&[client.as_str(), metric])
-                .set(n as f64);
+            metrics.reconcile_mismatch.with_label_values(&[client.as_str(), metric]).set(n as f64);
         }
-        metrics
-            .reconcile_mismatch
-            .with_label_values(&[client.as_str(), "pending_backfill"])
-            .set(pending.len() as f64);
+        metrics.reconcile_mismatch.with_label_values(&[client.as_str(), "pending_backfill"]).set(pending.len() as f64);
         for m in real.iter().take(20) {
             warn!(event = "ReconcileMismatch", client_id = %m.client, metric = m.metric, detail = %m, "aggregate differs from raw recount");
         }
     }
-    metrics
-        .reconcile_last_run
-        .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+    metrics.reconcile_last_run.set(Utc::now().timestamp_millis() as f64 / 1000.0);
     Ok(())
 }

@@ -1,8 +1,7 @@
 //! Prometheus metrics of the processor (names in `eventflow_core::metrics`).
 
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use eventflow_core::metrics as names;
@@ -33,7 +32,10 @@ impl ProcessorMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
             consumer_lag: IntGaugeVec::new(
-                Opts::new(names::PROCESSOR_CONSUMER_LAG, "Messages between the processor's position and the end of each fact topic partition."),
+                Opts::new(
+                    names::PROCESSOR_CONSUMER_LAG,
+                    "Messages between the processor's position and the end of each fact topic partition.",
+                ),
                 &["topic", "partition"],
             )?,
             watermark_seconds: Gauge::new(
@@ -50,7 +52,10 @@ impl ProcessorMetrics {
                 "Unix time of the last flush that ClickHouse acknowledged.",
             )?,
             facts: IntCounterVec::new(
-                Opts::new(names::PROCESSOR_FACTS_TOTAL, "Facts consumed, by type and outcome (counted, duplicate, late, redelivery)."),
+                Opts::new(
+                    names::PROCESSOR_FACTS_TOTAL,
+                    "Facts consumed, by type and outcome (counted, duplicate, late, redelivery).",
+                ),
                 &["type", "outcome"],
             )?,
             flush_duration: Histogram::with_opts(
@@ -65,7 +70,10 @@ impl ProcessorMetrics {
                 names::CLICKHOUSE_INSERT_ERRORS_TOTAL,
                 "Failed ClickHouse writes (each is retried; a growing rate means aggregation is stuck).",
             )?,
-            assigned_partitions: IntGauge::new(names::PROCESSOR_ASSIGNED_PARTITIONS, "Fact-topic partition numbers owned by this instance.")?,
+            assigned_partitions: IntGauge::new(
+                names::PROCESSOR_ASSIGNED_PARTITIONS,
+                "Fact-topic partition numbers owned by this instance.",
+            )?,
             open_state_entries: IntGauge::new(
                 names::PROCESSOR_OPEN_STATE_ENTRIES,
                 "Entries held for open windows (buckets, set members, dedup keys).",
@@ -75,7 +83,10 @@ impl ProcessorMetrics {
                 &["reason"],
             )?,
             visits_today: GaugeVec::new(
-                Opts::new(names::VISITS_TODAY, "Visits today (client time zone) in the partitions this instance owns; sum over instances."),
+                Opts::new(
+                    names::VISITS_TODAY,
+                    "Visits today (client time zone) in the partitions this instance owns; sum over instances.",
+                ),
                 &["client"],
             )?,
             reconcile_mismatch: GaugeVec::new(
@@ -86,7 +97,10 @@ impl ProcessorMetrics {
                 ),
                 &["client", "metric"],
             )?,
-            reconcile_last_run: Gauge::new(names::RECONCILE_LAST_RUN_TIMESTAMP_SECONDS, "Unix time of the last completed reconcile.")?,
+            reconcile_last_run: Gauge::new(
+                names::RECONCILE_LAST_RUN_TIMESTAMP_SECONDS,
+                "Unix time of the last completed reconcile.",
+            )?,
             orphaned_partitions: IntGauge::new(
                 names::PROCESSOR_ORPHANED_PARTITIONS,
                 "Partition numbers with a backlog and no committed progress that this instance does not own.",

@@ -86,10 +86,7 @@ struct LoopContext {
 }
 
 fn tpl_entries(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
-    tpl.elements()
-        .iter()
-        .map(|e| (e.topic().to_owned(), e.partition()))
-        .collect()
+    tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect()
 }
 
 impl ClientContext for LoopContext {}
@@ -146,15 +143,10 @@ struct Loop<S: ProcessorStore> {
 }
 
 /// Runs the processor until `shutdown` is cancelled. Blocking: call from a dedicated thread.
-pub fn run<S: ProcessorStore>(
-    deps: ProcessorDeps<S>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub fn run<S: ProcessorStore>(deps: ProcessorDeps<S>, shutdown: CancellationToken) -> anyhow::Result<()> {
     deps.config.validate()?;
     let topics = deps.kafka.topics();
-    let context = LoopContext {
-        events: Mutex::new(Vec::new()),
-    };
+    let context = LoopContext { events: Mutex::new(Vec::new()) };
     let consumer: BaseConsumer<LoopContext> = deps
         .kafka
         .consumer(&deps.config.group_id)
@@ -162,12 +154,9 @@ pub fn run<S: ProcessorStore>(
         .context("creating the Kafka consumer")?;
     let fact_topics = topics.facts();
     let names: Vec<&str> = fact_topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&names)
-        .context("subscribing to the fact topics")?;
+    consumer.subscribe(&names).context("subscribing to the fact topics")?;
     let window = WindowConfig::new(deps.config.allowed_lateness_ms()?);
-    let flush_interval =
-        Duration::from_millis(u64::try_from(deps.config.flush_interval_ms()?).unwrap_or(1000));
+    let flush_interval = Duration::from_millis(u64::try_from(deps.config.flush_interval_ms()?).unwrap_or(1000));
     let instance = deps.config.instance_name();
     let watchdog_shared = Arc::new(watchdog::Shared::default());
     let watchdog_thread = watchdog::spawn(
@@ -176,12 +165,8 @@ pub fn run<S: ProcessorStore>(
             group_id: deps.config.group_id.clone(),
             partitions: deps.partitions,
             every: Duration::from_secs(2),
-            orphan_after: Duration::from_millis(
-                u64::try_from(deps.config.orphan_after_ms()?).unwrap_or(30_000),
-            ),
-            rejoin_backoff: Duration::from_millis(
-                u64::try_from(deps.config.rejoin_backoff_ms()?).unwrap_or(60_000),
-            ),
+            orphan_after: Duration::from_millis(u64::try_from(deps.config.orphan_after_ms()?).unwrap_or(30_000)),
+            rejoin_backoff: Duration::from_millis(u64::try_from(deps.config.rejoin_backoff_ms()?).unwrap_or(60_000)),
         },
         watchdog_shared.clone(),
         watchdog::WatchdogMetrics {
@@ -224,15 +209,10 @@ impl<S: ProcessorStore> Loop<S> {
     fn run(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         while !shutdown.is_cancelled() {
             // Detached: the message outlives the borrow of the consumer (one small copy).
-            let message = self
-                .consumer
-                .poll(Duration::from_millis(100))
-                .map(|m| m.map(|m| m.detach()));
+            let message = self.consumer.poll(Duration::from_millis(100)).map(|m| m.map(|m| m.detach()));
             self.handle_rebalance_events();
             match message {
-                Some(Ok(m)) => {
-                    self.handle_message(m.topic(), m.partition(), m.offset(), m.payload())
-                }
+                Some(Ok(m)) => self.handle_message(m.topic(), m.partition(), m.offset(), m.payload()),
                 Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
                 None => {}
             }
@@ -240,16 +220,12 @@ impl<S: ProcessorStore> Loop<S> {
                 self.rejoin(shutdown);
             }
             self.resume_stalled();
-            if self.units.values().any(|u| matches!(u, Unit::Pending))
-                && Instant::now() >= self.next_rebuild
-            {
+            if self.units.values().any(|u| matches!(u, Unit::Pending)) && Instant::now() >= self.next_rebuild {
                 self.activate_pending(shutdown);
             }
             let buffered: usize = self.ready_states().map(|s| s.unflushed()).sum();
             let due = self.last_flush.elapsed() >= self.flush_interval;
-            if (due && self.ready_states().any(|s| s.has_output()))
-                || buffered >= self.deps.config.max_batch_facts
-            {
+            if (due && self.ready_states().any(|s| s.has_output())) || buffered >= self.deps.config.max_batch_facts {
                 self.flush(shutdown);
             }
             if self.last_heartbeat.elapsed() >= Duration::from_secs(2) {
@@ -283,8 +259,7 @@ impl<S: ProcessorStore> Loop<S> {
             match event {
                 RebalanceEvent::Revoked(parts) => {
                     for (topic, p) in parts {
-                        let (Some(kind), Ok(p)) = (self.topics.kind_of(&topic), u16::try_from(p))
-                        else {
+                        let (Some(kind), Ok(p)) = (self.topics.kind_of(&topic), u16::try_from(p)) else {
                             continue;
                         };
                         if let Some(set) = self.assigned.get_mut(&p) {
@@ -294,15 +269,17 @@ impl<S: ProcessorStore> Loop<S> {
                             }
                         }
                         if self.units.remove(&p).is_some() {
-                            info!(partition = p, "partition revoked; unflushed facts will be re-read by its next owner");
+                            info!(
+                                partition = p,
+                                "partition revoked; unflushed facts will be re-read by its next owner"
+                            );
                         }
                         self.stalled.remove(&(kind, p));
                     }
                 }
                 RebalanceEvent::Assigned(parts) => {
                     for (topic, p) in parts {
-                        let (Some(kind), Ok(p)) = (self.topics.kind_of(&topic), u16::try_from(p))
-                        else {
+                        let (Some(kind), Ok(p)) = (self.topics.kind_of(&topic), u16::try_from(p)) else {
                             continue;
                         };
                         self.assigned.entry(p).or_default().insert(kind);
@@ -318,10 +295,7 @@ impl<S: ProcessorStore> Loop<S> {
                 }
             }
         }
-        self.deps
-            .metrics
-            .assigned_partitions
-            .set(self.units.len() as i64);
+        self.deps.metrics.assigned_partitions.set(self.units.len() as i64);
         if let Ok(mut owned) = self.watchdog.owned.lock() {
             *owned = self.units.keys().copied().collect();
         }
@@ -347,12 +321,8 @@ impl<S: ProcessorStore> Loop<S> {
 
     /// Rebuilds the state of pending units from ClickHouse and positions their consumers.
     fn activate_pending(&mut self, shutdown: &CancellationToken) {
-        let pending: Vec<u16> = self
-            .units
-            .iter()
-            .filter(|(_, u)| matches!(u, Unit::Pending))
-            .map(|(p, _)| *p)
-            .collect();
+        let pending: Vec<u16> =
+            self.units.iter().filter(|(_, u)| matches!(u, Unit::Pending)).map(|(p, _)| *p).collect();
         match self.rebuild(&pending, shutdown) {
             Ok(states) => {
                 for state in states {
@@ -362,12 +332,9 @@ impl<S: ProcessorStore> Loop<S> {
                     for kind in FactKind::ALL {
                         let topic = self.topics.fact(kind);
                         let offset = offsets.get(kind);
-                        if let Err(e) = self.consumer.seek(
-                            &topic,
-                            i32::from(p),
-                            Offset::Offset(offset),
-                            Duration::from_secs(10),
-                        ) {
+                        if let Err(e) =
+                            self.consumer.seek(&topic, i32::from(p), Offset::Offset(offset), Duration::from_secs(10))
+                        {
                             // A paused partition that has not fetched yet cannot be seeked in some
                             // librdkafka versions; fall back to resuming from the committed offset
                             // (always <= the checkpoint), and the offset guard skips the rest.
@@ -390,44 +357,20 @@ impl<S: ProcessorStore> Loop<S> {
         }
     }
 
-    fn rebuild(
-        &mut self,
-        partitions: &[u16],
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Vec<PartitionState>> {
+    fn rebuild(&mut self, partitions: &[u16], shutdown: &CancellationToken) -> anyhow::Result<Vec<PartitionState>> {
         let store = self.deps.store.clone();
         let checkpoints = self.deps.runtime.block_on(store.checkpoints(partitions))?;
         let mut states: BTreeMap<u16, PartitionState> = BTreeMap::new();
         for p in partitions {
-            let cp = checkpoints
-                .get(p)
-                .cloned()
-                .unwrap_or_else(Checkpoint::default);
-            let epoch = cp
-                .epoch
-                .checked_add(1)
-                .filter(|e| u64::from(*e) < (1u64 << (64 - EPOCH_SHIFT)))
-                .unwrap_or(1);
-            states.insert(
-                *p,
-                PartitionState::new(*p, self.window, self.deps.clients.clone(), &cp, epoch),
-            );
+            let cp = checkpoints.get(p).cloned().unwrap_or_else(Checkpoint::default);
+            let epoch = cp.epoch.checked_add(1).filter(|e| u64::from(*e) < (1u64 << (64 - EPOCH_SHIFT))).unwrap_or(1);
+            states.insert(*p, PartitionState::new(*p, self.window, self.deps.clients.clone(), &cp, epoch));
         }
-        let since = states
-            .values()
-            .map(PartitionState::replay_from_ms)
-            .min()
-            .unwrap_or(0);
-        let rows = self
-            .deps
-            .runtime
-            .block_on(store.facts_since(partitions, since))?;
+        let since = states.values().map(PartitionState::replay_from_ms).min().unwrap_or(0);
+        let rows = self.deps.runtime.block_on(store.facts_since(partitions, since))?;
         let mut by_partition: BTreeMap<u16, Vec<_>> = BTreeMap::new();
         for row in rows {
-            by_partition
-                .entry(row.kafka_partition)
-                .or_default()
-                .push(row);
+            by_partition.entry(row.kafka_partition).or_default().push(row);
         }
         for (p, state) in states.iter_mut() {
             let rows = by_partition.remove(p).unwrap_or_default();
@@ -466,9 +409,7 @@ impl<S: ProcessorStore> Loop<S> {
         let decoded = match self.codec.decode(kind, payload) {
             Err(CodecError::UnknownSchema(fp)) => {
                 // A newer collector's schema: read the registry and try again.
-                if let Err(e) =
-                    registry::load(&self.deps.kafka, &self.codec, Duration::from_secs(5))
-                {
+                if let Err(e) = registry::load(&self.deps.kafka, &self.codec, Duration::from_secs(5)) {
                     warn!(error = %e, "reading the schema registry topic");
                 }
                 self.codec.decode(kind, payload).map_err(|e| (e, Some(fp)))
@@ -479,11 +420,7 @@ impl<S: ProcessorStore> Loop<S> {
             Ok(fact) => fact,
             Err((CodecError::UnknownSchema(fp), _)) | Err((_, Some(fp))) => {
                 // Never drop a fact we might decode later: park the partition and retry.
-                self.deps
-                    .metrics
-                    .decode_errors
-                    .with_label_values(&["unknown_schema"])
-                    .inc();
+                self.deps.metrics.decode_errors.with_label_values(&["unknown_schema"]).inc();
                 error!(
                     topic,
                     partition,
@@ -491,25 +428,15 @@ impl<S: ProcessorStore> Loop<S> {
                     fingerprint = format!("{fp:016x}"),
                     "unknown writer schema; pausing the partition for 30 s"
                 );
-                let _ = self.consumer.seek(
-                    topic,
-                    partition,
-                    Offset::Offset(offset),
-                    Duration::from_secs(5),
-                );
+                let _ = self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(5));
                 let mut tpl = TopicPartitionList::new();
                 let _ = tpl.add_partition(topic, partition);
                 let _ = self.consumer.pause(&tpl);
-                self.stalled
-                    .insert((kind, p), Instant::now() + Duration::from_secs(30));
+                self.stalled.insert((kind, p), Instant::now() + Duration::from_secs(30));
                 return;
             }
             Err((e, None)) => {
-                self.deps
-                    .metrics
-                    .decode_errors
-                    .with_label_values(&["corrupt"])
-                    .inc();
+                self.deps.metrics.decode_errors.with_label_values(&["corrupt"]).inc();
                 error!(topic, partition, offset, error = %e, "undecodable message skipped (not written by an EventFlow collector)");
                 state.skip(kind, offset);
                 return;
@@ -525,21 +452,12 @@ impl<S: ProcessorStore> Loop<S> {
             }
             Outcome::Redelivery => "redelivery",
         };
-        self.deps
-            .metrics
-            .facts
-            .with_label_values(&[kind.as_str(), label])
-            .inc();
+        self.deps.metrics.facts.with_label_values(&[kind.as_str(), label]).inc();
     }
 
     fn resume_stalled(&mut self) {
         let now = Instant::now();
-        let due: Vec<(FactKind, u16)> = self
-            .stalled
-            .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(k, _)| *k)
-            .collect();
+        let due: Vec<(FactKind, u16)> = self.stalled.iter().filter(|(_, t)| **t <= now).map(|(k, _)| *k).collect();
         for (kind, p) in due {
             self.stalled.remove(&(kind, p));
             let mut tpl = TopicPartitionList::new();
@@ -552,17 +470,11 @@ impl<S: ProcessorStore> Loop<S> {
     // Flushing
 
     fn resolve_lookups(&self, states: &mut [PartitionState]) -> anyhow::Result<()> {
-        let wanted: Vec<_> = states
-            .iter()
-            .flat_map(PartitionState::pending_lookups)
-            .collect();
+        let wanted: Vec<_> = states.iter().flat_map(PartitionState::pending_lookups).collect();
         if wanted.is_empty() {
             return Ok(());
         }
-        let found = self
-            .deps
-            .runtime
-            .block_on(self.deps.store.first_visits(&wanted))?;
+        let found = self.deps.runtime.block_on(self.deps.store.first_visits(&wanted))?;
         for state in states.iter_mut() {
             state.resolve_lookups(found.iter().cloned());
         }
@@ -585,11 +497,7 @@ impl<S: ProcessorStore> Loop<S> {
             let wanted: Vec<_> = plain.iter().flat_map(|s| s.pending_lookups()).collect();
             if !wanted.is_empty() {
                 let found = loop {
-                    match self
-                        .deps
-                        .runtime
-                        .block_on(self.deps.store.first_visits(&wanted))
-                    {
+                    match self.deps.runtime.block_on(self.deps.store.first_visits(&wanted)) {
                         Ok(found) => break found,
                         Err(e) if !shutdown.is_cancelled() => {
                             warn!(error = %e, "session lookup failed; retrying");
@@ -612,15 +520,10 @@ impl<S: ProcessorStore> Loop<S> {
             }
             self.commit(&plain);
             let m = &self.deps.metrics;
-            m.flush_rows
-                .with_label_values(&["facts"])
-                .inc_by(batch.facts.len() as u64);
-            m.flush_rows
-                .with_label_values(&["aggregates"])
-                .inc_by(batch.aggregate_rows() as u64);
+            m.flush_rows.with_label_values(&["facts"]).inc_by(batch.facts.len() as u64);
+            m.flush_rows.with_label_values(&["aggregates"]).inc_by(batch.aggregate_rows() as u64);
             m.flush_duration.observe(started.elapsed().as_secs_f64());
-            m.last_flush_timestamp
-                .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+            m.last_flush_timestamp.set(Utc::now().timestamp_millis() as f64 / 1000.0);
             Ok(())
         })();
         for s in states {
@@ -634,11 +537,7 @@ impl<S: ProcessorStore> Loop<S> {
     }
 
     /// Writes `batch`, retrying with backoff until ClickHouse acknowledges it or shutdown.
-    fn write_with_retry(
-        &self,
-        batch: &FlushBatch,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    fn write_with_retry(&self, batch: &FlushBatch, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.deps.runtime.block_on(self.deps.store.write(batch)) {
@@ -698,29 +597,17 @@ impl<S: ProcessorStore> Loop<S> {
     /// Per unit: the receive time up to which its facts are in the aggregates; `now` when the
     /// unit has consumed everything in its three topic partitions.
     fn effective_watermarks(&self) -> Vec<(u16, i64, i64)> {
-        let hw = self
-            .watchdog
-            .high_watermarks
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_default();
+        let hw = self.watchdog.high_watermarks.lock().map(|h| h.clone()).unwrap_or_default();
         let now = Utc::now().timestamp_millis();
         self.ready_states()
             .map(|s| {
                 let mut lag = 0i64;
                 for kind in FactKind::ALL {
-                    let high = hw
-                        .get(&(self.topics.fact(kind), i32::from(s.partition())))
-                        .copied()
-                        .unwrap_or(0);
+                    let high = hw.get(&(self.topics.fact(kind), i32::from(s.partition()))).copied().unwrap_or(0);
                     lag += (high - s.offsets().get(kind)).max(0);
                 }
                 let caught_up = lag == 0 && s.unflushed() == 0;
-                (
-                    s.partition(),
-                    if caught_up { now } else { s.watermark_ms() },
-                    lag,
-                )
+                (s.partition(), if caught_up { now } else { s.watermark_ms() }, lag)
             })
             .collect()
     }
@@ -749,20 +636,12 @@ impl<S: ProcessorStore> Loop<S> {
     fn update_metrics(&mut self) {
         self.last_metrics = Instant::now();
         let m = &self.deps.metrics;
-        let hw = self
-            .watchdog
-            .high_watermarks
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_default();
+        let hw = self.watchdog.high_watermarks.lock().map(|h| h.clone()).unwrap_or_default();
         let mut lag_labels = BTreeSet::new();
         for s in self.ready_states() {
             for kind in FactKind::ALL {
                 let topic = self.topics.fact(kind);
-                let high = hw
-                    .get(&(topic.clone(), i32::from(s.partition())))
-                    .copied()
-                    .unwrap_or(0);
+                let high = hw.get(&(topic.clone(), i32::from(s.partition()))).copied().unwrap_or(0);
                 let partition = s.partition().to_string();
                 m.consumer_lag
                     .with_label_values(&[topic.as_str(), partition.as_str()])
@@ -772,9 +651,7 @@ impl<S: ProcessorStore> Loop<S> {
         }
         // Partitions given away in a rebalance are reported by their new owner only.
         for (topic, partition) in self.exported_lag.difference(&lag_labels) {
-            let _ = m
-                .consumer_lag
-                .remove_label_values(&[topic.as_str(), partition.as_str()]);
+            let _ = m.consumer_lag.remove_label_values(&[topic.as_str(), partition.as_str()]);
         }
         self.exported_lag = lag_labels;
 
@@ -782,28 +659,20 @@ impl<S: ProcessorStore> Loop<S> {
         if let Some(min) = marks.iter().map(|(_, wm, _)| *wm).min() {
             let now = Utc::now().timestamp_millis();
             m.watermark_seconds.set(min as f64 / 1000.0);
-            m.staleness_seconds
-                .set(((now - min).max(0)) as f64 / 1000.0);
+            m.staleness_seconds.set(((now - min).max(0)) as f64 / 1000.0);
         }
-        m.open_state_entries
-            .set(self.ready_states().map(|s| s.state_entries() as i64).sum());
+        m.open_state_entries.set(self.ready_states().map(|s| s.state_entries() as i64).sum());
         // Visits today per client, over the partitions this instance owns (sum over instances).
         let now = Utc::now().timestamp_millis();
-        let mut clients: BTreeSet<String> =
-            self.deps.clients.clients().map(|c| c.to_string()).collect();
+        let mut clients: BTreeSet<String> = self.deps.clients.clients().map(|c| c.to_string()).collect();
         for s in self.ready_states() {
             clients.extend(s.clients().map(str::to_owned));
         }
         for client in &clients {
             let tz = self.deps.clients.timezone(client);
             let today = time::day_number(time::client_day(now, tz));
-            let visits: u64 = self
-                .ready_states()
-                .map(|s| s.day_visits(client, today))
-                .sum();
-            m.visits_today
-                .with_label_values(&[client.as_str()])
-                .set(visits as f64);
+            let visits: u64 = self.ready_states().map(|s| s.day_visits(client, today)).sum();
+            m.visits_today.with_label_values(&[client.as_str()]).set(visits as f64);
         }
         for gone in self.exported_clients.difference(&clients) {
             let _ = m.visits_today.remove_label_values(&[gone.as_str()]);

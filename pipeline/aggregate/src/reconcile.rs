@@ -33,11 +33,7 @@ pub struct Mismatch {
 
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let key = if self.key.is_empty() {
-            String::new()
-        } else {
-            format!(" [{}]", self.key)
-        };
+        let key = if self.key.is_empty() { String::new() } else { format!(" [{}]", self.key) };
         let diff = self.aggregate as i128 - self.raw as i128;
         write!(
             f,
@@ -48,11 +44,7 @@ impl fmt::Display for Mismatch {
             key,
             self.aggregate,
             self.raw,
-            if self.pending_backfill {
-                "  (late facts pending: run eventflow backfill)"
-            } else {
-                ""
-            }
+            if self.pending_backfill { "  (late facts pending: run eventflow backfill)" } else { "" }
         )
     }
 }
@@ -95,18 +87,8 @@ pub async fn client(
     from: NaiveDate,
     to: NaiveDate,
 ) -> Result<Vec<Mismatch>, StoreError> {
-    let scope = Scope {
-        client_id: client.to_owned(),
-        from,
-        to,
-        tz,
-        cid: None,
-    };
-    let pending: BTreeSet<u16> = store
-        .pending_late_days(client, from, to)
-        .await?
-        .into_iter()
-        .collect();
+    let scope = Scope { client_id: client.to_owned(), from, to, tz, cid: None };
+    let pending: BTreeSet<u16> = store.pending_late_days(client, from, to).await?.into_iter().collect();
     // Aggregates first, then raw: a fact flushed in between shows up in raw only, and a
     // continuous reconcile confirms differences on a second pass before reporting them.
     let agg_days = store.daily_totals(client, from, to).await?;
@@ -114,10 +96,8 @@ pub async fn client(
     let agg_sessions = store.day_sessions(client, from, to).await?;
     let (start_ms, _) = time::day_bounds_ms(from, tz);
     let (_, end_ms) = time::day_bounds_ms(to, tz);
-    let (from_s, to_s) = (
-        u32::try_from(start_ms / 1000).unwrap_or(0),
-        u32::try_from(end_ms / 1000).unwrap_or(u32::MAX),
-    );
+    let (from_s, to_s) =
+        (u32::try_from(start_ms / 1000).unwrap_or(0), u32::try_from(end_ms / 1000).unwrap_or(u32::MAX));
     let mut agg_minutes: BTreeMap<(u32, i8), u64> = BTreeMap::new();
     for r in store.minute_visits_rows(client, from_s, to_s).await? {
         *agg_minutes.entry((r.minute, r.page)).or_default() += r.visits;
@@ -142,8 +122,7 @@ pub async fn client(
             });
         }
     };
-    let raw_days: BTreeMap<u16, DayCounters> =
-        raw.totals.iter().map(|((d, _), c)| (*d, *c)).collect();
+    let raw_days: BTreeMap<u16, DayCounters> = raw.totals.iter().map(|((d, _), c)| (*d, *c)).collect();
     let days: BTreeSet<u16> = agg_days.keys().chain(raw_days.keys()).copied().collect();
     for day in &days {
         let a = agg_days.get(day).copied().unwrap_or_default();
@@ -152,16 +131,9 @@ pub async fn client(
             push(*day, metric, key.to_owned(), av, rv);
         }
     }
-    let raw_marketing: BTreeMap<_, _> = raw
-        .marketing
-        .iter()
-        .map(|((d, dims, _), m)| ((*d, dims.clone()), *m))
-        .collect();
-    let keys: BTreeSet<_> = agg_marketing
-        .keys()
-        .chain(raw_marketing.keys())
-        .cloned()
-        .collect();
+    let raw_marketing: BTreeMap<_, _> =
+        raw.marketing.iter().map(|((d, dims, _), m)| ((*d, dims.clone()), *m)).collect();
+    let keys: BTreeSet<_> = agg_marketing.keys().chain(raw_marketing.keys()).cloned().collect();
     for key in keys {
         let a = agg_marketing.get(&key).copied().unwrap_or_default();
         let r = raw_marketing.get(&key).copied().unwrap_or_default();
@@ -179,11 +151,7 @@ pub async fn client(
             push(key.0, "campaigns", format!("{label} {name}"), av, rv);
         }
     }
-    let keys: BTreeSet<u16> = agg_sessions
-        .keys()
-        .chain(raw.day_sessions.keys())
-        .copied()
-        .collect();
+    let keys: BTreeSet<u16> = agg_sessions.keys().chain(raw.day_sessions.keys()).copied().collect();
     for day in keys {
         push(
             day,
@@ -193,49 +161,28 @@ pub async fn client(
             raw.day_sessions.get(&day).copied().unwrap_or(0),
         );
     }
-    let raw_minutes: BTreeMap<(u32, i8), u64> = raw
-        .minutes
-        .iter()
-        .map(|((m, p, _), v)| ((*m, *p), *v))
-        .collect();
-    let keys: BTreeSet<(u32, i8)> = agg_minutes
-        .keys()
-        .chain(raw_minutes.keys())
-        .copied()
-        .collect();
+    let raw_minutes: BTreeMap<(u32, i8), u64> = raw.minutes.iter().map(|((m, p, _), v)| ((*m, *p), *v)).collect();
+    let keys: BTreeSet<(u32, i8)> = agg_minutes.keys().chain(raw_minutes.keys()).copied().collect();
     for (minute, page) in keys {
         let day = time::day_number(time::client_day(i64::from(minute) * 1000, tz));
         let page_name = eventflow_store::rows::page_from_code(page).map_or("none", |p| p.as_str());
         push(
             day,
             "minute_visits",
-            format!(
-                "{} {page_name}",
-                time::format_in_tz(i64::from(minute) * 1000, tz)
-            ),
+            format!("{} {page_name}", time::format_in_tz(i64::from(minute) * 1000, tz)),
             agg_minutes.get(&(minute, page)).copied().unwrap_or(0),
             raw_minutes.get(&(minute, page)).copied().unwrap_or(0),
         );
     }
-    let raw_live: BTreeMap<(String, u32), u64> = raw
-        .live
-        .iter()
-        .map(|((w, m, _), v)| ((w.clone(), *m), *v))
-        .collect();
+    let raw_live: BTreeMap<(String, u32), u64> = raw.live.iter().map(|((w, m, _), v)| ((w.clone(), *m), *v)).collect();
     let keys: BTreeSet<(String, u32)> = agg_live.keys().chain(raw_live.keys()).cloned().collect();
     for (webinar, minute) in keys {
         let day = time::day_number(time::client_day(i64::from(minute) * 1000, tz));
         push(
             day,
             "live",
-            format!(
-                "{webinar} {}",
-                time::format_in_tz(i64::from(minute) * 1000, tz)
-            ),
-            agg_live
-                .get(&(webinar.clone(), minute))
-                .copied()
-                .unwrap_or(0),
+            format!("{webinar} {}", time::format_in_tz(i64::from(minute) * 1000, tz)),
+            agg_live.get(&(webinar.clone(), minute)).copied().unwrap_or(0),
             raw_live.get(&(webinar, minute)).copied().unwrap_or(0),
         );
     }

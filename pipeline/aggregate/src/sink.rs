@@ -33,16 +33,10 @@ pub trait ProcessorStore: Send + Sync + 'static {
 
     /// Writes a flush in the order of [`FlushBatch`]: first-visit and late markers, then the
     /// facts with their checkpoints (one INSERT: the commit point), then the buckets.
-    fn write(
-        &self,
-        batch: &FlushBatch,
-    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    fn write(&self, batch: &FlushBatch) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
 
     /// Records partition ownership and watermarks for the reader API and operators.
-    fn heartbeat(
-        &self,
-        rows: &[ProgressRow],
-    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    fn heartbeat(&self, rows: &[ProgressRow]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Limit of rows in one `facts` INSERT, far below `max_insert_block_size` (1 048 449), so an
@@ -50,56 +44,34 @@ pub trait ProcessorStore: Send + Sync + 'static {
 pub const MAX_FACT_ROWS_PER_INSERT: usize = 200_000;
 
 impl ProcessorStore for Store {
-    async fn checkpoints(
-        &self,
-        partitions: &[u16],
-    ) -> Result<HashMap<u16, Checkpoint>, StoreError> {
+    async fn checkpoints(&self, partitions: &[u16]) -> Result<HashMap<u16, Checkpoint>, StoreError> {
         self.load_checkpoints(partitions).await
     }
 
-    async fn facts_since(
-        &self,
-        partitions: &[u16],
-        received_since_ms: i64,
-    ) -> Result<Vec<FactRow>, StoreError> {
-        self.partition_facts_since(partitions, received_since_ms)
-            .await
+    async fn facts_since(&self, partitions: &[u16], received_since_ms: i64) -> Result<Vec<FactRow>, StoreError> {
+        self.partition_facts_since(partitions, received_since_ms).await
     }
 
-    async fn first_visits(
-        &self,
-        sessions: &[SessionRef],
-    ) -> Result<Vec<(SessionRef, Option<i64>)>, StoreError> {
-        let pairs: Vec<(String, String)> = sessions
-            .iter()
-            .map(|s| (s.client_id.clone(), s.session_id.clone()))
-            .collect();
+    async fn first_visits(&self, sessions: &[SessionRef]) -> Result<Vec<(SessionRef, Option<i64>)>, StoreError> {
+        let pairs: Vec<(String, String)> =
+            sessions.iter().map(|s| (s.client_id.clone(), s.session_id.clone())).collect();
         let found = self.session_first_visits(&pairs).await?;
         Ok(sessions
             .iter()
-            .map(|s| {
-                (
-                    s.clone(),
-                    found
-                        .get(&(s.client_id.clone(), s.session_id.clone()))
-                        .copied(),
-                )
-            })
+            .map(|s| (s.clone(), found.get(&(s.client_id.clone(), s.session_id.clone())).copied()))
             .collect())
     }
 
     async fn write(&self, batch: &FlushBatch) -> Result<(), StoreError> {
         debug_assert!(batch.facts.len() <= MAX_FACT_ROWS_PER_INSERT);
         debug_assert!(batch.facts.iter().any(|r| r.kind == kind::CHECKPOINT));
-        self.insert("session_first_visits", &batch.first_visits)
-            .await?;
+        self.insert("session_first_visits", &batch.first_visits).await?;
         self.insert("late_facts", &batch.late).await?;
         self.insert("facts", &batch.facts).await?;
         self.insert("minute_visits", &batch.minute_visits).await?;
         self.insert("minute_live", &batch.minute_live).await?;
         self.insert("daily_totals", &batch.daily_totals).await?;
-        self.insert("daily_marketing", &batch.daily_marketing)
-            .await?;
+        self.insert("daily_marketing", &batch.daily_marketing).await?;
         self.insert("daily_sessions", &batch.daily_sessions).await?;
         Ok(())
     }

@@ -29,9 +29,9 @@ use eventflow_core::hash::id128;
 use eventflow_core::time;
 use eventflow_core::{ClientDirectory, Utm};
 use eventflow_store::rows::{
-    Checkpoint, DailyMarketingRow, DailySessionRow, DailyTotalsRow, DayCounters, FactRow,
-    LateFactRow, MarketingCounters, MarketingDims, MinuteLiveRow, MinuteVisitsRow, Provenance,
-    SessionFirstVisitRow, SpoolMark, TopicOffsets,
+    Checkpoint, DailyMarketingRow, DailySessionRow, DailyTotalsRow, DayCounters, FactRow, LateFactRow,
+    MarketingCounters, MarketingDims, MinuteLiveRow, MinuteVisitsRow, Provenance, SessionFirstVisitRow, SpoolMark,
+    TopicOffsets,
 };
 
 const DAY_MS: i64 = 86_400_000;
@@ -52,10 +52,7 @@ pub struct WindowConfig {
 
 impl WindowConfig {
     pub fn new(allowed_lateness_ms: i64) -> Self {
-        Self {
-            allowed_lateness_ms,
-            dedup_horizon_ms: allowed_lateness_ms + DAY_MS,
-        }
+        Self { allowed_lateness_ms, dedup_horizon_ms: allowed_lateness_ms + DAY_MS }
     }
 }
 
@@ -212,14 +209,8 @@ fn cid_label(cid: &Option<String>, resolved: bool) -> &str {
 
 fn marketing_id(event_id: &str, webinar_id: &str, cid: &str, utm: &Utm) -> u128 {
     let mut key = String::with_capacity(64);
-    for part in [
-        event_id,
-        webinar_id,
-        cid,
-        Utm::label(&utm.source),
-        Utm::label(&utm.medium),
-        Utm::label(&utm.campaign),
-    ] {
+    for part in [event_id, webinar_id, cid, Utm::label(&utm.source), Utm::label(&utm.medium), Utm::label(&utm.campaign)]
+    {
         key.push_str(part);
         key.push('\u{1f}');
     }
@@ -311,14 +302,7 @@ impl PartitionState {
         let day_members: usize = self
             .days
             .values()
-            .map(|d| {
-                d.sessions.len()
-                    + d.marketing
-                        .values()
-                        .map(|m| m.sessions.len() + 1)
-                        .sum::<usize>()
-                    + 1
-            })
+            .map(|d| d.sessions.len() + d.marketing.values().map(|m| m.sessions.len() + 1).sum::<usize>() + 1)
             .sum();
         let live_members: usize = self.live.values().map(|l| l.sessions.len() + 1).sum();
         day_members
@@ -331,10 +315,7 @@ impl PartitionState {
 
     /// Counted visits of `client` on `day` in this partition.
     pub fn day_visits(&self, client: &str, day: u16) -> u64 {
-        self.interned
-            .get(client)
-            .and_then(|c| self.days.get(&(c.clone(), day)))
-            .map_or(0, |d| d.counters.visits)
+        self.interned.get(client).and_then(|c| self.days.get(&(c.clone(), day))).map_or(0, |d| d.counters.visits)
     }
 
     /// Clients with open days in this partition.
@@ -384,12 +365,7 @@ impl PartitionState {
             None => {
                 self.spools.insert(
                     (h.spool_id, kind),
-                    SpoolMark {
-                        spool_id: h.spool_id,
-                        topic: kind,
-                        high_seq: h.spool_seq,
-                        seen_ms: h.received_at_ms,
-                    },
+                    SpoolMark { spool_id: h.spool_id, topic: kind, high_seq: h.spool_seq, seen_ms: h.received_at_ms },
                 );
             }
         }
@@ -405,12 +381,7 @@ impl PartitionState {
         self.raw.push(FactRow::from_fact(
             &fact,
             tz,
-            Provenance {
-                kafka_partition: self.partition,
-                kafka_offset: offset,
-                seq,
-                late,
-            },
+            Provenance { kafka_partition: self.partition, kafka_offset: offset, seq, late },
         ));
         if late {
             self.late.insert((client.clone(), day_no), seq);
@@ -527,14 +498,7 @@ impl PartitionState {
         }
     }
 
-    fn fold_visit(
-        &mut self,
-        client: &ClientRef,
-        day: u16,
-        tz: Tz,
-        closed: bool,
-        v: &Visit,
-    ) -> Outcome {
+    fn fold_visit(&mut self, client: &ClientRef, day: u16, tz: Tz, closed: bool, v: &Visit) -> Outcome {
         let event_ms = v.header.event_time_ms;
         // Any visit, counted or not, establishes the session for linkage.
         let replaying = self.replaying;
@@ -544,10 +508,8 @@ impl PartitionState {
         if earlier {
             session.first_visit_ms = Some(event_ms);
             if !replaying {
-                self.first_visits.insert(
-                    session_key,
-                    SessionFirstVisitRow::new(client.to_string(), v.session_id.clone(), event_ms),
-                );
+                self.first_visits
+                    .insert(session_key, SessionFirstVisitRow::new(client.to_string(), v.session_id.clone(), event_ms));
             }
             self.relink(session_key);
         }
@@ -573,10 +535,7 @@ impl PartitionState {
         }
 
         let cid = cid_label(&v.cid, v.cid_resolved).to_owned();
-        let (event_id, webinar_id) = (
-            v.event_id.as_deref().unwrap_or(""),
-            v.webinar_id.as_deref().unwrap_or(""),
-        );
+        let (event_id, webinar_id) = (v.event_id.as_deref().unwrap_or(""), v.webinar_id.as_deref().unwrap_or(""));
         let m_key = marketing_id(event_id, webinar_id, &cid, &v.utm);
         let d = self.day_mut(client, day, tz);
         d.counters.visits += 1;
@@ -624,11 +583,7 @@ impl PartitionState {
 
         let minute = time::minute_start_ms(event_ms);
         let mkey = (client.clone(), minute, v.page);
-        let ms = self.minutes.entry(mkey.clone()).or_insert(MinuteState {
-            day,
-            visits: 0,
-            dirty: false,
-        });
+        let ms = self.minutes.entry(mkey.clone()).or_insert(MinuteState { day, visits: 0, dirty: false });
         ms.visits += 1;
         if !ms.dirty {
             ms.dirty = true;
@@ -637,14 +592,7 @@ impl PartitionState {
         Outcome::Counted
     }
 
-    fn fold_entry(
-        &mut self,
-        client: &ClientRef,
-        day: u16,
-        tz: Tz,
-        closed: bool,
-        e: &Entry,
-    ) -> Outcome {
+    fn fold_entry(&mut self, client: &ClientRef, day: u16, tz: Tz, closed: bool, e: &Entry) -> Outcome {
         let event_ms = e.header.event_time_ms;
         let key = id128(client, &e.entry_id);
         let duplicate = match self.entry_ids.entry(key) {
@@ -661,24 +609,14 @@ impl PartitionState {
             return Outcome::Duplicate;
         }
         let cid = cid_label(&e.cid, e.cid_resolved).to_owned();
-        let (event_id, webinar_id) = (
-            e.event_id.as_deref().unwrap_or(""),
-            e.webinar_id.as_deref().unwrap_or(""),
-        );
+        let (event_id, webinar_id) = (e.event_id.as_deref().unwrap_or(""), e.webinar_id.as_deref().unwrap_or(""));
         let m_key = marketing_id(event_id, webinar_id, &cid, &e.utm);
 
         let (session_key, session) = self.session_mut(client, &e.session_id);
         session.last_event_ms = session.last_event_ms.max(event_ms);
-        let linked = session
-            .first_visit_ms
-            .is_some_and(|first| first <= event_ms);
+        let linked = session.first_visit_ms.is_some_and(|first| first <= event_ms);
         let needs_lookup = !linked && !session.store_checked;
-        session.entries.push(EntryRef {
-            day,
-            marketing: m_key,
-            event_ms,
-            linked,
-        });
+        session.entries.push(EntryRef { day, marketing: m_key, event_ms, linked });
         if needs_lookup {
             // An earlier visit may be older than the state remembers; ask the store at flush.
             self.pending_lookups.insert(session_key);
@@ -707,14 +645,7 @@ impl PartitionState {
         Outcome::Counted
     }
 
-    fn fold_ping(
-        &mut self,
-        client: &ClientRef,
-        day: u16,
-        tz: Tz,
-        closed: bool,
-        p: &Ping,
-    ) -> Outcome {
+    fn fold_ping(&mut self, client: &ClientRef, day: u16, tz: Tz, closed: bool, p: &Ping) -> Outcome {
         if closed {
             return Outcome::Late;
         }
@@ -751,11 +682,7 @@ impl PartitionState {
         };
         let client = session.client.clone();
         let mut newly: Vec<(u16, u128)> = Vec::new();
-        for entry in session
-            .entries
-            .iter_mut()
-            .filter(|e| !e.linked && first <= e.event_ms)
-        {
+        for entry in session.entries.iter_mut().filter(|e| !e.linked && first <= e.event_ms) {
             entry.linked = true;
             newly.push((entry.day, entry.marketing));
         }
@@ -779,10 +706,7 @@ impl PartitionState {
         self.pending_lookups
             .iter()
             .filter_map(|k| self.sessions.get(k))
-            .map(|s| SessionRef {
-                client_id: s.client.to_string(),
-                session_id: s.session_id.clone(),
-            })
+            .map(|s| SessionRef { client_id: s.client.to_string(), session_id: s.session_id.clone() })
             .collect()
     }
 
@@ -852,10 +776,7 @@ impl PartitionState {
     /// Drains everything to write since the last flush. Call after [`Self::resolve_lookups`]:
     /// rows must not be written while linkage is still provisional.
     pub fn take_flush(&mut self) -> FlushBatch {
-        debug_assert!(
-            self.pending_lookups.is_empty(),
-            "flush with unresolved session lookups"
-        );
+        debug_assert!(self.pending_lookups.is_empty(), "flush with unresolved session lookups");
         let version = self.seq();
         let partition = self.partition;
         self.pending_aggregates_watermark_ms = self.watermark_ms;
@@ -885,13 +806,7 @@ impl PartitionState {
                 continue;
             };
             d.dirty = false;
-            batch.daily_totals.push(DailyTotalsRow::new(
-                key.0.to_string(),
-                key.1,
-                partition,
-                version,
-                d.counters,
-            ));
+            batch.daily_totals.push(DailyTotalsRow::new(key.0.to_string(), key.1, partition, version, d.counters));
             for m in d.marketing.values_mut().filter(|m| m.dirty) {
                 m.dirty = false;
                 batch.daily_marketing.push(DailyMarketingRow::new(
@@ -940,18 +855,13 @@ impl PartitionState {
     fn release_closed(&mut self) {
         let wm = self.watermark_ms;
         let lateness = self.cfg.allowed_lateness_ms;
-        let closed =
-            |day: u16, tz: Tz| time::day_closed(time::day_from_number(day), tz, wm, lateness);
-        self.days
-            .retain(|(_, day), d| d.dirty || !closed(*day, d.tz));
+        let closed = |day: u16, tz: Tz| time::day_closed(time::day_from_number(day), tz, wm, lateness);
+        self.days.retain(|(_, day), d| d.dirty || !closed(*day, d.tz));
         let clients = self.clients.clone();
-        self.minutes
-            .retain(|(client, _, _), m| m.dirty || !closed(m.day, clients.timezone(client)));
-        self.live
-            .retain(|(client, _, _), l| l.dirty || !closed(l.day, clients.timezone(client)));
+        self.minutes.retain(|(client, _, _), m| m.dirty || !closed(m.day, clients.timezone(client)));
+        self.live.retain(|(client, _, _), l| l.dirty || !closed(l.day, clients.timezone(client)));
         self.sessions.retain(|key, s| {
-            s.entries
-                .retain(|e| !closed(e.day, clients.timezone(&s.client)));
+            s.entries.retain(|e| !closed(e.day, clients.timezone(&s.client)));
             let tz = clients.timezone(&s.client);
             let last_day = time::day_number(time::client_day(s.last_event_ms.max(0), tz));
             self.pending_lookups.contains(key) || !s.entries.is_empty() || !closed(last_day, tz)
@@ -959,14 +869,11 @@ impl PartitionState {
         let horizon = self.cfg.dedup_horizon_ms;
         self.visit_uids.retain(|_, seen| *seen + horizon > wm);
         self.entry_ids.retain(|_, seen| *seen + horizon > wm);
-        self.spools
-            .retain(|_, m| m.seen_ms + SPOOL_MARK_RETENTION_MS > wm);
+        self.spools.retain(|_, m| m.seen_ms + SPOOL_MARK_RETENTION_MS > wm);
         let live_clients: FxHashSet<&str> = self.days.keys().map(|(c, _)| &**c).collect();
-        let sessions_clients: FxHashSet<&str> =
-            self.sessions.values().map(|s| &*s.client).collect();
-        self.interned.retain(|name, _| {
-            live_clients.contains(name.as_str()) || sessions_clients.contains(name.as_str())
-        });
+        let sessions_clients: FxHashSet<&str> = self.sessions.values().map(|s| &*s.client).collect();
+        self.interned
+            .retain(|name, _| live_clients.contains(name.as_str()) || sessions_clients.contains(name.as_str()));
     }
 }
 

@@ -22,20 +22,8 @@ const T0: i64 = 1_795_564_800_000;
 
 fn clients() -> Arc<ClientDirectory> {
     let mut map = std::collections::BTreeMap::new();
-    map.insert(
-        "kr".to_owned(),
-        ClientSettings {
-            timezone: Some("Asia/Seoul".into()),
-            token: None,
-        },
-    );
-    map.insert(
-        "ny".to_owned(),
-        ClientSettings {
-            timezone: Some("America/New_York".into()),
-            token: None,
-        },
-    );
+    map.insert("kr".to_owned(), ClientSettings { timezone: Some("Asia/Seoul".into()), token: None });
+    map.insert("ny".to_owned(), ClientSettings { timezone: Some("America/New_York".into()), token: None });
     Arc::new(ClientDirectory::new(&TenancyConfig::default(), &map).unwrap())
 }
 
@@ -63,11 +51,7 @@ fn dims(r: &FactRow) -> MarketingDims {
     MarketingDims {
         event_id: r.event_id.clone(),
         webinar_id: r.webinar_id.clone(),
-        cid: if r.cid_resolved == 1 && !r.cid.is_empty() {
-            r.cid.clone()
-        } else {
-            "unresolved".into()
-        },
+        cid: if r.cid_resolved == 1 && !r.cid.is_empty() { r.cid.clone() } else { "unresolved".into() },
         utm_source: label(&r.utm_source),
         utm_medium: label(&r.utm_medium),
         utm_campaign: label(&r.utm_campaign),
@@ -81,14 +65,12 @@ fn recount(raw: &[FactRow]) -> Aggregates {
     // Earliest copy (lowest seq) of each (client, event_uid) counts.
     let mut first_copy: HashMap<(&str, &str), u64> = HashMap::new();
     for v in visits.iter().filter(|v| !v.event_uid.is_empty()) {
-        let e = first_copy
-            .entry((&v.client_id, &v.event_uid))
-            .or_insert(u64::MAX);
+        let e = first_copy.entry((&v.client_id, &v.event_uid)).or_insert(u64::MAX);
         *e = (*e).min(v.seq);
     }
-    let counted = visits.iter().filter(|v| {
-        v.event_uid.is_empty() || first_copy[&(v.client_id.as_str(), v.event_uid.as_str())] == v.seq
-    });
+    let counted = visits
+        .iter()
+        .filter(|v| v.event_uid.is_empty() || first_copy[&(v.client_id.as_str(), v.event_uid.as_str())] == v.seq);
     let mut day_sessions: BTreeMap<(String, u16), BTreeSet<String>> = BTreeMap::new();
     let mut m_sessions: BTreeMap<(String, u16, MarketingDims), BTreeSet<String>> = BTreeMap::new();
     for v in counted {
@@ -101,25 +83,12 @@ fn recount(raw: &[FactRow]) -> Aggregates {
         }
         t.visits_utm_missing += u64::from(v.utm_source.is_empty());
         t.visits_cid_unresolved += u64::from(dims(v).cid == "unresolved");
-        day_sessions
-            .entry((v.client_id.clone(), v.day))
-            .or_default()
-            .insert(v.session_id.clone());
+        day_sessions.entry((v.client_id.clone(), v.day)).or_default().insert(v.session_id.clone());
         let key = (v.client_id.clone(), v.day, dims(v));
         out.marketing.entry(key.clone()).or_default().visits += 1;
-        m_sessions
-            .entry(key)
-            .or_default()
-            .insert(v.session_id.clone());
-        *out.minutes
-            .entry((
-                v.client_id.clone(),
-                (v.event_time_ms / 60_000 * 60) as u32,
-                v.page,
-            ))
-            .or_default() += 1;
-        out.sessions
-            .insert((v.client_id.clone(), v.day, v.session_id.clone()));
+        m_sessions.entry(key).or_default().insert(v.session_id.clone());
+        *out.minutes.entry((v.client_id.clone(), (v.event_time_ms / 60_000 * 60) as u32, v.page)).or_default() += 1;
+        out.sessions.insert((v.client_id.clone(), v.day, v.session_id.clone()));
     }
     for ((c, d), s) in day_sessions {
         out.totals.get_mut(&(c, d)).unwrap().unique_sessions = s.len() as u64;
@@ -137,18 +106,13 @@ fn recount(raw: &[FactRow]) -> Aggregates {
         }
     }
     for e in first_entry.values() {
-        let linked = visits.iter().any(|v| {
-            v.client_id == e.client_id
-                && v.session_id == e.session_id
-                && v.event_time_ms <= e.event_time_ms
-        });
+        let linked = visits
+            .iter()
+            .any(|v| v.client_id == e.client_id && v.session_id == e.session_id && v.event_time_ms <= e.event_time_ms);
         let t = out.totals.entry((e.client_id.clone(), e.day)).or_default();
         t.entries += 1;
         t.linked_entries += u64::from(linked);
-        let m = out
-            .marketing
-            .entry((e.client_id.clone(), e.day, dims(e)))
-            .or_default();
+        let m = out.marketing.entry((e.client_id.clone(), e.day, dims(e))).or_default();
         m.entries += 1;
         m.linked_entries += u64::from(linked);
     }
@@ -175,18 +139,13 @@ impl Aggregates {
     fn without(mut self, flagged: &BTreeSet<(String, u16)>) -> Self {
         let tz = clients();
         let day_of_minute = |client: &str, minute: u32| {
-            time::day_number(time::client_day(
-                i64::from(minute) * 1000,
-                tz.timezone(client),
-            ))
+            time::day_number(time::client_day(i64::from(minute) * 1000, tz.timezone(client)))
         };
         let keep = |c: &str, d: u16| !flagged.contains(&(c.to_owned(), d));
         self.totals.retain(|(c, d), _| keep(c, *d));
         self.marketing.retain(|(c, d, _), _| keep(c, *d));
-        self.minutes
-            .retain(|(c, m, _), _| keep(c, day_of_minute(c, *m)));
-        self.live
-            .retain(|(c, _, m), _| keep(c, day_of_minute(c, *m)));
+        self.minutes.retain(|(c, m, _), _| keep(c, day_of_minute(c, *m)));
+        self.live.retain(|(c, _, m), _| keep(c, day_of_minute(c, *m)));
         self.sessions.retain(|(c, d, _)| keep(c, *d));
         self
     }
@@ -203,11 +162,7 @@ fn diff(got: &Aggregates, want: &Aggregates) -> String {
         let keys: BTreeSet<&K> = a.keys().chain(b.keys()).collect();
         for k in keys {
             if a.get(k) != b.get(k) {
-                out.push_str(&format!(
-                    "{name} {k:?}: got {:?}, want {:?}\n",
-                    a.get(k),
-                    b.get(k)
-                ));
+                out.push_str(&format!("{name} {k:?}: got {:?}, want {:?}\n", a.get(k), b.get(k)));
             }
         }
     }
@@ -217,14 +172,7 @@ fn diff(got: &Aggregates, want: &Aggregates) -> String {
     section(&mut out, "minutes", &got.minutes, &want.minutes);
     section(&mut out, "live", &got.live, &want.live);
     for s in got.sessions.symmetric_difference(&want.sessions) {
-        out.push_str(&format!(
-            "sessions {s:?} only in {}\n",
-            if got.sessions.contains(s) {
-                "got"
-            } else {
-                "want"
-            }
-        ));
+        out.push_str(&format!("sessions {s:?} only in {}\n", if got.sessions.contains(s) { "got" } else { "want" }));
     }
     out
 }
@@ -247,12 +195,7 @@ struct Store {
     late_days: BTreeSet<(String, u16)>,
 }
 
-fn keep_max<K: std::hash::Hash + Eq, R>(
-    map: &mut HashMap<K, R>,
-    key: K,
-    row: R,
-    version: impl Fn(&R) -> u64,
-) {
+fn keep_max<K: std::hash::Hash + Eq, R>(map: &mut HashMap<K, R>, key: K, row: R, version: impl Fn(&R) -> u64) {
     match map.get(&key) {
         Some(old) if version(old) > version(&row) => {}
         _ => {
@@ -271,10 +214,8 @@ impl Store {
             match step {
                 0 => {
                     for r in &batch.first_visits {
-                        let e = self
-                            .first_visits
-                            .entry((r.client_id.clone(), r.session_id.clone()))
-                            .or_insert(i64::MAX);
+                        let e =
+                            self.first_visits.entry((r.client_id.clone(), r.session_id.clone())).or_insert(i64::MAX);
                         *e = (*e).min(r.first_visit_ms);
                     }
                 }
@@ -290,10 +231,7 @@ impl Store {
                             if self.facts.contains_key(&r.fact_id) {
                                 self.physical_duplicates += 1;
                             }
-                            let keep = self
-                                .facts
-                                .get(&r.fact_id)
-                                .is_none_or(|old| old.seq <= r.seq);
+                            let keep = self.facts.get(&r.fact_id).is_none_or(|old| old.seq <= r.seq);
                             if keep {
                                 self.facts.insert(r.fact_id.clone(), r.clone());
                             }
@@ -311,23 +249,15 @@ impl Store {
                 4 => batch.minute_live.iter().for_each(|r| {
                     keep_max(
                         &mut self.minute_live,
-                        (
-                            r.client_id.clone(),
-                            r.webinar_id.clone(),
-                            r.minute,
-                            r.kafka_partition,
-                        ),
+                        (r.client_id.clone(), r.webinar_id.clone(), r.minute, r.kafka_partition),
                         r.clone(),
                         |r| r.version,
                     )
                 }),
                 5 => batch.daily_totals.iter().for_each(|r| {
-                    keep_max(
-                        &mut self.totals,
-                        (r.client_id.clone(), r.day, r.kafka_partition),
-                        r.clone(),
-                        |r| r.version,
-                    )
+                    keep_max(&mut self.totals, (r.client_id.clone(), r.day, r.kafka_partition), r.clone(), |r| {
+                        r.version
+                    })
                 }),
                 6 => batch.daily_marketing.iter().for_each(|r| {
                     keep_max(
@@ -338,8 +268,7 @@ impl Store {
                     )
                 }),
                 _ => batch.daily_sessions.iter().for_each(|r| {
-                    self.sessions
-                        .insert((r.client_id.clone(), r.day, r.session_id.clone()));
+                    self.sessions.insert((r.client_id.clone(), r.day, r.session_id.clone()));
                 }),
             }
         }
@@ -363,24 +292,17 @@ impl Store {
             t.viewer_minutes += c.viewer_minutes;
         }
         for r in self.marketing.values() {
-            let m = out
-                .marketing
-                .entry((r.client_id.clone(), r.day, r.dims()))
-                .or_default();
+            let m = out.marketing.entry((r.client_id.clone(), r.day, r.dims())).or_default();
             m.visits += r.visits;
             m.unique_sessions += r.unique_sessions;
             m.entries += r.entries;
             m.linked_entries += r.linked_entries;
         }
         for r in self.minute_visits.values() {
-            *out.minutes
-                .entry((r.client_id.clone(), r.minute, r.page))
-                .or_default() += r.visits;
+            *out.minutes.entry((r.client_id.clone(), r.minute, r.page)).or_default() += r.visits;
         }
         for r in self.minute_live.values() {
-            *out.live
-                .entry((r.client_id.clone(), r.webinar_id.clone(), r.minute))
-                .or_default() += r.viewers;
+            *out.live.entry((r.client_id.clone(), r.webinar_id.clone(), r.minute)).or_default() += r.viewers;
         }
         out.sessions = self.sessions.clone();
         out
@@ -401,10 +323,7 @@ impl std::fmt::Debug for Gen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let h = self.fact.header();
         let detail = match &self.fact {
-            Fact::Visit(v) => format!(
-                "visit s={} uid={:?} page={:?}",
-                v.session_id, v.event_uid, v.page
-            ),
+            Fact::Visit(v) => format!("visit s={} uid={:?} page={:?}", v.session_id, v.event_uid, v.page),
             Fact::Entry(e) => format!("entry s={} id={}", e.session_id, e.entry_id),
             Fact::Ping(p) => format!("ping s={} w={}", p.session_id, p.webinar_id),
         };
@@ -442,27 +361,13 @@ impl Rng {
 fn arb_fact(partitions: u16) -> impl Strategy<Value = (u8, u8, u8, u8, u8, i64, u8, u8)> {
     let _ = partitions;
     // (kind, client, session, uid/entry/webinar, page/utm, minute offset, cid, origin)
-    (
-        0u8..10,
-        0u8..2,
-        0u8..6,
-        0u8..5,
-        0u8..6,
-        0i64..(40 * 60),
-        0u8..3,
-        0u8..3,
-    )
+    (0u8..10, 0u8..2, 0u8..6, 0u8..5, 0u8..6, 0i64..(40 * 60), 0u8..3, 0u8..3)
 }
 
 /// With `scoped_ids`, an `event_uid` / `entry_id` is only ever reused within one session: copies
 /// of one visit or entry then share a partition (the documented precondition of exact dedup with
 /// more than one partition, see docs/adr/0002).
-fn build(
-    spec: (u8, u8, u8, u8, u8, i64, u8, u8),
-    spool_seq: u64,
-    partitions: u16,
-    scoped_ids: bool,
-) -> Gen {
+fn build(spec: (u8, u8, u8, u8, u8, i64, u8, u8), spool_seq: u64, partitions: u16, scoped_ids: bool) -> Gen {
     let (k, client, session, ident, variant, minute, cid, _) = spec;
     let client_id = if client == 0 { "kr" } else { "ny" };
     // Around midnight in both zones: Seoul midnight is 15:00Z, New York midnight is 05:00Z.
@@ -478,11 +383,7 @@ fn build(
         clock_skew: false,
     };
     let session_id = format!("s{session}");
-    let scope = if scoped_ids {
-        session_id.clone()
-    } else {
-        String::new()
-    };
+    let scope = if scoped_ids { session_id.clone() } else { String::new() };
     let utm = Utm {
         source: (variant % 3 != 0).then(|| format!("src{}", variant % 2)),
         medium: (variant == 4).then(|| "email".to_owned()),
@@ -493,8 +394,7 @@ fn build(
     let cid_value = (cid > 0).then(|| format!("c{cid}"));
     let fact = match k {
         0..=5 => {
-            let page =
-                [PageKind::Landing, PageKind::Webinar, PageKind::Live][usize::from(variant % 3)];
+            let page = [PageKind::Landing, PageKind::Webinar, PageKind::Live][usize::from(variant % 3)];
             Fact::Visit(Visit {
                 header,
                 session_id,
@@ -545,42 +445,26 @@ fn scenario(partitions: u16) -> impl Strategy<Value = Scenario> {
         proptest::collection::vec(0usize..120, 0..6),
     )
         .prop_map(move |(specs, seed, redeliver)| {
-            let mut facts: Vec<Gen> = specs
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| build(s, i as u64 + 1, partitions, scoped_ids))
-                .collect();
+            let mut facts: Vec<Gen> =
+                specs.into_iter().enumerate().map(|(i, s)| build(s, i as u64 + 1, partitions, scoped_ids)).collect();
             // Collector redeliveries: the same fact (same spool sequence) appended again later.
             for r in redeliver {
                 if let Some(g) = facts.get(r % facts.len()).cloned() {
                     facts.push(g);
                 }
             }
-            Scenario {
-                facts,
-                seed: seed | 1,
-            }
+            Scenario { facts, seed: seed | 1 }
         })
 }
 
 /// Runs one partition's three topic logs through the processor with crashes; returns the store.
-fn run_partition(
-    store: &mut Store,
-    logs: &[Vec<Fact>; 3],
-    partition: u16,
-    rng: &mut Rng,
-    lateness_ms: i64,
-) {
+fn run_partition(store: &mut Store, logs: &[Vec<Fact>; 3], partition: u16, rng: &mut Rng, lateness_ms: i64) {
     let cfg = WindowConfig::new(lateness_ms);
     let dir = clients();
     let mut restarts = 0;
     'owner: loop {
         // Take the partition over: checkpoint, new epoch, replay of stored facts.
-        let cp = store
-            .checkpoints
-            .get(&partition)
-            .cloned()
-            .unwrap_or_default();
+        let cp = store.checkpoints.get(&partition).cloned().unwrap_or_default();
         let mut state = PartitionState::new(partition, cfg, dir.clone(), &cp, cp.epoch + 1);
         let from = state.replay_from_ms();
         let mut stored: Vec<FactRow> = store
@@ -596,10 +480,7 @@ fn run_partition(
             let found: Vec<_> = lookups
                 .into_iter()
                 .map(|s| {
-                    let ms = store
-                        .first_visits
-                        .get(&(s.client_id.clone(), s.session_id.clone()))
-                        .copied();
+                    let ms = store.first_visits.get(&(s.client_id.clone(), s.session_id.clone())).copied();
                     (s, ms)
                 })
                 .collect();
@@ -703,14 +584,7 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // Hand-computed cases
 
-fn visit(
-    seq: u64,
-    client: &str,
-    session: &str,
-    uid: Option<&str>,
-    event_ms: i64,
-    received_ms: i64,
-) -> Fact {
+fn visit(seq: u64, client: &str, session: &str, uid: Option<&str>, event_ms: i64, received_ms: i64) -> Fact {
     Fact::Visit(Visit {
         header: FactHeader {
             spool_id: 1,
@@ -762,13 +636,7 @@ fn entry(seq: u64, client: &str, session: &str, id: &str, event_ms: i64) -> Fact
 }
 
 fn fresh() -> PartitionState {
-    PartitionState::new(
-        0,
-        WindowConfig::new(48 * H),
-        clients(),
-        &Checkpoint::default(),
-        1,
-    )
+    PartitionState::new(0, WindowConfig::new(48 * H), clients(), &Checkpoint::default(), 1)
 }
 
 #[test]
@@ -776,31 +644,13 @@ fn seoul_midnight_splits_days_and_dedups_by_event_uid() {
     let mut s = fresh();
     // 14:59:59Z = 23:59:59 KST on Nov 25; 15:00:00Z = 00:00 KST on Nov 26.
     let before = T0 + 15 * H - 1_000;
-    assert_eq!(
-        s.apply(0, visit(1, "kr", "a", Some("u1"), before, before)),
-        Outcome::Counted
-    );
-    assert_eq!(
-        s.apply(
-            1,
-            visit(2, "kr", "a", Some("u1"), before + 2_000, before + 2_000)
-        ),
-        Outcome::Duplicate
-    );
-    assert_eq!(
-        s.apply(2, visit(3, "kr", "b", None, before + 1_000, before + 1_000)),
-        Outcome::Counted
-    );
-    assert_eq!(
-        s.apply(3, visit(3, "kr", "b", None, before + 1_000, before + 1_000)),
-        Outcome::Redelivery
-    );
+    assert_eq!(s.apply(0, visit(1, "kr", "a", Some("u1"), before, before)), Outcome::Counted);
+    assert_eq!(s.apply(1, visit(2, "kr", "a", Some("u1"), before + 2_000, before + 2_000)), Outcome::Duplicate);
+    assert_eq!(s.apply(2, visit(3, "kr", "b", None, before + 1_000, before + 1_000)), Outcome::Counted);
+    assert_eq!(s.apply(3, visit(3, "kr", "b", None, before + 1_000, before + 1_000)), Outcome::Redelivery);
     let batch = s.take_flush();
-    let mut totals: Vec<(u16, u64, u64)> = batch
-        .daily_totals
-        .iter()
-        .map(|r| (r.day, r.visits, r.unique_sessions))
-        .collect();
+    let mut totals: Vec<(u16, u64, u64)> =
+        batch.daily_totals.iter().map(|r| (r.day, r.visits, r.unique_sessions)).collect();
     totals.sort();
     let nov25 = time::day_number(chrono::NaiveDate::from_ymd_opt(2026, 11, 25).unwrap());
     assert_eq!(totals, vec![(nov25, 1, 1), (nov25 + 1, 1, 1)]);
@@ -818,36 +668,18 @@ fn late_visit_links_an_earlier_entry_and_late_days_are_flagged() {
     assert_eq!(lookups.len(), 1);
     s.resolve_lookups(lookups.into_iter().map(|l| (l, None)));
     let first = s.take_flush();
-    assert_eq!(
-        (
-            first.daily_totals[0].entries,
-            first.daily_totals[0].linked_entries
-        ),
-        (1, 0)
-    );
+    assert_eq!((first.daily_totals[0].entries, first.daily_totals[0].linked_entries), (1, 0));
     s.apply(0, visit(2, "kr", "a", None, t - 60_000, t + 1_000));
     let second = s.take_flush();
-    assert_eq!(
-        (
-            second.daily_totals[0].entries,
-            second.daily_totals[0].linked_entries
-        ),
-        (1, 1)
-    );
+    assert_eq!((second.daily_totals[0].entries, second.daily_totals[0].linked_entries), (1, 1));
     assert!(second.daily_totals[0].version > first.daily_totals[0].version);
 
     // Three days later the day of `t` has closed: a fact for it is stored but flagged late.
     s.apply(1, visit(3, "kr", "z", None, t + 72 * H, t + 72 * H));
-    assert_eq!(
-        s.apply(2, visit(4, "kr", "b", None, t, t + 72 * H)),
-        Outcome::Late
-    );
+    assert_eq!(s.apply(2, visit(4, "kr", "b", None, t, t + 72 * H)), Outcome::Late);
     let third = s.take_flush();
     assert_eq!(third.late.len(), 1);
-    assert!(third
-        .facts
-        .iter()
-        .any(|r| r.late == 1 && r.session_id == "b"));
+    assert!(third.facts.iter().any(|r| r.late == 1 && r.session_id == "b"));
 }
 
 #[test]
@@ -855,17 +687,7 @@ fn state_is_released_when_days_close() {
     let mut s = fresh();
     let t = T0 + 20 * H;
     for i in 0..100 {
-        s.apply(
-            i,
-            visit(
-                i as u64 + 1,
-                "kr",
-                &format!("s{i}"),
-                Some(&format!("u{i}")),
-                t,
-                t,
-            ),
-        );
+        s.apply(i, visit(i as u64 + 1, "kr", &format!("s{i}"), Some(&format!("u{i}")), t, t));
     }
     s.take_flush();
     s.flush_written();

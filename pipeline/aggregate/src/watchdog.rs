@@ -61,25 +61,18 @@ pub fn spawn(
     shared: Arc<Shared>,
     metrics: WatchdogMetrics,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("partition-watchdog".into())
-        .spawn(move || run(cfg, shared, metrics))
+    std::thread::Builder::new().name("partition-watchdog".into()).spawn(move || run(cfg, shared, metrics))
 }
 
 fn run(cfg: WatchdogConfig, shared: Arc<Shared>, metrics: WatchdogMetrics) {
-    let client: BaseConsumer = match cfg
-        .kafka
-        .plain()
-        .set("group.id", &cfg.group_id)
-        .set("enable.auto.commit", "false")
-        .create()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "partition watchdog could not create its Kafka client");
-            return;
-        }
-    };
+    let client: BaseConsumer =
+        match cfg.kafka.plain().set("group.id", &cfg.group_id).set("enable.auto.commit", "false").create() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "partition watchdog could not create its Kafka client");
+                return;
+            }
+        };
     let topics = cfg.kafka.topics();
     // Per partition number: committed total when it last changed, and when that was.
     let mut progress: HashMap<u16, (i64, Instant)> = HashMap::new();

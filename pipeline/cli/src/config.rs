@@ -34,10 +34,7 @@ fn default_level() -> String {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self {
-            log_format: default_format(),
-            log_level: default_level(),
-        }
+        Self { log_format: default_format(), log_level: default_level() }
     }
 }
 
@@ -76,11 +73,7 @@ pub struct Loaded {
 pub fn load(file: Option<&Path>) -> anyhow::Result<Loaded> {
     let mut builder = config::Config::builder();
     if let Some(path) = file {
-        builder = builder.add_source(
-            config::File::from(path)
-                .format(config::FileFormat::Toml)
-                .required(true),
-        );
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
     }
     builder = builder.add_source(
         config::Environment::with_prefix("EVENTFLOW")
@@ -93,19 +86,12 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Loaded> {
     let raw = builder.build().context("reading configuration")?;
     let explicit_brokers = raw.get_string("kafka.brokers").is_ok();
     let config: Config = raw.try_deserialize().context("invalid configuration")?;
-    config
-        .processor
-        .validate()
-        .context("invalid [processor] configuration")?;
-    ClientDirectory::new(&config.tenancy, &config.clients)
-        .context("invalid [tenancy] or [clients] configuration")?;
+    config.processor.validate().context("invalid [processor] configuration")?;
+    ClientDirectory::new(&config.tenancy, &config.clients).context("invalid [tenancy] or [clients] configuration")?;
     if config.kafka.partitions < 1 {
         anyhow::bail!("kafka.partitions must be at least 1");
     }
-    Ok(Loaded {
-        config,
-        explicit_brokers,
-    })
+    Ok(Loaded { config, explicit_brokers })
 }
 
 impl Config {
@@ -151,10 +137,7 @@ mod tests {
         assert_eq!(loaded.config.clickhouse.database, "other_db");
         assert_eq!(loaded.config.kafka.partitions, 3);
         assert!(!loaded.explicit_brokers);
-        assert_eq!(
-            loaded.config.clients().unwrap().timezone("acme"),
-            chrono_tz::Europe::Berlin
-        );
+        assert_eq!(loaded.config.clients().unwrap().timezone("acme"), chrono_tz::Europe::Berlin);
 
         std::fs::write(&path, "[collector]\nlisten_typo = \"x\"\n").unwrap();
         let err = format!("{:#}", load(Some(&path)).unwrap_err());

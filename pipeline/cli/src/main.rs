@@ -28,11 +28,7 @@ use eventflow_topics::embedded::EmbeddedBroker;
 use crate::config::{Config, Loaded};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "eventflow",
-    version,
-    about = "EventFlow: event and webinar statistics pipeline"
-)]
+#[command(name = "eventflow", version, about = "EventFlow: event and webinar statistics pipeline")]
 struct Cli {
     /// Configuration file (TOML); `EVENTFLOW__SECTION__KEY` variables override it.
     #[arg(long, global = true, env = "EVENTFLOW_CONFIG")]
@@ -114,10 +110,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     telemetry::init(&loaded.config.telemetry);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("eventflow: starting the runtime: {e}");
@@ -142,15 +135,14 @@ fn shutdown_signal() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => {
-                        let _ = ctrl_c.await;
-                        t.cancel();
-                        return;
-                    }
-                };
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    t.cancel();
+                    return;
+                }
+            };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -180,24 +172,10 @@ async fn run(command: Command, loaded: Loaded) -> anyhow::Result<std::process::E
             let registry = prometheus::Registry::new();
             run_api(&cfg, registry, shutdown_signal()).await?;
         }
-        Command::Migrate {
-            skip_kafka,
-            cluster,
-        } => {
-            migrate(
-                &cfg,
-                !skip_kafka,
-                cluster.or(cfg.clickhouse.cluster.clone()),
-            )
-            .await?
+        Command::Migrate { skip_kafka, cluster } => {
+            migrate(&cfg, !skip_kafka, cluster.or(cfg.clickhouse.cluster.clone())).await?
         }
-        Command::Backfill {
-            from,
-            to,
-            client,
-            cid,
-            chunk_days,
-        } => {
+        Command::Backfill { from, to, client, cid, chunk_days } => {
             let store = Store::new(&cfg.clickhouse);
             let clients = cfg.clients()?;
             let bar = indicatif::ProgressBar::new(0);
@@ -207,13 +185,7 @@ async fn run(command: Command, loaded: Loaded) -> anyhow::Result<std::process::E
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let req = backfill::BackfillRequest {
-                from,
-                to,
-                client,
-                cid,
-                chunk_days,
-            };
+            let req = backfill::BackfillRequest { from, to, client, cid, chunk_days };
             let report = backfill::run(&store, &clients, &req, &mut |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
@@ -225,9 +197,7 @@ async fn run(command: Command, loaded: Loaded) -> anyhow::Result<std::process::E
                 report.client_days, report.rows_written, report.rows_zeroed
             );
         }
-        Command::Reconcile { from, to, client } => {
-            return reconcile_cmd(&cfg, from, to, client).await
-        }
+        Command::Reconcile { from, to, client } => return reconcile_cmd(&cfg, from, to, client).await,
         Command::Dev => dev(loaded).await?,
         Command::Simulate(args) => simulate::run(&cfg, args).await?,
         Command::Links { command } => links(&cfg, command).await?,
@@ -247,9 +217,8 @@ async fn run_collector(
     registry: prometheus::Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&cfg.collector.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.collector.listen))?;
+    let listener =
+        TcpListener::bind(&cfg.collector.listen).await.with_context(|| format!("binding {}", cfg.collector.listen))?;
     let deps = CollectorDeps {
         config: cfg.collector.clone(),
         kafka: cfg.kafka.clone(),
@@ -262,14 +231,8 @@ async fn run_collector(
     Ok(())
 }
 
-async fn run_api(
-    cfg: &Config,
-    registry: prometheus::Registry,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&cfg.api.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.api.listen))?;
+async fn run_api(cfg: &Config, registry: prometheus::Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&cfg.api.listen).await.with_context(|| format!("binding {}", cfg.api.listen))?;
     let deps = ApiDeps {
         config: cfg.api.clone(),
         store: Store::new(&cfg.clickhouse),
@@ -288,12 +251,9 @@ async fn run_processor(
     own_http: bool,
 ) -> anyhow::Result<()> {
     let kafka = cfg.kafka.clone();
-    let partitions =
-        tokio::task::spawn_blocking(move || eventflow_topics::admin::fact_partitions(&kafka))
-            .await?
-            .context(
-                "the fact topics are missing or not co-partitioned (run `eventflow migrate`)",
-            )?;
+    let partitions = tokio::task::spawn_blocking(move || eventflow_topics::admin::fact_partitions(&kafka))
+        .await?
+        .context("the fact topics are missing or not co-partitioned (run `eventflow migrate`)")?;
     info!(partitions, "fact topics found");
     let store = Store::new(&cfg.clickhouse);
     let metrics = ProcessorMetrics::new(&registry)?;
@@ -313,31 +273,20 @@ async fn run_processor(
     let consumer = std::thread::Builder::new()
         .name("processor".into())
         .spawn(move || eventflow_aggregate::run(deps, loop_shutdown))?;
-    let ms =
-        |v: anyhow::Result<i64>| v.map(|m| Duration::from_millis(u64::try_from(m).unwrap_or(0)));
+    let ms = |v: anyhow::Result<i64>| v.map(|m| Duration::from_millis(u64::try_from(m).unwrap_or(0)));
     let maintenance = MaintenanceConfig {
         fold_every: ms(cfg.processor.fold_late_interval_ms().map_err(Into::into))?,
         reconcile_every: ms(cfg.processor.reconcile_interval_ms().map_err(Into::into))?,
         reconcile_days: cfg.processor.reconcile_days,
     };
-    let background = tokio::spawn(eventflow_aggregate::maintenance::run(
-        store,
-        clients,
-        metrics,
-        maintenance,
-        shutdown.clone(),
-    ));
+    let background =
+        tokio::spawn(eventflow_aggregate::maintenance::run(store, clients, metrics, maintenance, shutdown.clone()));
     if own_http {
         let listener = TcpListener::bind(&cfg.processor.listen)
             .await
             .with_context(|| format!("binding {}", cfg.processor.listen))?;
         info!(addr = %cfg.processor.listen, "processor health and metrics listening");
-        tokio::spawn(eventflow_aggregate::http::serve(
-            listener,
-            registry,
-            status,
-            shutdown.clone(),
-        ));
+        tokio::spawn(eventflow_aggregate::http::serve(listener, registry, status, shutdown.clone()));
     }
     let result = tokio::task::spawn_blocking(move || consumer.join()).await?;
     shutdown.cancel();
@@ -352,20 +301,10 @@ async fn migrate(cfg: &Config, kafka: bool, cluster: Option<String>) -> anyhow::
     let report = match &cluster {
         Some(name) => eventflow_store::migrate::apply_cluster(&cfg.clickhouse, name)
             .await
-            .with_context(|| {
-                format!(
-                    "migrating ClickHouse cluster {name} through {}",
-                    cfg.clickhouse.url
-                )
-            })?,
+            .with_context(|| format!("migrating ClickHouse cluster {name} through {}", cfg.clickhouse.url))?,
         None => eventflow_store::migrate::apply(&cfg.clickhouse)
             .await
-            .with_context(|| {
-                format!(
-                    "migrating ClickHouse at {} (is it running?)",
-                    cfg.clickhouse.url
-                )
-            })?,
+            .with_context(|| format!("migrating ClickHouse at {} (is it running?)", cfg.clickhouse.url))?,
     };
     println!(
         "clickhouse {}: applied {:?}, already applied {:?}",
@@ -375,10 +314,7 @@ async fn migrate(cfg: &Config, kafka: bool, cluster: Option<String>) -> anyhow::
         let topics = eventflow_topics::admin::ensure_topics(&cfg.kafka)
             .await
             .with_context(|| format!("creating Kafka topics on {}", cfg.kafka.brokers))?;
-        println!(
-            "kafka {}: created {:?}, existing {:?}",
-            cfg.kafka.brokers, topics.created, topics.existing
-        );
+        println!("kafka {}: created {:?}, existing {:?}", cfg.kafka.brokers, topics.created, topics.existing);
     }
     Ok(())
 }
@@ -405,18 +341,11 @@ async fn reconcile_cmd(
         if mismatches.is_empty() {
             println!("{id}: {days} days match");
         } else {
-            println!(
-                "{id}: {} differing figures over {days} days",
-                mismatches.len()
-            );
+            println!("{id}: {} differing figures over {days} days", mismatches.len());
         }
         total += mismatches.len();
     }
-    Ok(if total == 0 {
-        std::process::ExitCode::SUCCESS
-    } else {
-        std::process::ExitCode::from(1)
-    })
+    Ok(if total == 0 { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::from(1) })
 }
 
 async fn dev(loaded: Loaded) -> anyhow::Result<()> {
@@ -431,7 +360,10 @@ async fn dev(loaded: Loaded) -> anyhow::Result<()> {
         _broker = Some(broker);
     }
     eventflow_store::migrate::apply(&cfg.clickhouse).await.with_context(|| {
-        format!("ClickHouse at {} is not reachable; start it (scripts/services.sh start) or set EVENTFLOW__CLICKHOUSE__URL", cfg.clickhouse.url)
+        format!(
+            "ClickHouse at {} is not reachable; start it (scripts/services.sh start) or set EVENTFLOW__CLICKHOUSE__URL",
+            cfg.clickhouse.url
+        )
     })?;
     if loaded.explicit_brokers {
         eventflow_topics::admin::ensure_topics(&cfg.kafka).await?;
@@ -453,14 +385,12 @@ async fn links(cfg: &Config, command: LinksCommand) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse);
     match command {
         LinksCommand::Import { file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let now = u32::try_from(chrono::Utc::now().timestamp()).unwrap_or(0);
             let mut rows = Vec::new();
             for (i, line) in text.lines().enumerate() {
                 let line = line.trim();
-                if line.is_empty() || line.starts_with('#') || (i == 0 && line.starts_with("cid,"))
-                {
+                if line.is_empty() || line.starts_with('#') || (i == 0 && line.starts_with("cid,")) {
                     continue;
                 }
                 let f: Vec<&str> = line.split(',').map(str::trim).collect();

@@ -62,11 +62,7 @@ struct Browser {
 
 impl Browser {
     fn cookie_header(&self) -> String {
-        self.cookies
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("; ")
+        self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ")
     }
 
     fn remember(&mut self, resp: &reqwest::Response) {
@@ -80,11 +76,7 @@ impl Browser {
 
     async fn send(&mut self, facts: Vec<Value>) {
         let n = facts.len() as u64;
-        let body = if facts.len() == 1 {
-            facts[0].to_string()
-        } else {
-            Value::Array(facts).to_string()
-        };
+        let body = if facts.len() == 1 { facts[0].to_string() } else { Value::Array(facts).to_string() };
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.counters.facts.fetch_add(n, Ordering::Relaxed);
         let req = self
@@ -99,23 +91,16 @@ impl Browser {
                 let status = resp.status();
                 let v: Value = resp.json().await.unwrap_or_default();
                 if status.as_u16() == 202 {
+                    self.counters.accepted.fetch_add(v["accepted"].as_u64().unwrap_or(0), Ordering::Relaxed);
                     self.counters
-                        .accepted
-                        .fetch_add(v["accepted"].as_u64().unwrap_or(0), Ordering::Relaxed);
-                    self.counters.rejected.fetch_add(
-                        v["rejected"].as_array().map_or(0, |a| a.len() as u64),
-                        Ordering::Relaxed,
-                    );
+                        .rejected
+                        .fetch_add(v["rejected"].as_array().map_or(0, |a| a.len() as u64), Ordering::Relaxed);
                 } else {
-                    self.counters
-                        .failed_requests
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.failed_requests.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Err(_) => {
-                self.counters
-                    .failed_requests
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.failed_requests.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -123,26 +108,11 @@ impl Browser {
     /// Follows a tracked link (`GET /r/{cid}`) without following the redirect; returns the query
     /// of the destination so the landing beacon sees the UTM parameters like a browser would.
     async fn click(&mut self, cid: &str) -> Option<String> {
-        let resp = self
-            .http
-            .get(format!("{}/r/{cid}", self.base))
-            .header("cookie", self.cookie_header())
-            .send()
-            .await
-            .ok()?;
+        let resp =
+            self.http.get(format!("{}/r/{cid}", self.base)).header("cookie", self.cookie_header()).send().await.ok()?;
         self.remember(&resp);
-        let location = resp
-            .headers()
-            .get(reqwest::header::LOCATION)?
-            .to_str()
-            .ok()?
-            .to_owned();
-        Some(
-            location
-                .split_once('?')
-                .map(|(_, q)| q.to_owned())
-                .unwrap_or_default(),
-        )
+        let location = resp.headers().get(reqwest::header::LOCATION)?.to_str().ok()?.to_owned();
+        Some(location.split_once('?').map(|(_, q)| q.to_owned()).unwrap_or_default())
     }
 }
 
@@ -170,20 +140,11 @@ const SOURCES: [(&str, &str, &str); 4] = [
 ];
 
 fn iso(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// One visitor's journey.
-async fn visitor(
-    mut b: Browser,
-    client: String,
-    n: usize,
-    seed: u64,
-    hours: i64,
-    links: Vec<String>,
-) {
+async fn visitor(mut b: Browser, client: String, n: usize, seed: u64, hours: i64, links: Vec<String>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let now = chrono::Utc::now().timestamp_millis();
     let mut t = now - rng.random_range(10 * 60_000..hours.max(1) * 3_600_000);
@@ -222,14 +183,12 @@ async fn visitor(
         t += rng.random_range(20_000..300_000);
         b.send(vec![json!({"type": "visit", "client_id": client, "page": "webinar", "webinar_id": webinar,
             "path": format!("/webinar/{webinar}"), "event_uid": format!("{client}-v{n}-webinar"), "ts": iso(t)})])
-        .await;
+            .await;
         if rng.random_range(0..100) < 45 {
             t += rng.random_range(30_000..600_000);
-            b.send(vec![
-                json!({"type": "entry", "client_id": client, "entry_id": format!("{client}-e{n}"),
-                "webinar_id": webinar, "ts": iso(t)}),
-            ])
-            .await;
+            b.send(vec![json!({"type": "entry", "client_id": client, "entry_id": format!("{client}-e{n}"),
+                "webinar_id": webinar, "ts": iso(t)})])
+                .await;
             if rng.random_range(0..100) < 60 {
                 // Watching live: the page view, then a ping every 30 s while visible.
                 t += rng.random_range(60_000..1_800_000);
@@ -249,8 +208,10 @@ async fn visitor(
     }
     // Registrations from a server-side integration: their own session, often without a visit.
     if rng.random_range(0..100) < 3 {
-        b.send(vec![json!({"type": "entry", "client_id": client, "entry_id": format!("{client}-crm-{n}"), "event_id": event,
-            "session_id": format!("crm-{client}-{n}"), "ts": iso(now - rng.random_range(60_000..3_600_000))})])
+        b.send(vec![
+            json!({"type": "entry", "client_id": client, "entry_id": format!("{client}-crm-{n}"), "event_id": event,
+            "session_id": format!("crm-{client}-{n}"), "ts": iso(now - rng.random_range(60_000..3_600_000))}),
+        ])
         .await;
     }
 }
@@ -281,10 +242,7 @@ pub async fn run(cfg: &Config, args: Args) -> anyhow::Result<()> {
                 cookies: HashMap::new(),
                 counters: counters.clone(),
             };
-            let seed = args
-                .seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add((ci * 1_000_000 + n) as u64);
+            let seed = args.seed.wrapping_mul(1_000_003).wrapping_add((ci * 1_000_000 + n) as u64);
             let client = client.clone();
             let links = args.links.clone();
             let hours = args.hours;

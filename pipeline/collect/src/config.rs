@@ -64,16 +64,10 @@ fn default_origins() -> Vec<String> {
     vec!["*".to_owned()]
 }
 fn default_ip_limit() -> Limit {
-    Limit {
-        per_second: 50.0,
-        burst: 500.0,
-    }
+    Limit { per_second: 50.0, burst: 500.0 }
 }
 fn default_client_limit() -> Limit {
-    Limit {
-        per_second: 5000.0,
-        burst: 50_000.0,
-    }
+    Limit { per_second: 5000.0, burst: 50_000.0 }
 }
 fn default_links_refresh() -> String {
     "60s".to_owned()

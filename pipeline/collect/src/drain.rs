@@ -33,10 +33,7 @@ struct DrainContext {
 
 impl ClientContext for DrainContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.metrics
-            .produce_errors
-            .with_label_values(&["transport"])
-            .inc();
+        self.metrics.produce_errors.with_label_values(&["transport"]).inc();
         warn!(error = %error, reason, "kafka producer error");
     }
 }
@@ -66,9 +63,7 @@ pub struct Drainer {
 impl Drainer {
     /// Starts the drainer thread.
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("spool-drainer".into())
-            .spawn(move || self.run())
+        std::thread::Builder::new().name("spool-drainer".into()).spawn(move || self.run())
     }
 
     fn run(self) {
@@ -79,10 +74,7 @@ impl Drainer {
                 Ok(()) => return,
                 Err(e) => {
                     error!(error = %e, "spool drainer restarting its producer");
-                    self.metrics
-                        .produce_errors
-                        .with_label_values(&["fatal"])
-                        .inc();
+                    self.metrics.produce_errors.with_label_values(&["fatal"]).inc();
                     if self.stop.load(Ordering::Acquire) {
                         return;
                     }
@@ -97,34 +89,26 @@ impl Drainer {
         let kafka = self.kafka.clone();
         let codec = self.codec.clone();
         let stop = self.stop.clone();
-        let _ = std::thread::Builder::new()
-            .name("schema-publisher".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Acquire) {
-                    match registry::publish(&kafka, &codec, Duration::from_secs(10)) {
-                        Ok(()) => {
-                            info!("writer schemas published");
-                            return;
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "publishing writer schemas; retrying");
-                            std::thread::sleep(Duration::from_secs(2));
-                        }
+        let _ = std::thread::Builder::new().name("schema-publisher".into()).spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                match registry::publish(&kafka, &codec, Duration::from_secs(10)) {
+                    Ok(()) => {
+                        info!("writer schemas published");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "publishing writer schemas; retrying");
+                        std::thread::sleep(Duration::from_secs(2));
                     }
                 }
-            });
+            }
+        });
     }
 
     fn drain_with_new_producer(&self, topics: &Topics) -> Result<(), String> {
-        let context = DrainContext {
-            acks: Mutex::new(Vec::new()),
-            metrics: self.metrics.clone(),
-        };
-        let producer: BaseProducer<DrainContext> = self
-            .kafka
-            .producer()
-            .create_with_context(context)
-            .map_err(|e| format!("creating producer: {e}"))?;
+        let context = DrainContext { acks: Mutex::new(Vec::new()), metrics: self.metrics.clone() };
+        let producer: BaseProducer<DrainContext> =
+            self.kafka.producer().create_with_context(context).map_err(|e| format!("creating producer: {e}"))?;
         let mut reader = self.shared.reader(self.shared.cursor());
         // In flight: sequence -> (record bytes, receive time).
         let mut in_flight: BTreeMap<u64, (u64, i64)> = BTreeMap::new();
@@ -134,12 +118,7 @@ impl Drainer {
         let mut stopping_since: Option<Instant> = None;
         loop {
             producer.poll(Duration::ZERO);
-            let acks = producer
-                .context()
-                .acks
-                .lock()
-                .map(|mut a| std::mem::take(&mut *a))
-                .unwrap_or_default();
+            let acks = producer.context().acks.lock().map(|mut a| std::mem::take(&mut *a)).unwrap_or_default();
             for (seq, outcome) in acks {
                 match outcome {
                     Ok(()) => {
@@ -149,10 +128,7 @@ impl Drainer {
                         }
                     }
                     Err(e) => {
-                        self.metrics
-                            .produce_errors
-                            .with_label_values(&["delivery"])
-                            .inc();
+                        self.metrics.produce_errors.with_label_values(&["delivery"]).inc();
                         return Err(format!("delivery of spool record {seq} failed: {e}"));
                     }
                 }
@@ -164,9 +140,7 @@ impl Drainer {
             // Everything before the first record in flight (or not yet read) is in Kafka.
             let cursor = in_flight.keys().next().copied().unwrap_or(next_unread);
             let oldest = in_flight.values().next().map(|(_, received)| *received);
-            self.metrics
-                .spool_oldest_age
-                .set(oldest.map_or(0.0, |r| ((now_ms() - r).max(0)) as f64 / 1000.0));
+            self.metrics.spool_oldest_age.set(oldest.map_or(0.0, |r| ((now_ms() - r).max(0)) as f64 / 1000.0));
             if cursor > self.shared.cursor()
                 && (last_commit.elapsed() >= Duration::from_millis(100) || in_flight.is_empty())
             {
@@ -177,12 +151,8 @@ impl Drainer {
                 }
                 last_commit = Instant::now();
             }
-            self.metrics
-                .spool_facts
-                .set(self.shared.pending_facts() as i64);
-            self.metrics
-                .spool_bytes
-                .set(self.shared.pending_bytes() as i64);
+            self.metrics.spool_facts.set(self.shared.pending_facts() as i64);
+            self.metrics.spool_bytes.set(self.shared.pending_bytes() as i64);
 
             if self.stop.load(Ordering::Acquire) {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
@@ -208,25 +178,17 @@ impl Drainer {
                     Err(e) => return Err(format!("reading the spool: {e}")),
                 };
                 let topic = topics.fact(record.kind);
-                let mut base =
-                    BaseRecord::<str, [u8], usize>::with_opaque_to(&topic, record.seq as usize)
-                        .key(record.key.as_str())
-                        .payload(record.value.as_slice());
+                let mut base = BaseRecord::<str, [u8], usize>::with_opaque_to(&topic, record.seq as usize)
+                    .key(record.key.as_str())
+                    .payload(record.value.as_slice());
                 loop {
                     match producer.send(base) {
                         Ok(()) => break,
-                        Err((
-                            KafkaError::MessageProduction(
-                                rdkafka::types::RDKafkaErrorCode::QueueFull,
-                            ),
-                            back,
-                        )) => {
+                        Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
                             base = back;
                             producer.poll(Duration::from_millis(10));
                         }
-                        Err((e, _)) => {
-                            return Err(format!("producing spool record {}: {e}", record.seq))
-                        }
+                        Err((e, _)) => return Err(format!("producing spool record {}: {e}", record.seq)),
                     }
                 }
                 let bytes = (record.key.len() + record.value.len() + 27) as u64;
@@ -236,11 +198,7 @@ impl Drainer {
             }
             if sent == 0 {
                 // Idle or waiting for acknowledgements: serve callbacks while we wait.
-                producer.poll(Duration::from_millis(if in_flight.is_empty() {
-                    2
-                } else {
-                    5
-                }));
+                producer.poll(Duration::from_millis(if in_flight.is_empty() { 2 } else { 5 }));
             }
         }
     }

@@ -68,50 +68,29 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Request count and latency by route template (never the raw URI).
 async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let started = Instant::now();
     let response = next.run(req).await;
-    st.metrics
-        .request_duration
-        .with_label_values(&[&route])
-        .observe(started.elapsed().as_secs_f64());
-    st.metrics
-        .requests
-        .with_label_values(&[&route, response.status().as_str()])
-        .inc();
+    st.metrics.request_duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
+    st.metrics.requests.with_label_values(&[&route, response.status().as_str()]).inc();
     response
 }
 
 fn error(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": code, "detail": detail.into()})),
-    )
-        .into_response()
+    (status, Json(json!({"error": code, "detail": detail.into()}))).into_response()
 }
 
 fn log_request_failure(code: &str, detail: &str) {
     // No fact could be read from the body, so its kind is unknown: logged as a failed visit
     // (the default beacon) with the request-level error as reason.
-    warn!(
-        event = "VisitTrackFail",
-        reason = code,
-        client_id = "",
-        detail,
-        "beacon request rejected"
-    );
+    warn!(event = "VisitTrackFail", reason = code, client_id = "", detail, "beacon request rejected");
 }
 
 fn client_ip(st: &AppState, headers: &HeaderMap, peer: SocketAddr) -> String {
     if st.trust_forwarded_for {
-        if let Some(first) = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
+        if let Some(first) =
+            headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next())
         {
             return first.trim().to_owned();
         }
@@ -129,10 +108,7 @@ fn cors(st: &AppState, headers: &HeaderMap, response: &mut Response) {
         if let Ok(v) = HeaderValue::from_str(origin) {
             let h = response.headers_mut();
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-                HeaderValue::from_static("true"),
-            );
+            h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
             h.append(header::VARY, HeaderValue::from_static("Origin"));
         }
     }
@@ -142,18 +118,9 @@ async fn preflight(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respo
     let mut r = StatusCode::NO_CONTENT.into_response();
     cors(&st, &headers, &mut r);
     let h = r.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("content-type"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("600"),
-    );
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("POST, OPTIONS"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type"));
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
     r
 }
 
@@ -168,14 +135,8 @@ fn rejection_json(r: &Rejection) -> Value {
 
 fn record_rejection(st: &AppState, r: &Rejection) {
     let kind = r.kind.unwrap_or(FactKind::Visit);
-    st.metrics
-        .facts
-        .with_label_values(&[kind.as_str(), "rejected"])
-        .inc();
-    st.metrics
-        .rejections
-        .with_label_values(&[kind.as_str(), r.reason.code()])
-        .inc();
+    st.metrics.facts.with_label_values(&[kind.as_str(), "rejected"]).inc();
+    st.metrics.rejections.with_label_values(&[kind.as_str(), r.reason.code()]).inc();
     let client = r.client_id.as_deref().unwrap_or("");
     match &r.reason {
         Reason::InvalidField { field, detail } => {
@@ -211,29 +172,14 @@ async fn collect_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let now = Instant::now();
-    if !st
-        .ip_limiter
-        .try_take(&client_ip(st, headers, peer), 1.0, now)
-    {
+    if !st.ip_limiter.try_take(&client_ip(st, headers, peer), 1.0, now) {
         log_request_failure("rate_limited", "too many requests from this address");
-        let mut r = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many requests from this address",
-        );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests from this address");
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return r;
     }
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
-        let essence = ct
-            .to_str()
-            .unwrap_or("")
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        let essence = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if essence != "application/json" && essence != "text/plain" {
             log_request_failure("unsupported_media_type", &essence);
             return error(
@@ -255,11 +201,7 @@ async fn collect_inner(
         }
         Err(rejection) => {
             log_request_failure("unreadable_body", &rejection.body_text());
-            return error(
-                StatusCode::BAD_REQUEST,
-                "unreadable_body",
-                rejection.body_text(),
-            );
+            return error(StatusCode::BAD_REQUEST, "unreadable_body", rejection.body_text());
         }
     };
     let values = match intake::parse_body(&bytes) {
@@ -291,10 +233,7 @@ async fn collect_inner(
     }
     let mut rate_limited = 0usize;
     valid.retain(|f| {
-        if st
-            .client_limiter
-            .try_take(&f.client_id.to_string(), 1.0, now)
-        {
+        if st.client_limiter.try_take(&f.client_id.to_string(), 1.0, now) {
             true
         } else {
             rate_limited += 1;
@@ -313,23 +252,19 @@ async fn collect_inner(
     let cookie_sid = session::cookie(cookie_header, session::SESSION_COOKIE)
         .filter(|s| session::valid_session_id(s))
         .map(str::to_owned);
-    let mut attribution = session::cookie(cookie_header, session::UTM_COOKIE)
-        .map(Attribution::decode)
-        .unwrap_or_default();
+    let mut attribution =
+        session::cookie(cookie_header, session::UTM_COOKIE).map(Attribution::decode).unwrap_or_default();
     let attribution_before = attribution.clone();
     // A visit without a session creates one for the whole request (one browser), so an entry or
     // ping sent in the same batch by a browser without a cookie yet shares it.
-    let creates_session = cookie_sid.is_none()
-        && valid
-            .iter()
-            .any(|f| matches!(&f.body, Body::Visit(v) if v.session_id.is_none()));
+    let creates_session =
+        cookie_sid.is_none() && valid.iter().any(|f| matches!(&f.body, Body::Visit(v) if v.session_id.is_none()));
     let created_sid: Option<String> = creates_session.then(session::new_session_id);
     let received_ms = chrono::Utc::now().timestamp_millis();
     let mut facts: Vec<(usize, Fact)> = Vec::with_capacity(valid.len());
     for f in valid {
         let kind = f.kind();
-        let (event_ms, skew) =
-            time::event_time(received_ms, f.ts.as_deref(), st.allowed_lateness_ms);
+        let (event_ms, skew) = time::event_time(received_ms, f.ts.as_deref(), st.allowed_lateness_ms);
         let header = FactHeader {
             spool_id: 0,
             spool_seq: 0,
@@ -347,10 +282,7 @@ async fn collect_inner(
         let (session_id, origin) = match (body_sid, &cookie_sid) {
             (Some(s), _) => (s, SessionOrigin::Body),
             (None, Some(c)) => (c.clone(), SessionOrigin::Cookie),
-            (None, None) if created_sid.is_some() => (
-                created_sid.clone().unwrap_or_default(),
-                SessionOrigin::Created,
-            ),
+            (None, None) if created_sid.is_some() => (created_sid.clone().unwrap_or_default(), SessionOrigin::Created),
             (None, None) => {
                 rejected.push(Rejection {
                     index: f.index,
@@ -365,17 +297,11 @@ async fn collect_inner(
         // Cookie attribution belongs to the browser's own session; a fact naming its session
         // in the body (a server-side integration) is attributed by its own fields only.
         let mut no_cookie = Attribution::default();
-        let fact_attribution = if origin == SessionOrigin::Body {
-            &mut no_cookie
-        } else {
-            &mut attribution
-        };
+        let fact_attribution = if origin == SessionOrigin::Body { &mut no_cookie } else { &mut attribution };
         let fact = match f.body {
             Body::Visit(v) => {
                 let (cid, utm, inherited) = attribute(fact_attribution, v.cid, v.utm, event_ms);
-                let cid_resolved = cid
-                    .as_deref()
-                    .is_some_and(|c| st.links.resolves(&client, c));
+                let cid_resolved = cid.as_deref().is_some_and(|c| st.links.resolves(&client, c));
                 Fact::Visit(Visit {
                     header,
                     session_id,
@@ -394,9 +320,7 @@ async fn collect_inner(
             }
             Body::Entry(e) => {
                 let (cid, utm, inherited) = attribute(fact_attribution, e.cid, e.utm, event_ms);
-                let cid_resolved = cid
-                    .as_deref()
-                    .is_some_and(|c| st.links.resolves(&client, c));
+                let cid_resolved = cid.as_deref().is_some_and(|c| st.links.resolves(&client, c));
                 let first = fact_attribution.first.clone();
                 Fact::Entry(Entry {
                     header,
@@ -413,12 +337,7 @@ async fn collect_inner(
                     first_touch_at_ms: first.as_ref().map(|t| t.at_ms),
                 })
             }
-            Body::Ping(p) => Fact::Ping(Ping {
-                header,
-                webinar_id: p.webinar_id,
-                session_id,
-                session_origin: origin,
-            }),
+            Body::Ping(p) => Fact::Ping(Ping { header, webinar_id: p.webinar_id, session_id, session_origin: origin }),
         };
         facts.push((f.index, fact));
     }
@@ -427,35 +346,20 @@ async fn collect_inner(
     let mut status = StatusCode::ACCEPTED;
     let mut retry_after = None;
     if !facts.is_empty() {
-        let kinds: Vec<(usize, FactKind, String)> = facts
-            .iter()
-            .map(|(i, f)| (*i, f.kind(), f.header().client_id.clone()))
-            .collect();
-        match st
-            .spool
-            .append(facts.into_iter().map(|(_, f)| f).collect(), received_ms)
-            .await
-        {
+        let kinds: Vec<(usize, FactKind, String)> =
+            facts.iter().map(|(i, f)| (*i, f.kind(), f.header().client_id.clone())).collect();
+        match st.spool.append(facts.into_iter().map(|(_, f)| f).collect(), received_ms).await {
             Ok(_) => {
                 for (_, kind, _) in &kinds {
-                    st.metrics
-                        .facts
-                        .with_label_values(&[kind.as_str(), "accepted"])
-                        .inc();
+                    st.metrics.facts.with_label_values(&[kind.as_str(), "accepted"]).inc();
                 }
             }
             Err(e) => {
                 // Not acknowledged: the client may retry; nothing was stored.
                 let full = matches!(e, SpoolError::Full { .. });
                 for (index, kind, client) in kinds {
-                    st.metrics
-                        .facts
-                        .with_label_values(&[kind.as_str(), "failed"])
-                        .inc();
-                    st.metrics
-                        .rejections
-                        .with_label_values(&[kind.as_str(), "spool_unavailable"])
-                        .inc();
+                    st.metrics.facts.with_label_values(&[kind.as_str(), "failed"]).inc();
+                    st.metrics.rejections.with_label_values(&[kind.as_str(), "spool_unavailable"]).inc();
                     warn!(event = kind.fail_event(), reason = "spool_unavailable", client_id = %client, index, error = %e, "fact not stored");
                 }
                 for r in &rejected {
@@ -463,15 +367,10 @@ async fn collect_inner(
                 }
                 let mut r = error(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    if full {
-                        "spool_full"
-                    } else {
-                        "spool_unavailable"
-                    },
+                    if full { "spool_full" } else { "spool_unavailable" },
                     format!("{e}; retry later"),
                 );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
                 return r;
             }
         }
@@ -507,12 +406,7 @@ async fn collect_inner(
 
 /// Attribution of one fact: a fact with its own `cid` or UTM is a touch; one without inherits
 /// the last touch. Returns `(cid, utm, inherited)`.
-fn attribute(
-    attribution: &mut Attribution,
-    cid: Option<String>,
-    utm: Utm,
-    at_ms: i64,
-) -> (Option<String>, Utm, bool) {
+fn attribute(attribution: &mut Attribution, cid: Option<String>, utm: Utm, at_ms: i64) -> (Option<String>, Utm, bool) {
     if let Some(touch) = Touch::of(&cid, &utm, at_ms) {
         attribution.touch(touch);
         return (cid, utm, false);
@@ -524,28 +418,16 @@ fn attribute(
 }
 
 /// `GET /r/{cid}`: a tracked campaign link.
-async fn redirect(
-    State(st): State<Arc<AppState>>,
-    Path(cid): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+async fn redirect(State(st): State<Arc<AppState>>, Path(cid): Path<String>, headers: HeaderMap) -> Response {
     let Some(link) = st.links.get(&cid) else {
         st.metrics.link_clicks.with_label_values(&["unknown"]).inc();
         warn!(event = "VisitTrackFail", reason = "unknown_link", client_id = "", cid = %cid, "click on an unknown campaign link");
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_link",
-            "no campaign link with this id",
-        );
+        return error(StatusCode::NOT_FOUND, "unknown_link", "no campaign link with this id");
     };
-    st.metrics
-        .link_clicks
-        .with_label_values(&["redirected"])
-        .inc();
+    st.metrics.link_clicks.with_label_values(&["redirected"]).inc();
     let cookie_header = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
-    let mut attribution = session::cookie(cookie_header, session::UTM_COOKIE)
-        .map(Attribution::decode)
-        .unwrap_or_default();
+    let mut attribution =
+        session::cookie(cookie_header, session::UTM_COOKIE).map(Attribution::decode).unwrap_or_default();
     attribution.touch(Touch {
         cid: Some(cid.clone()),
         utm: link.utm.clone(),
@@ -596,11 +478,7 @@ pub fn with_utm(destination: &str, cid: &str, utm: &Utm) -> String {
     }
     let mut url = base.to_owned();
     for (i, (k, v)) in params.iter().enumerate() {
-        url.push(if i == 0 && !base.contains('?') {
-            '?'
-        } else {
-            '&'
-        });
+        url.push(if i == 0 && !base.contains('?') { '?' } else { '&' });
         url.push_str(k);
         url.push('=');
         url.push_str(&percent_encode(v));
@@ -617,14 +495,8 @@ const TRACKER_JS: &str = include_str!("../assets/tracker.js");
 async fn tracker_js() -> Response {
     (
         [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/javascript; charset=utf-8"),
-            ),
-            (
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("public, max-age=300"),
-            ),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/javascript; charset=utf-8")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300")),
         ],
         TRACKER_JS,
     )
@@ -641,15 +513,7 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
         "spool_facts": shared.pending_facts(),
     });
     let ready = accepting && shared.writer_alive() && !shared.is_full();
-    (
-        if ready {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        Json(body),
-    )
-        .into_response()
+    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body)).into_response()
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
@@ -665,11 +529,7 @@ mod tests {
 
     #[test]
     fn redirect_urls_keep_query_and_fragment() {
-        let utm = Utm {
-            source: Some("news letter".into()),
-            campaign: Some("fall&win".into()),
-            ..Utm::default()
-        };
+        let utm = Utm { source: Some("news letter".into()), campaign: Some("fall&win".into()), ..Utm::default() };
         assert_eq!(
             with_utm("https://x.test/event/a", "c1", &utm),
             "https://x.test/event/a?cid=c1&utm_source=news%20letter&utm_campaign=fall%26win"
@@ -683,27 +543,12 @@ mod tests {
     #[test]
     fn attribution_rules() {
         let mut a = Attribution::default();
-        let news = Utm {
-            source: Some("news".into()),
-            ..Utm::default()
-        };
-        assert_eq!(
-            attribute(&mut a, None, Utm::default(), 1),
-            (None, Utm::default(), false)
-        );
-        assert_eq!(
-            attribute(&mut a, Some("c1".into()), news.clone(), 2),
-            (Some("c1".into()), news.clone(), false)
-        );
+        let news = Utm { source: Some("news".into()), ..Utm::default() };
+        assert_eq!(attribute(&mut a, None, Utm::default(), 1), (None, Utm::default(), false));
+        assert_eq!(attribute(&mut a, Some("c1".into()), news.clone(), 2), (Some("c1".into()), news.clone(), false));
         // A later page without UTM (client-side navigation) inherits the last touch.
-        assert_eq!(
-            attribute(&mut a, None, Utm::default(), 3),
-            (Some("c1".into()), news.clone(), true)
-        );
-        let ads = Utm {
-            source: Some("ads".into()),
-            ..Utm::default()
-        };
+        assert_eq!(attribute(&mut a, None, Utm::default(), 3), (Some("c1".into()), news.clone(), true));
+        let ads = Utm { source: Some("ads".into()), ..Utm::default() };
         attribute(&mut a, None, ads.clone(), 4);
         assert_eq!(a.first.as_ref().unwrap().utm, news);
         assert_eq!(a.last.as_ref().unwrap().utm, ads);

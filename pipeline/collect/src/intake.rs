@@ -168,8 +168,7 @@ impl FactIn {
 /// Splits a body into its fact values.
 pub fn parse_body(bytes: &[u8]) -> Result<Vec<Value>, BodyError> {
     let text = std::str::from_utf8(bytes).map_err(|_| BodyError::InvalidUtf8)?;
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| BodyError::MalformedJson(e.to_string()))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| BodyError::MalformedJson(e.to_string()))?;
     match value {
         Value::Object(_) => Ok(vec![value]),
         Value::Array(items) if items.is_empty() => Err(BodyError::EmptyBatch),
@@ -181,35 +180,19 @@ pub fn parse_body(bytes: &[u8]) -> Result<Vec<Value>, BodyError> {
 
 /// Validates every element of a parsed body.
 pub fn validate_all(values: &[Value]) -> Vec<Result<FactIn, Rejection>> {
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| validate(i, v))
-        .collect()
+    values.iter().enumerate().map(|(i, v)| validate(i, v)).collect()
 }
 
 fn invalid(field: &str, detail: impl Into<String>) -> Reason {
-    Reason::InvalidField {
-        field: field.to_owned(),
-        detail: detail.into(),
-    }
+    Reason::InvalidField { field: field.to_owned(), detail: detail.into() }
 }
 
 /// An optional string field: absent, `null` and `""` are `None`.
-fn opt_str(
-    obj: &Map<String, Value>,
-    field: &str,
-    max_chars: usize,
-) -> Result<Option<String>, Reason> {
+fn opt_str(obj: &Map<String, Value>, field: &str, max_chars: usize) -> Result<Option<String>, Reason> {
     opt_str_named(obj, field, field, max_chars)
 }
 
-fn opt_str_named(
-    obj: &Map<String, Value>,
-    key: &str,
-    name: &str,
-    max_chars: usize,
-) -> Result<Option<String>, Reason> {
+fn opt_str_named(obj: &Map<String, Value>, key: &str, name: &str, max_chars: usize) -> Result<Option<String>, Reason> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
@@ -242,12 +225,7 @@ fn utm(obj: &Map<String, Value>) -> Result<Utm, Reason> {
 
 /// Validates one fact value at `index` of its batch.
 pub fn validate(index: usize, value: &Value) -> Result<FactIn, Rejection> {
-    let reject = |kind, client_id: Option<String>, reason| Rejection {
-        index,
-        kind,
-        client_id,
-        reason,
-    };
+    let reject = |kind, client_id: Option<String>, reason| Rejection { index, kind, client_id, reason };
     let Value::Object(obj) = value else {
         return Err(reject(None, None, Reason::NotAnObject));
     };
@@ -263,9 +241,7 @@ pub fn validate(index: usize, value: &Value) -> Result<FactIn, Rejection> {
     };
     let client_id = match obj.get("client_id") {
         None | Some(Value::Null) => return Err(reject(Some(kind), None, Reason::MissingClientId)),
-        Some(Value::String(s)) => {
-            ClientId::parse(s).map_err(|_| reject(Some(kind), None, Reason::InvalidClientId))?
-        }
+        Some(Value::String(s)) => ClientId::parse(s).map_err(|_| reject(Some(kind), None, Reason::InvalidClientId))?,
         Some(_) => return Err(reject(Some(kind), None, Reason::InvalidClientId)),
     };
     let client = Some(client_id.to_string());
@@ -275,9 +251,7 @@ pub fn validate(index: usize, value: &Value) -> Result<FactIn, Rejection> {
         FactKind::Visit => {
             let page = match obj.get("page") {
                 None | Some(Value::Null) => return Err(fail(Reason::MissingPage)),
-                Some(Value::String(p)) => {
-                    PageKind::parse(p).ok_or_else(|| fail(Reason::InvalidPage))?
-                }
+                Some(Value::String(p)) => PageKind::parse(p).ok_or_else(|| fail(Reason::InvalidPage))?,
                 Some(_) => return Err(fail(Reason::InvalidPage)),
             };
             let v = VisitIn {
@@ -292,9 +266,7 @@ pub fn validate(index: usize, value: &Value) -> Result<FactIn, Rejection> {
                 referrer: opt_str(obj, "referrer", MAX_URL_CHARS).map_err(fail)?,
             };
             match page {
-                PageKind::Landing if v.event_id.is_none() => {
-                    return Err(fail(Reason::MissingEventId))
-                }
+                PageKind::Landing if v.event_id.is_none() => return Err(fail(Reason::MissingEventId)),
                 PageKind::Webinar | PageKind::Live if v.webinar_id.is_none() => {
                     return Err(fail(Reason::MissingWebinarId))
                 }
@@ -303,9 +275,8 @@ pub fn validate(index: usize, value: &Value) -> Result<FactIn, Rejection> {
             Body::Visit(v)
         }
         FactKind::Entry => {
-            let entry_id = opt_str(obj, "entry_id", MAX_ID_CHARS)
-                .map_err(fail)?
-                .ok_or_else(|| fail(Reason::MissingEntryId))?;
+            let entry_id =
+                opt_str(obj, "entry_id", MAX_ID_CHARS).map_err(fail)?.ok_or_else(|| fail(Reason::MissingEntryId))?;
             let e = EntryIn {
                 entry_id,
                 event_id: opt_str(obj, "event_id", MAX_ID_CHARS).map_err(fail)?,
@@ -326,12 +297,7 @@ pub fn validate(index: usize, value: &Value) -> Result<FactIn, Rejection> {
             session_id: opt_str(obj, "session_id", MAX_ID_CHARS).map_err(fail)?,
         }),
     };
-    Ok(FactIn {
-        index,
-        client_id,
-        ts,
-        body,
-    })
+    Ok(FactIn { index, client_id, ts, body })
 }
 
 #[cfg(test)]
@@ -350,30 +316,18 @@ mod tests {
 
     #[test]
     fn valid_facts_of_each_kind() {
-        let v = one(
-            json!({"type": "visit", "client_id": "acme", "page": "live", "webinar_id": "w1",
-            "utm": {"source": "news", "medium": ""}, "extra": 1}),
-        )
+        let v = one(json!({"type": "visit", "client_id": "acme", "page": "live", "webinar_id": "w1",
+            "utm": {"source": "news", "medium": ""}, "extra": 1}))
         .unwrap();
         let Body::Visit(visit) = v.body else { panic!() };
         assert_eq!(visit.page, PageKind::Live);
-        assert_eq!(
-            visit.utm,
-            Utm {
-                source: Some("news".into()),
-                ..Utm::default()
-            }
-        );
+        assert_eq!(visit.utm, Utm { source: Some("news".into()), ..Utm::default() });
         assert!(matches!(
-            one(json!({"type": "entry", "client_id": "acme", "entry_id": "e", "webinar_id": "w"}))
-                .unwrap()
-                .body,
+            one(json!({"type": "entry", "client_id": "acme", "entry_id": "e", "webinar_id": "w"})).unwrap().body,
             Body::Entry(_)
         ));
         assert!(matches!(
-            one(json!({"type": "ping", "client_id": "acme", "webinar_id": "w", "session_id": "s"}))
-                .unwrap()
-                .body,
+            one(json!({"type": "ping", "client_id": "acme", "webinar_id": "w", "session_id": "s"})).unwrap().body,
             Body::Ping(_)
         ));
     }
@@ -382,80 +336,35 @@ mod tests {
     fn each_rule_has_its_reason() {
         assert_eq!(reason(json!(3)), "not_an_object");
         assert_eq!(reason(json!({"client_id": "a"})), "missing_type");
-        assert_eq!(
-            reason(json!({"type": "click", "client_id": "a"})),
-            "unknown_type"
-        );
+        assert_eq!(reason(json!({"type": "click", "client_id": "a"})), "unknown_type");
         assert_eq!(reason(json!({"type": 7, "client_id": "a"})), "unknown_type");
         assert_eq!(reason(json!({"type": "visit"})), "missing_client_id");
-        assert_eq!(
-            reason(json!({"type": "visit", "client_id": "Bad Client"})),
-            "invalid_client_id"
-        );
-        assert_eq!(
-            reason(json!({"type": "visit", "client_id": ["a"]})),
-            "invalid_client_id"
-        );
-        assert_eq!(
-            reason(json!({"type": "visit", "client_id": "a"})),
-            "missing_page"
-        );
-        assert_eq!(
-            reason(json!({"type": "visit", "client_id": "a", "page": "home"})),
-            "invalid_page"
-        );
-        assert_eq!(
-            reason(json!({"type": "visit", "client_id": "a", "page": "landing"})),
-            "missing_event_id"
-        );
-        assert_eq!(
-            reason(json!({"type": "visit", "client_id": "a", "page": "webinar"})),
-            "missing_webinar_id"
-        );
-        assert_eq!(
-            reason(json!({"type": "entry", "client_id": "a", "event_id": "e"})),
-            "missing_entry_id"
-        );
-        assert_eq!(
-            reason(json!({"type": "entry", "client_id": "a", "entry_id": "x"})),
-            "missing_event_id"
-        );
-        assert_eq!(
-            reason(json!({"type": "ping", "client_id": "a"})),
-            "missing_webinar_id"
-        );
+        assert_eq!(reason(json!({"type": "visit", "client_id": "Bad Client"})), "invalid_client_id");
+        assert_eq!(reason(json!({"type": "visit", "client_id": ["a"]})), "invalid_client_id");
+        assert_eq!(reason(json!({"type": "visit", "client_id": "a"})), "missing_page");
+        assert_eq!(reason(json!({"type": "visit", "client_id": "a", "page": "home"})), "invalid_page");
+        assert_eq!(reason(json!({"type": "visit", "client_id": "a", "page": "landing"})), "missing_event_id");
+        assert_eq!(reason(json!({"type": "visit", "client_id": "a", "page": "webinar"})), "missing_webinar_id");
+        assert_eq!(reason(json!({"type": "entry", "client_id": "a", "event_id": "e"})), "missing_entry_id");
+        assert_eq!(reason(json!({"type": "entry", "client_id": "a", "entry_id": "x"})), "missing_event_id");
+        assert_eq!(reason(json!({"type": "ping", "client_id": "a"})), "missing_webinar_id");
     }
 
     #[test]
     fn field_errors_name_the_field() {
         let base = |extra: Value| {
-            let mut v =
-                json!({"type": "visit", "client_id": "a", "page": "landing", "event_id": "e"});
-            v.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
+            let mut v = json!({"type": "visit", "client_id": "a", "page": "landing", "event_id": "e"});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
             one(v).unwrap_err().reason
         };
-        assert_eq!(
-            base(json!({"path": 5})),
-            invalid("path", "must be a string")
-        );
-        assert_eq!(
-            base(json!({"utm": "x"})),
-            invalid("utm", "must be an object")
-        );
+        assert_eq!(base(json!({"path": 5})), invalid("path", "must be a string"));
+        assert_eq!(base(json!({"utm": "x"})), invalid("utm", "must be an object"));
         assert_eq!(
             base(json!({"utm": {"source": "x".repeat(10_000)}})),
             invalid("utm.source", "longer than 256 characters")
         );
-        assert_eq!(
-            base(json!({"referrer": "a\u{0007}b"})),
-            invalid("referrer", "contains control characters")
-        );
-        assert_eq!(
-            base(json!({"ts": 1_700_000_000})),
-            invalid("ts", "must be a string")
-        );
+        assert_eq!(base(json!({"referrer": "a\u{0007}b"})), invalid("referrer", "contains control characters"));
+        assert_eq!(base(json!({"ts": 1_700_000_000})), invalid("ts", "must be a string"));
     }
 
     #[test]
@@ -473,21 +382,12 @@ mod tests {
     fn body_level_errors() {
         assert_eq!(parse_body(b"\xff\xfe").unwrap_err().code(), "invalid_utf8");
         assert_eq!(parse_body(b"{nope").unwrap_err().code(), "malformed_json");
-        assert_eq!(
-            parse_body(b"\"x\"").unwrap_err().code(),
-            "not_object_or_array"
-        );
+        assert_eq!(parse_body(b"\"x\"").unwrap_err().code(), "not_object_or_array");
         assert_eq!(parse_body(b"[]").unwrap_err().code(), "empty_batch");
         let batch = format!("[{}]", vec!["{}"; 101].join(","));
-        assert_eq!(
-            parse_body(batch.as_bytes()).unwrap_err(),
-            BodyError::TooManyFacts(101)
-        );
+        assert_eq!(parse_body(batch.as_bytes()).unwrap_err(), BodyError::TooManyFacts(101));
         let deep = "[".repeat(10_000);
-        assert_eq!(
-            parse_body(deep.as_bytes()).unwrap_err().code(),
-            "malformed_json"
-        );
+        assert_eq!(parse_body(deep.as_bytes()).unwrap_err().code(), "malformed_json");
         assert_eq!(parse_body(b"[1, {\"type\": \"visit\"}]").unwrap().len(), 2);
     }
 
@@ -526,15 +426,8 @@ mod tests {
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(|n| json!(n)),
             "[a-z\\x00-\\x1f'\";<>]{0,12}".prop_map(Value::String),
-            prop_oneof![
-                Just("visit"),
-                Just("entry"),
-                Just("ping"),
-                Just("landing"),
-                Just("live"),
-                Just("acme")
-            ]
-            .prop_map(|s| Value::String(s.to_owned())),
+            prop_oneof![Just("visit"), Just("entry"), Just("ping"), Just("landing"), Just("live"), Just("acme")]
+                .prop_map(|s| Value::String(s.to_owned())),
         ];
         leaf.prop_recursive(3, 24, 6, |inner| {
             prop_oneof![

@@ -79,9 +79,7 @@ fn duration(key: &str, value: &str) -> Result<Duration, CollectorError> {
     parse_duration_ms(value)
         .and_then(|ms| u64::try_from(ms).ok())
         .map(Duration::from_millis)
-        .ok_or_else(|| {
-            CollectorError::Config(format!("collector.{key} = {value:?} is not a duration"))
-        })
+        .ok_or_else(|| CollectorError::Config(format!("collector.{key} = {value:?} is not a duration")))
 }
 
 /// Serves the collector on `listener` until `shutdown`, then stops accepting, drains what it can
@@ -118,11 +116,7 @@ pub async fn serve(
     let links = Links::default();
     let background = CancellationToken::new();
     if let Some(store) = deps.store.clone() {
-        tokio::spawn(
-            links
-                .clone()
-                .refresh_loop(store, links_refresh, background.clone()),
-        );
+        tokio::spawn(links.clone().refresh_loop(store, links_refresh, background.clone()));
     }
     let state = Arc::new(AppState {
         spool,
@@ -132,10 +126,7 @@ pub async fn serve(
         registry: deps.registry.clone(),
         ip_limiter: RateLimiter::new(c.rate_limit_per_ip),
         client_limiter: RateLimiter::new(c.rate_limit_per_client),
-        cookies: CookiePolicy {
-            domain: c.cookie_domain.clone(),
-            secure: c.cookie_secure,
-        },
+        cookies: CookiePolicy { domain: c.cookie_domain.clone(), secure: c.cookie_secure },
         allowed_origins: c.allowed_origins.clone(),
         trust_forwarded_for: c.trust_forwarded_for,
         allowed_lateness_ms: deps.allowed_lateness_ms,
@@ -144,25 +135,19 @@ pub async fn serve(
     info!(addr = %listener.local_addr()?, spool = %c.spool_dir, "collector listening");
     let app = http::router(state.clone());
     let stopping = state.clone();
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.cancelled().await;
-        // Readiness turns 503 first, then in-flight requests finish.
-        stopping.accepting.store(false, Ordering::Release);
-    })
-    .await;
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move {
+            shutdown.cancelled().await;
+            // Readiness turns 503 first, then in-flight requests finish.
+            stopping.accepting.store(false, Ordering::Release);
+        })
+        .await;
     background.cancel();
     stop_drainer.store(true, Ordering::Release);
     let joined = tokio::task::spawn_blocking(move || drainer.join()).await;
     if !matches!(joined, Ok(Ok(()))) {
         error!("spool drainer ended abnormally");
     }
-    info!(
-        spooled = state.spool.shared().pending_facts(),
-        "collector stopped"
-    );
+    info!(spooled = state.spool.shared().pending_facts(), "collector stopped");
     served.map_err(CollectorError::Http)
 }

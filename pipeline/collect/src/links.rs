@@ -54,10 +54,7 @@ impl Links {
 
     /// Whether `cid` names a link of `client_id`.
     pub fn resolves(&self, client_id: &str, cid: &str) -> bool {
-        self.inner
-            .read()
-            .map(|m| m.get(cid).is_some_and(|l| l.client_id == client_id))
-            .unwrap_or(false)
+        self.inner.read().map(|m| m.get(cid).is_some_and(|l| l.client_id == client_id)).unwrap_or(false)
     }
 
     pub fn replace(&self, links: HashMap<String, Link>) {
@@ -79,10 +76,7 @@ impl Links {
         loop {
             match store.campaign_links().await {
                 Ok(rows) => {
-                    let map: HashMap<String, Link> = rows
-                        .into_iter()
-                        .map(|r| (r.cid.clone(), Link::from(r)))
-                        .collect();
+                    let map: HashMap<String, Link> = rows.into_iter().map(|r| (r.cid.clone(), Link::from(r))).collect();
                     debug!(links = map.len(), "campaign links refreshed");
                     self.replace(map);
                 }

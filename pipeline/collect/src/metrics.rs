@@ -1,9 +1,6 @@
 //! Prometheus metrics of the collector (names in `eventflow_core::metrics`).
 
-use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry,
-};
+use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use eventflow_core::metrics as names;
 
@@ -27,24 +24,15 @@ impl CollectorMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
             facts: IntCounterVec::new(
-                Opts::new(
-                    names::COLLECTOR_FACTS_TOTAL,
-                    "Facts received, by type and outcome (accepted or rejected).",
-                ),
+                Opts::new(names::COLLECTOR_FACTS_TOTAL, "Facts received, by type and outcome (accepted or rejected)."),
                 &["type", "outcome"],
             )?,
             rejections: IntCounterVec::new(
-                Opts::new(
-                    names::COLLECTOR_REJECTIONS_TOTAL,
-                    "Rejected facts by type and reason.",
-                ),
+                Opts::new(names::COLLECTOR_REJECTIONS_TOTAL, "Rejected facts by type and reason."),
                 &["type", "reason"],
             )?,
             requests: IntCounterVec::new(
-                Opts::new(
-                    names::COLLECTOR_REQUESTS_TOTAL,
-                    "HTTP requests by route template and status.",
-                ),
+                Opts::new(names::COLLECTOR_REQUESTS_TOTAL, "HTTP requests by route template and status."),
                 &["route", "status"],
             )?,
             request_duration: HistogramVec::new(
@@ -59,10 +47,7 @@ impl CollectorMetrics {
                 names::COLLECTOR_SPOOL_FACTS,
                 "Acknowledged facts in the spool not yet in Kafka.",
             )?,
-            spool_bytes: IntGauge::new(
-                names::COLLECTOR_SPOOL_BYTES,
-                "Bytes in the spool not yet in Kafka.",
-            )?,
+            spool_bytes: IntGauge::new(names::COLLECTOR_SPOOL_BYTES, "Bytes in the spool not yet in Kafka.")?,
             spool_oldest_age: Gauge::new(
                 names::COLLECTOR_OLDEST_SPOOLED_SECONDS,
                 "Age of the oldest fact in flight to Kafka (0 when none).",
@@ -74,10 +59,7 @@ impl CollectorMetrics {
                 ),
                 &["kind"],
             )?,
-            delivered: IntCounter::new(
-                names::COLLECTOR_DELIVERED_TOTAL,
-                "Facts acknowledged by Kafka.",
-            )?,
+            delivered: IntCounter::new(names::COLLECTOR_DELIVERED_TOTAL, "Facts acknowledged by Kafka.")?,
             link_clicks: IntCounterVec::new(
                 Opts::new(
                     "eventflow_collector_link_clicks_total",

@@ -34,10 +34,7 @@ pub struct RateLimiter<K> {
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
     pub fn new(limit: Limit) -> Self {
-        Self {
-            limit,
-            buckets: Mutex::new(HashMap::new()),
-        }
+        Self { limit, buckets: Mutex::new(HashMap::new()) }
     }
 
     /// Takes `n` tokens for `key` at `now`; false when the key is over its limit.
@@ -53,10 +50,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             let full_after = self.limit.burst / self.limit.per_second;
             buckets.retain(|_, b| now.duration_since(b.updated).as_secs_f64() < full_after);
         }
-        let b = buckets.entry(key.clone()).or_insert(Bucket {
-            tokens: self.limit.burst,
-            updated: now,
-        });
+        let b = buckets.entry(key.clone()).or_insert(Bucket { tokens: self.limit.burst, updated: now });
         let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
         b.tokens = (b.tokens + elapsed * self.limit.per_second).min(self.limit.burst);
         b.updated = now;
@@ -76,10 +70,7 @@ mod tests {
 
     #[test]
     fn burst_then_refill() {
-        let rl = RateLimiter::new(Limit {
-            per_second: 10.0,
-            burst: 5.0,
-        });
+        let rl = RateLimiter::new(Limit { per_second: 10.0, burst: 5.0 });
         let t0 = Instant::now();
         for _ in 0..5 {
             assert!(rl.try_take(&"ip", 1.0, t0));
@@ -92,10 +83,7 @@ mod tests {
 
     #[test]
     fn zero_rate_disables() {
-        let rl = RateLimiter::new(Limit {
-            per_second: 0.0,
-            burst: 0.0,
-        });
+        let rl = RateLimiter::new(Limit { per_second: 0.0, burst: 0.0 });
         assert!((0..1000).all(|_| rl.try_take(&1, 1.0, Instant::now())));
     }
 }

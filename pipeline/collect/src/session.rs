@@ -36,11 +36,7 @@ pub struct Touch {
 impl Touch {
     /// The touch a fact carries, if it has a campaign link id or any UTM field.
     pub fn of(cid: &Option<String>, utm: &Utm, at_ms: i64) -> Option<Touch> {
-        (cid.is_some() || !utm.is_empty()).then(|| Touch {
-            cid: cid.clone(),
-            utm: utm.clone(),
-            at_ms,
-        })
+        (cid.is_some() || !utm.is_empty()).then(|| Touch { cid: cid.clone(), utm: utm.clone(), at_ms })
     }
 }
 
@@ -67,10 +63,7 @@ impl Attribution {
         let mut copy = self.clone();
         let mut json = serde_json::to_vec(&copy).unwrap_or_default();
         if json.len() * 4 / 3 > MAX_UTM_COOKIE_BYTES {
-            for t in [copy.first.as_mut(), copy.last.as_mut()]
-                .into_iter()
-                .flatten()
-            {
+            for t in [copy.first.as_mut(), copy.last.as_mut()].into_iter().flatten() {
                 t.utm.term = None;
                 t.utm.content = None;
             }
@@ -81,9 +74,7 @@ impl Attribution {
 
     /// Parses a cookie value; anything malformed is treated as no attribution.
     pub fn decode(value: &str) -> Attribution {
-        base64url_decode(value)
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+        base64url_decode(value).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
     }
 }
 
@@ -98,11 +89,7 @@ pub fn cookie<'a>(header: Option<&'a str>, name: &str) -> Option<&'a str> {
 /// Whether a cookie-provided session id is acceptable (same alphabet the collector creates,
 /// plus what common trackers use), so a forged cookie cannot smuggle control characters.
 pub fn valid_session_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 /// A new random session id (128 bits, hex).
@@ -144,10 +131,7 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 fn base64url_encode(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 4 / 3 + 4);
     for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
         let chars = chunk.len() + 1;
         for i in 0..chars {
             out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -158,19 +142,13 @@ fn base64url_encode(bytes: &[u8]) -> String {
 
 fn base64url_decode(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let vals: Option<Vec<u32>> = s
-        .bytes()
-        .map(|c| B64.iter().position(|b| *b == c).map(|p| p as u32))
-        .collect();
+    let vals: Option<Vec<u32>> = s.bytes().map(|c| B64.iter().position(|b| *b == c).map(|p| p as u32)).collect();
     let vals = vals?;
     for chunk in vals.chunks(4) {
         if chunk.len() < 2 {
             return None;
         }
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, v)| acc | (v << (18 - 6 * i)));
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, v)| acc | (v << (18 - 6 * i)));
         for i in 0..chunk.len() - 1 {
             out.push(((n >> (16 - 8 * i)) & 0xff) as u8);
         }
@@ -183,29 +161,15 @@ mod tests {
     use super::*;
 
     fn utm(source: &str) -> Utm {
-        Utm {
-            source: Some(source.into()),
-            ..Utm::default()
-        }
+        Utm { source: Some(source.into()), ..Utm::default() }
     }
 
     #[test]
     fn first_and_last_touch() {
         let mut a = Attribution::default();
-        a.touch(Touch {
-            cid: Some("c1".into()),
-            utm: utm("news"),
-            at_ms: 1,
-        });
-        a.touch(Touch {
-            cid: None,
-            utm: utm("ads"),
-            at_ms: 2,
-        });
-        assert_eq!(
-            a.first.as_ref().unwrap().utm.source.as_deref(),
-            Some("news")
-        );
+        a.touch(Touch { cid: Some("c1".into()), utm: utm("news"), at_ms: 1 });
+        a.touch(Touch { cid: None, utm: utm("ads"), at_ms: 2 });
+        assert_eq!(a.first.as_ref().unwrap().utm.source.as_deref(), Some("news"));
         assert_eq!(a.last.as_ref().unwrap().utm.source.as_deref(), Some("ads"));
         assert_eq!(Attribution::decode(&a.encode()), a);
         assert_eq!(Touch::of(&None, &Utm::default(), 5), None);
@@ -222,21 +186,11 @@ mod tests {
             content: Some(long),
         };
         let mut a = Attribution::default();
-        a.touch(Touch {
-            cid: None,
-            utm: big.clone(),
-            at_ms: 1,
-        });
-        a.touch(Touch {
-            cid: None,
-            utm: big,
-            at_ms: 2,
-        });
+        a.touch(Touch { cid: None, utm: big.clone(), at_ms: 1 });
+        a.touch(Touch { cid: None, utm: big, at_ms: 2 });
         let value = a.encode();
         assert!(value.len() <= MAX_UTM_COOKIE_BYTES, "{}", value.len());
-        assert!(value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert!(value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         assert_eq!(Attribution::decode("%%%not base64"), Attribution::default());
         assert_eq!(Attribution::decode("eyJ"), Attribution::default());
     }
@@ -258,10 +212,7 @@ mod tests {
         assert!(!valid_session_id("a b"));
         assert!(!valid_session_id(""));
         assert_eq!(new_session_id().len(), 32);
-        let p = CookiePolicy {
-            domain: Some("example.com".into()),
-            secure: true,
-        };
+        let p = CookiePolicy { domain: Some("example.com".into()), secure: true };
         assert_eq!(
             p.session("s"),
             "ef_sid=s; Path=/; Max-Age=1800; SameSite=Lax; HttpOnly; Domain=example.com; Secure"

@@ -68,11 +68,7 @@ impl Record {
         payload.extend_from_slice(&u16::try_from(key.len()).unwrap_or(u16::MAX).to_le_bytes());
         payload.extend_from_slice(&key[..key.len().min(usize::from(u16::MAX))]);
         payload.extend_from_slice(&self.value);
-        out.extend_from_slice(
-            &u32::try_from(payload.len())
-                .unwrap_or(u32::MAX)
-                .to_le_bytes(),
-        );
+        out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
         out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         out.extend_from_slice(&payload);
     }
@@ -85,17 +81,9 @@ impl Record {
         let seq = u64::from_le_bytes(payload[1..9].try_into().ok()?);
         let received_ms = i64::from_le_bytes(payload[9..17].try_into().ok()?);
         let key_len = usize::from(u16::from_le_bytes(payload[17..19].try_into().ok()?));
-        let key = std::str::from_utf8(payload.get(19..19 + key_len)?)
-            .ok()?
-            .to_owned();
+        let key = std::str::from_utf8(payload.get(19..19 + key_len)?).ok()?.to_owned();
         let value = payload.get(19 + key_len..)?.to_vec();
-        Some(Record {
-            seq,
-            kind,
-            received_ms,
-            key,
-            value,
-        })
+        Some(Record { seq, kind, received_ms, key, value })
     }
 }
 
@@ -230,12 +218,8 @@ impl Shared {
         fs::rename(&tmp, self.dir.join("cursor"))?;
         fsync_dir(&self.dir)?;
         self.cursor.store(cursor, Ordering::Release);
-        self.pending_bytes
-            .fetch_sub(delivered_bytes.min(self.pending_bytes()), Ordering::AcqRel);
-        let mut segments = self
-            .segments
-            .lock()
-            .map_err(|_| std::io::Error::other("segments lock poisoned"))?;
+        self.pending_bytes.fetch_sub(delivered_bytes.min(self.pending_bytes()), Ordering::AcqRel);
+        let mut segments = self.segments.lock().map_err(|_| std::io::Error::other("segments lock poisoned"))?;
         // A segment is done when the next one starts at or before the cursor.
         while segments.len() > 1 && segments[1].first_seq <= cursor {
             let done = segments.remove(0);
@@ -248,12 +232,7 @@ impl Shared {
 
     /// A reader positioned at the first record with sequence `>= from`.
     pub fn reader(self: &Arc<Self>, from: u64) -> SpoolReader {
-        SpoolReader {
-            shared: self.clone(),
-            next_seq: from,
-            file: None,
-            segment_first: 0,
-        }
+        SpoolReader { shared: self.clone(), next_seq: from, file: None, segment_first: 0 }
     }
 }
 
@@ -275,16 +254,8 @@ impl SpoolReader {
             }
             if self.file.is_none() {
                 let segment = {
-                    let segments = self
-                        .shared
-                        .segments
-                        .lock()
-                        .map_err(|_| std::io::Error::other("lock poisoned"))?;
-                    segments
-                        .iter()
-                        .rev()
-                        .find(|s| s.first_seq <= self.next_seq)
-                        .cloned()
+                    let segments = self.shared.segments.lock().map_err(|_| std::io::Error::other("lock poisoned"))?;
+                    segments.iter().rev().find(|s| s.first_seq <= self.next_seq).cloned()
                 };
                 let Some(segment) = segment else {
                     return Ok(None);
@@ -292,10 +263,7 @@ impl SpoolReader {
                 self.file = Some(BufReader::new(File::open(&segment.path)?));
                 self.segment_first = segment.first_seq;
             }
-            let file = self
-                .file
-                .as_mut()
-                .ok_or_else(|| std::io::Error::other("no segment"))?;
+            let file = self.file.as_mut().ok_or_else(|| std::io::Error::other("no segment"))?;
             let pos = file.stream_position()?;
             match read_record(file)? {
                 Some((rec, _)) if rec.seq < self.next_seq => continue,
@@ -308,16 +276,11 @@ impl SpoolReader {
                     // wanted record lives there, else wait for the writer.
                     file.seek(SeekFrom::Start(pos))?;
                     let next_segment = {
-                        let segments = self
-                            .shared
-                            .segments
-                            .lock()
-                            .map_err(|_| std::io::Error::other("lock poisoned"))?;
+                        let segments =
+                            self.shared.segments.lock().map_err(|_| std::io::Error::other("lock poisoned"))?;
                         segments
                             .iter()
-                            .find(|s| {
-                                s.first_seq > self.segment_first && s.first_seq <= self.next_seq
-                            })
+                            .find(|s| s.first_seq > self.segment_first && s.first_seq <= self.next_seq)
                             .is_some()
                     };
                     if next_segment {
@@ -351,20 +314,12 @@ impl Spool {
         fs::create_dir_all(&options.dir)?;
         let dir = options.dir.clone();
         let spool_id = read_or_create_id(&dir)?;
-        let cursor = fs::read_to_string(dir.join("cursor"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(1)
-            .max(1);
+        let cursor =
+            fs::read_to_string(dir.join("cursor")).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(1).max(1);
 
         let mut first_seqs: Vec<u64> = fs::read_dir(&dir)?
             .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".seg"))
-                    .and_then(|n| n.parse().ok())
-            })
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse().ok()))
             .collect();
         first_seqs.sort_unstable();
         let mut segments = Vec::new();
@@ -392,10 +347,7 @@ impl Spool {
                     error!(path = %path.display(), valid, size, "corrupt spool segment; records after the damage are unreadable");
                 }
             }
-            segments.push(Segment {
-                first_seq: first,
-                path,
-            });
+            segments.push(Segment { first_seq: first, path });
         }
         let next_seq = (last_seq + 1).max(cursor);
         let durable = next_seq - 1;
@@ -422,9 +374,7 @@ impl Spool {
             file: None,
             file_len: 0,
         };
-        std::thread::Builder::new()
-            .name("spool-writer".into())
-            .spawn(move || writer.run(rx))?;
+        std::thread::Builder::new().name("spool-writer".into()).spawn(move || writer.run(rx))?;
         Ok(Spool { shared, tx })
     }
 
@@ -439,13 +389,7 @@ impl Spool {
             return Ok(Vec::new());
         }
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Append {
-                facts,
-                received_ms,
-                reply,
-            })
-            .map_err(|_| SpoolError::Stopped)?;
+        self.tx.send(Append { facts, received_ms, reply }).map_err(|_| SpoolError::Stopped)?;
         rx.await.map_err(|_| SpoolError::Stopped)?
     }
 }
@@ -488,9 +432,7 @@ impl Writer {
             while batch.len() < 1024 {
                 match rx.try_recv() {
                     Ok(more) => batch.push(more),
-                    Err(_) if Instant::now() < deadline && batch.len() < 4 => {
-                        std::thread::yield_now()
-                    }
+                    Err(_) if Instant::now() < deadline && batch.len() < 4 => std::thread::yield_now(),
                     Err(_) => break,
                 }
             }
@@ -501,17 +443,13 @@ impl Writer {
 
     fn commit(&mut self, batch: Vec<Append>) {
         let mut buf = Vec::new();
-        let mut accepted: Vec<(oneshot::Sender<Result<Vec<u64>, SpoolError>>, Vec<u64>)> =
-            Vec::new();
+        let mut accepted: Vec<(oneshot::Sender<Result<Vec<u64>, SpoolError>>, Vec<u64>)> = Vec::new();
         let mut added_bytes = 0u64;
         let first_seq = self.next_seq;
         for req in batch {
             let pending = self.shared.pending_bytes() + added_bytes;
             if pending >= self.shared.max_bytes {
-                let _ = req.reply.send(Err(SpoolError::Full {
-                    pending,
-                    max: self.shared.max_bytes,
-                }));
+                let _ = req.reply.send(Err(SpoolError::Full { pending, max: self.shared.max_bytes }));
                 continue;
             }
             let mut seqs = Vec::with_capacity(req.facts.len());
@@ -561,12 +499,8 @@ impl Writer {
         }
         match written {
             Ok(()) => {
-                self.shared
-                    .pending_bytes
-                    .fetch_add(added_bytes, Ordering::AcqRel);
-                self.shared
-                    .durable_seq
-                    .store(self.next_seq - 1, Ordering::Release);
+                self.shared.pending_bytes.fetch_add(added_bytes, Ordering::AcqRel);
+                self.shared.durable_seq.store(self.next_seq - 1, Ordering::Release);
                 self.shared.appended.notify_waiters();
                 self.shared.appended.notify_one();
                 for (reply, seqs) in accepted {
@@ -600,20 +534,13 @@ impl Writer {
             let file = OpenOptions::new().create(true).append(true).open(&path)?;
             self.file_len = file.metadata()?.len();
             fsync_dir(&self.shared.dir)?;
-            let mut segments = self
-                .shared
-                .segments
-                .lock()
-                .map_err(|_| std::io::Error::other("lock poisoned"))?;
+            let mut segments = self.shared.segments.lock().map_err(|_| std::io::Error::other("lock poisoned"))?;
             if !segments.iter().any(|s| s.first_seq == first_seq) {
                 segments.push(Segment { first_seq, path });
             }
             self.file = Some(file);
         }
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| std::io::Error::other("no segment"))?;
+        let file = self.file.as_mut().ok_or_else(|| std::io::Error::other("no segment"))?;
         file.write_all(buf)?;
         file.sync_data()?;
         self.file_len += buf.len() as u64;
@@ -645,12 +572,7 @@ mod tests {
 
     fn open(dir: &Path, max_bytes: u64) -> Spool {
         Spool::open(
-            SpoolOptions {
-                dir: dir.to_owned(),
-                max_bytes,
-                segment_bytes: 4096,
-                fsync_seconds: None,
-            },
+            SpoolOptions { dir: dir.to_owned(), max_bytes, segment_bytes: 4096, fsync_seconds: None },
             FactCodec::new().unwrap(),
         )
         .unwrap()
@@ -672,38 +594,21 @@ mod tests {
         let id = spool.shared().spool_id;
         let mut all = Vec::new();
         for i in 0..50 {
-            all.extend(
-                spool
-                    .append(vec![ping(i), ping(i + 1000)], 7)
-                    .await
-                    .unwrap(),
-            );
+            all.extend(spool.append(vec![ping(i), ping(i + 1000)], 7).await.unwrap());
         }
         assert_eq!(all, (1..=100).collect::<Vec<u64>>());
         drop(spool);
         let reopened = open(dir.path(), 1 << 30);
-        assert_eq!(
-            reopened.shared().spool_id,
-            id,
-            "the spool keeps its identity"
-        );
+        assert_eq!(reopened.shared().spool_id, id, "the spool keeps its identity");
         let records = drain_all(reopened.shared());
         assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), all);
         let codec = FactCodec::new().unwrap();
         let decoded = codec.decode(FactKind::Ping, &records[3].value).unwrap();
-        assert_eq!(
-            (decoded.header().spool_id, decoded.header().spool_seq),
-            (id, 4)
-        );
+        assert_eq!((decoded.header().spool_id, decoded.header().spool_seq), (id, 4));
         assert!(
             fs::read_dir(dir.path())
                 .unwrap()
-                .filter(|e| e
-                    .as_ref()
-                    .unwrap()
-                    .path()
-                    .extension()
-                    .is_some_and(|x| x == "seg"))
+                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
                 .count()
                 > 1
         );
@@ -724,10 +629,7 @@ mod tests {
         drop(spool);
         let reopened = open(dir.path(), 1 << 30);
         assert_eq!(
-            drain_all(reopened.shared())
-                .iter()
-                .map(|r| r.seq)
-                .collect::<Vec<_>>(),
+            drain_all(reopened.shared()).iter().map(|r| r.seq).collect::<Vec<_>>(),
             (91..=100).collect::<Vec<_>>()
         );
         // New appends continue the sequence.
@@ -759,14 +661,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // The check is on bytes already waiting: the first append fits, the next is refused.
         let spool = open(dir.path(), 100);
-        spool
-            .append(vec![ping(1), ping(2), ping(3)], 7)
-            .await
-            .unwrap();
-        assert!(matches!(
-            spool.append(vec![ping(4)], 7).await,
-            Err(SpoolError::Full { .. })
-        ));
+        spool.append(vec![ping(1), ping(2), ping(3)], 7).await.unwrap();
+        assert!(matches!(spool.append(vec![ping(4)], 7).await, Err(SpoolError::Full { .. })));
         assert!(spool.shared().is_full());
     }
 

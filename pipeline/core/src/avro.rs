@@ -35,11 +35,7 @@ pub enum CodecError {
     #[error("unknown writer schema fingerprint {0:016x}")]
     UnknownSchema(u64),
     #[error("writer schema {fingerprint:016x} is a {found} schema, expected {expected}")]
-    WrongKind {
-        fingerprint: u64,
-        found: FactKind,
-        expected: FactKind,
-    },
+    WrongKind { fingerprint: u64, found: FactKind, expected: FactKind },
     #[error("avro: {0}")]
     Avro(String),
     #[error("field {0}: unexpected value")]
@@ -105,19 +101,12 @@ impl FactCodec {
             let fp = fingerprint(&schema);
             Ok((Arc::new(schema), fp))
         };
-        let current = [
-            parse(VISIT_SCHEMA)?,
-            parse(ENTRY_SCHEMA)?,
-            parse(PING_SCHEMA)?,
-        ];
+        let current = [parse(VISIT_SCHEMA)?, parse(ENTRY_SCHEMA)?, parse(PING_SCHEMA)?];
         let mut by_fingerprint = HashMap::new();
         for (kind, (schema, fp)) in FactKind::ALL.iter().zip(current.iter()) {
             by_fingerprint.insert(*fp, (*kind, schema.clone()));
         }
-        Ok(Self {
-            current: Arc::new(current),
-            known: Arc::new(RwLock::new(KnownSchemas { by_fingerprint })),
-        })
+        Ok(Self { current: Arc::new(current), known: Arc::new(RwLock::new(KnownSchemas { by_fingerprint })) })
     }
 
     fn slot(kind: FactKind) -> usize {
@@ -145,24 +134,17 @@ impl FactCodec {
 
     /// Whether a writer schema with this fingerprint can be decoded.
     pub fn knows(&self, fingerprint: u64) -> bool {
-        self.known
-            .read()
-            .map(|k| k.by_fingerprint.contains_key(&fingerprint))
-            .unwrap_or(false)
+        self.known.read().map(|k| k.by_fingerprint.contains_key(&fingerprint)).unwrap_or(false)
     }
 
     /// Registers a writer schema (from the schema registry topic). Returns its fingerprint.
     pub fn register(&self, schema_json: &str) -> Result<u64, CodecError> {
-        let schema =
-            Schema::parse_str(schema_json).map_err(|e| CodecError::Schema(e.to_string()))?;
-        let kind = schema_kind(&schema)
-            .ok_or_else(|| CodecError::Schema("not a Visit, Entry or Ping record".into()))?;
+        let schema = Schema::parse_str(schema_json).map_err(|e| CodecError::Schema(e.to_string()))?;
+        let kind =
+            schema_kind(&schema).ok_or_else(|| CodecError::Schema("not a Visit, Entry or Ping record".into()))?;
         let fp = fingerprint(&schema);
         if let Ok(mut known) = self.known.write() {
-            known
-                .by_fingerprint
-                .entry(fp)
-                .or_insert((kind, Arc::new(schema)));
+            known.by_fingerprint.entry(fp).or_insert((kind, Arc::new(schema)));
         }
         Ok(fp)
     }
@@ -184,22 +166,11 @@ impl FactCodec {
     pub fn decode(&self, expected: FactKind, bytes: &[u8]) -> Result<Fact, CodecError> {
         let fp = message_fingerprint(bytes)?;
         let (kind, writer) = {
-            let known = self
-                .known
-                .read()
-                .map_err(|_| CodecError::Schema("schema registry lock poisoned".into()))?;
-            known
-                .by_fingerprint
-                .get(&fp)
-                .cloned()
-                .ok_or(CodecError::UnknownSchema(fp))?
+            let known = self.known.read().map_err(|_| CodecError::Schema("schema registry lock poisoned".into()))?;
+            known.by_fingerprint.get(&fp).cloned().ok_or(CodecError::UnknownSchema(fp))?
         };
         if kind != expected {
-            return Err(CodecError::WrongKind {
-                fingerprint: fp,
-                found: kind,
-                expected,
-            });
+            return Err(CodecError::WrongKind { fingerprint: fp, found: kind, expected });
         }
         let reader = self.schema(kind);
         let mut body = &bytes[HEADER_LEN..];
@@ -242,14 +213,8 @@ fn header_fields(h: &FactHeader) -> Vec<(String, Value)> {
         ("spool_id".into(), Value::Long(h.spool_id as i64)),
         ("spool_seq".into(), Value::Long(h.spool_seq as i64)),
         ("client_id".into(), Value::String(h.client_id.clone())),
-        (
-            "received_at_ms".into(),
-            Value::TimestampMillis(h.received_at_ms),
-        ),
-        (
-            "event_time_ms".into(),
-            Value::TimestampMillis(h.event_time_ms),
-        ),
+        ("received_at_ms".into(), Value::TimestampMillis(h.received_at_ms)),
+        ("event_time_ms".into(), Value::TimestampMillis(h.event_time_ms)),
         ("client_ts".into(), opt(&h.client_ts)),
         ("clock_skew".into(), Value::Boolean(h.clock_skew)),
     ]
@@ -536,10 +501,7 @@ pub(crate) mod tests {
         for fact in sample_facts() {
             let bytes = codec.encode(&fact).unwrap();
             assert_eq!(&bytes[..2], &MAGIC);
-            assert_eq!(
-                message_fingerprint(&bytes).unwrap(),
-                codec.current_fingerprint(fact.kind())
-            );
+            assert_eq!(message_fingerprint(&bytes).unwrap(), codec.current_fingerprint(fact.kind()));
             assert_eq!(codec.decode(fact.kind(), &bytes).unwrap(), fact);
         }
     }
@@ -547,20 +509,11 @@ pub(crate) mod tests {
     #[test]
     fn rejects_garbage_unknown_schemas_and_wrong_topics() {
         let codec = FactCodec::new().unwrap();
-        assert!(matches!(
-            codec.decode(FactKind::Visit, b"{\"json\":1}"),
-            Err(CodecError::NotSingleObject)
-        ));
+        assert!(matches!(codec.decode(FactKind::Visit, b"{\"json\":1}"), Err(CodecError::NotSingleObject)));
         let mut bytes = codec.encode(&sample_facts()[0]).unwrap();
-        assert!(matches!(
-            codec.decode(FactKind::Ping, &bytes),
-            Err(CodecError::WrongKind { .. })
-        ));
+        assert!(matches!(codec.decode(FactKind::Ping, &bytes), Err(CodecError::WrongKind { .. })));
         bytes[2] ^= 0xff;
-        assert!(matches!(
-            codec.decode(FactKind::Visit, &bytes),
-            Err(CodecError::UnknownSchema(_))
-        ));
+        assert!(matches!(codec.decode(FactKind::Visit, &bytes), Err(CodecError::UnknownSchema(_))));
         let truncated = &codec.encode(&sample_facts()[0]).unwrap()[..20];
         assert!(codec.decode(FactKind::Visit, truncated).is_err());
     }
@@ -568,29 +521,19 @@ pub(crate) mod tests {
     /// The visit schema as a future version might write it: one added optional field.
     fn visit_v2_schema() -> String {
         let mut schema: serde_json::Value = serde_json::from_str(VISIT_SCHEMA).unwrap();
-        schema["fields"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!(
-                {"name": "device_class", "type": ["null", "string"], "default": null}
-            ));
+        schema["fields"].as_array_mut().unwrap().push(serde_json::json!(
+            {"name": "device_class", "type": ["null", "string"], "default": null}
+        ));
         schema.to_string()
     }
 
     #[test]
     fn evolution_newer_writer_is_read_by_current_reader() {
         let v2 = Schema::parse_str(&visit_v2_schema()).unwrap();
-        let Fact::Visit(expected) = sample_facts().remove(0) else {
-            unreachable!()
-        };
+        let Fact::Visit(expected) = sample_facts().remove(0) else { unreachable!() };
         // Write with v2, including a value for the field the current reader does not know.
-        let Value::Record(mut fields) = to_value(&Fact::Visit(expected.clone())) else {
-            unreachable!()
-        };
-        fields.push((
-            "device_class".into(),
-            Value::Union(1, Box::new(Value::String("tablet".into()))),
-        ));
+        let Value::Record(mut fields) = to_value(&Fact::Visit(expected.clone())) else { unreachable!() };
+        fields.push(("device_class".into(), Value::Union(1, Box::new(Value::String("tablet".into())))));
         let datum = apache_avro::to_avro_datum(&v2, Value::Record(fields)).unwrap();
         let mut msg = MAGIC.to_vec();
         msg.extend_from_slice(&fingerprint(&v2).to_le_bytes());
@@ -598,15 +541,9 @@ pub(crate) mod tests {
 
         let codec = FactCodec::new().unwrap();
         // Unknown until the registry delivers the writer schema.
-        assert!(matches!(
-            codec.decode(FactKind::Visit, &msg),
-            Err(CodecError::UnknownSchema(_))
-        ));
+        assert!(matches!(codec.decode(FactKind::Visit, &msg), Err(CodecError::UnknownSchema(_))));
         codec.register(&visit_v2_schema()).unwrap();
-        assert_eq!(
-            codec.decode(FactKind::Visit, &msg).unwrap(),
-            Fact::Visit(expected)
-        );
+        assert_eq!(codec.decode(FactKind::Visit, &msg).unwrap(), Fact::Visit(expected));
     }
 
     #[test]
@@ -616,28 +553,12 @@ pub(crate) mod tests {
         let fact = sample_facts().remove(0);
         let msg = codec.encode(&fact).unwrap();
         let writer = codec.schema(FactKind::Visit);
-        let value =
-            apache_avro::from_avro_datum(writer, &mut &msg[HEADER_LEN..], Some(&v2)).unwrap();
-        let Value::Record(fields) = value else {
-            unreachable!()
-        };
-        let device = fields
-            .iter()
-            .find(|(n, _)| n == "device_class")
-            .map(|(_, v)| v.clone());
-        assert_eq!(
-            device,
-            Some(Value::Union(0, Box::new(Value::Null))),
-            "added field takes its default"
-        );
+        let value = apache_avro::from_avro_datum(writer, &mut &msg[HEADER_LEN..], Some(&v2)).unwrap();
+        let Value::Record(fields) = value else { unreachable!() };
+        let device = fields.iter().find(|(n, _)| n == "device_class").map(|(_, v)| v.clone());
+        assert_eq!(device, Some(Value::Union(0, Box::new(Value::Null))), "added field takes its default");
         // Everything the current schema knows survives the newer reader.
-        let known: Vec<_> = fields
-            .into_iter()
-            .filter(|(n, _)| n != "device_class")
-            .collect();
-        assert_eq!(
-            from_value(FactKind::Visit, Value::Record(known)).unwrap(),
-            fact
-        );
+        let known: Vec<_> = fields.into_iter().filter(|(n, _)| n != "device_class").collect();
+        assert_eq!(from_value(FactKind::Visit, Value::Record(known)).unwrap(), fact);
     }
 }

@@ -36,11 +36,7 @@ impl ClientId {
             return Err(ClientIdError::TooLong);
         }
         let lower_alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-        if !lower_alnum(first)
-            || !bytes[1..]
-                .iter()
-                .all(|b| lower_alnum(b) || *b == b'_' || *b == b'-')
-        {
+        if !lower_alnum(first) || !bytes[1..].iter().all(|b| lower_alnum(b) || *b == b'_' || *b == b'-') {
             return Err(ClientIdError::InvalidCharacters);
         }
         Ok(Self(raw.to_owned()))
@@ -108,10 +104,7 @@ fn default_true() -> bool {
 
 impl Default for TenancyConfig {
     fn default() -> Self {
-        Self {
-            default_timezone: default_timezone(),
-            allow_unknown_clients: true,
-        }
+        Self { default_timezone: default_timezone(), allow_unknown_clients: true }
     }
 }
 
@@ -134,52 +127,33 @@ pub struct ClientDirectory {
 
 impl ClientDirectory {
     /// Validates every client id and time zone up front.
-    pub fn new(
-        tenancy: &TenancyConfig,
-        clients: &BTreeMap<String, ClientSettings>,
-    ) -> Result<Self, TenancyError> {
+    pub fn new(tenancy: &TenancyConfig, clients: &BTreeMap<String, ClientSettings>) -> Result<Self, TenancyError> {
         let parse_tz = |zone: &str, owner: &str| {
             zone.parse::<Tz>()
-                .map_err(|_| TenancyError::UnknownTimeZone {
-                    zone: zone.to_owned(),
-                    owner: owner.to_owned(),
-                })
+                .map_err(|_| TenancyError::UnknownTimeZone { zone: zone.to_owned(), owner: owner.to_owned() })
         };
         let default_tz = parse_tz(&tenancy.default_timezone, "tenancy.default_timezone")?;
         let mut resolved = BTreeMap::new();
         for (raw_id, settings) in clients {
-            let id = ClientId::parse(raw_id).map_err(|source| TenancyError::InvalidClientId {
-                id: raw_id.clone(),
-                source,
-            })?;
+            let id = ClientId::parse(raw_id)
+                .map_err(|source| TenancyError::InvalidClientId { id: raw_id.clone(), source })?;
             let tz = match &settings.timezone {
                 Some(zone) => parse_tz(zone, &format!("clients.{raw_id}"))?,
                 None => default_tz,
             };
             resolved.insert(id, (tz, settings.clone()));
         }
-        Ok(Self {
-            default_tz,
-            allow_unknown: tenancy.allow_unknown_clients,
-            clients: resolved,
-        })
+        Ok(Self { default_tz, allow_unknown: tenancy.allow_unknown_clients, clients: resolved })
     }
 
     /// A directory with no configured clients: every client uses `Asia/Seoul`.
     pub fn permissive() -> Self {
-        Self {
-            default_tz: chrono_tz::Asia::Seoul,
-            allow_unknown: true,
-            clients: BTreeMap::new(),
-        }
+        Self { default_tz: chrono_tz::Asia::Seoul, allow_unknown: true, clients: BTreeMap::new() }
     }
 
     /// Time zone whose calendar days bucket `client`'s facts.
     pub fn timezone(&self, client: &str) -> Tz {
-        self.clients
-            .get(client)
-            .map(|(tz, _)| *tz)
-            .unwrap_or(self.default_tz)
+        self.clients.get(client).map(|(tz, _)| *tz).unwrap_or(self.default_tz)
     }
 
     /// Whether the collector accepts facts for `client`.
@@ -212,42 +186,23 @@ mod tests {
             assert!(ClientId::parse(ok).is_ok(), "{ok}");
         }
         assert_eq!(ClientId::parse(""), Err(ClientIdError::Empty));
-        assert_eq!(
-            ClientId::parse(&"a".repeat(65)),
-            Err(ClientIdError::TooLong)
-        );
+        assert_eq!(ClientId::parse(&"a".repeat(65)), Err(ClientIdError::TooLong));
         for bad in ["-a", "_a", "Acme", "ac me", "a/b", "a'b", "é", "a\u{0}"] {
-            assert_eq!(
-                ClientId::parse(bad),
-                Err(ClientIdError::InvalidCharacters),
-                "{bad:?}"
-            );
+            assert_eq!(ClientId::parse(bad), Err(ClientIdError::InvalidCharacters), "{bad:?}");
         }
     }
 
     #[test]
     fn directory_resolves_time_zones() {
         let mut clients = BTreeMap::new();
-        clients.insert(
-            "ny".to_owned(),
-            ClientSettings {
-                timezone: Some("America/New_York".into()),
-                token: None,
-            },
-        );
+        clients.insert("ny".to_owned(), ClientSettings { timezone: Some("America/New_York".into()), token: None });
         clients.insert("kr".to_owned(), ClientSettings::default());
         let dir = ClientDirectory::new(&TenancyConfig::default(), &clients).unwrap();
         assert_eq!(dir.timezone("ny"), chrono_tz::America::New_York);
         assert_eq!(dir.timezone("kr"), chrono_tz::Asia::Seoul);
         assert_eq!(dir.timezone("other"), chrono_tz::Asia::Seoul);
 
-        clients.insert(
-            "bad".to_owned(),
-            ClientSettings {
-                timezone: Some("Mars/Olympus".into()),
-                token: None,
-            },
-        );
+        clients.insert("bad".to_owned(), ClientSettings { timezone: Some("Mars/Olympus".into()), token: None });
         assert!(matches!(
             ClientDirectory::new(&TenancyConfig::default(), &clients),
             Err(TenancyError::UnknownTimeZone { .. })

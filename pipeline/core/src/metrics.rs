@@ -20,8 +20,7 @@ pub const PROCESSOR_CONSUMER_LAG: &str = "eventflow_processor_consumer_lag";
 pub const PROCESSOR_WATERMARK_SECONDS: &str = "eventflow_processor_watermark_seconds";
 pub const PROCESSOR_STALENESS_SECONDS: &str = "eventflow_processor_staleness_seconds";
 pub const PROCESSOR_LATE_FACTS_TOTAL: &str = "eventflow_processor_late_facts_total";
-pub const PROCESSOR_LAST_FLUSH_TIMESTAMP_SECONDS: &str =
-    "eventflow_processor_last_flush_timestamp_seconds";
+pub const PROCESSOR_LAST_FLUSH_TIMESTAMP_SECONDS: &str = "eventflow_processor_last_flush_timestamp_seconds";
 pub const PROCESSOR_FACTS_TOTAL: &str = "eventflow_processor_facts_total";
 pub const PROCESSOR_FLUSH_DURATION_SECONDS: &str = "eventflow_processor_flush_duration_seconds";
 pub const PROCESSOR_FLUSH_ROWS_TOTAL: &str = "eventflow_processor_flush_rows_total";
@@ -33,8 +32,7 @@ pub const PROCESSOR_FORCED_REJOINS_TOTAL: &str = "eventflow_processor_forced_rej
 pub const CLICKHOUSE_INSERT_ERRORS_TOTAL: &str = "eventflow_clickhouse_insert_errors_total";
 pub const VISITS_TODAY: &str = "eventflow_visits_today";
 pub const RECONCILE_MISMATCH: &str = "eventflow_reconcile_mismatch";
-pub const RECONCILE_LAST_RUN_TIMESTAMP_SECONDS: &str =
-    "eventflow_reconcile_last_run_timestamp_seconds";
+pub const RECONCILE_LAST_RUN_TIMESTAMP_SECONDS: &str = "eventflow_reconcile_last_run_timestamp_seconds";
 
 // Reader API
 pub const API_REQUEST_DURATION_SECONDS: &str = "eventflow_api_request_duration_seconds";
@@ -44,9 +42,8 @@ pub const SESSION_LINK_RATE: &str = "eventflow_session_link_rate";
 pub const UTM_MISSING_RATIO: &str = "eventflow_utm_missing_ratio";
 
 /// Latency buckets (seconds) for request histograms: fine below 100 ms where the targets are.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Prometheus text exposition of `registry`.
 pub fn render(registry: &prometheus::Registry) -> (String, &'static str) {
@@ -54,13 +51,7 @@ pub fn render(registry: &prometheus::Registry) -> (String, &'static str) {
     let encoder = prometheus::TextEncoder::new();
     let mut buf = Vec::new();
     if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
-        return (
-            format!("# encoding metrics failed: {e}\n"),
-            "text/plain; charset=utf-8",
-        );
+        return (format!("# encoding metrics failed: {e}\n"), "text/plain; charset=utf-8");
     }
-    (
-        String::from_utf8_lossy(&buf).into_owned(),
-        "text/plain; version=0.0.4; charset=utf-8",
-    )
+    (String::from_utf8_lossy(&buf).into_owned(), "text/plain; version=0.0.4; charset=utf-8")
 }

@@ -19,20 +19,14 @@ pub const MINUTE_MS: i64 = 60_000;
 /// `[received - allowed_lateness, received + 5 min]`; otherwise the receive time is used and the
 /// fact is flagged `clock_skew` (a bad client clock never drops a fact). Returns
 /// `(event_time_ms, clock_skew)`.
-pub fn event_time(
-    received_at_ms: i64,
-    client_ts: Option<&str>,
-    allowed_lateness_ms: i64,
-) -> (i64, bool) {
+pub fn event_time(received_at_ms: i64, client_ts: Option<&str>, allowed_lateness_ms: i64) -> (i64, bool) {
     let Some(raw) = client_ts else {
         return (received_at_ms, false);
     };
     match DateTime::parse_from_rfc3339(raw) {
         Ok(ts) => {
             let ms = ts.timestamp_millis();
-            if ms >= received_at_ms - allowed_lateness_ms
-                && ms <= received_at_ms + MAX_CLOCK_AHEAD_MS
-            {
+            if ms >= received_at_ms - allowed_lateness_ms && ms <= received_at_ms + MAX_CLOCK_AHEAD_MS {
                 (ms, false)
             } else {
                 (received_at_ms, true)
@@ -101,8 +95,7 @@ pub fn format_day(day: NaiveDate) -> String {
 /// RFC 3339 rendering of `ms` in `tz` with second precision, e.g. `2026-11-26T10:05:00+09:00`.
 pub fn format_in_tz(ms: i64, tz: Tz) -> String {
     let utc = DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    utc.with_timezone(&tz)
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
+    utc.with_timezone(&tz).to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
 }
 
 /// Parses a duration such as `48h`, `90m`, `30s`, `2d` or `1500ms` into milliseconds.
@@ -130,9 +123,7 @@ mod tests {
     const H: i64 = 3_600_000;
 
     fn ms(rfc: &str) -> i64 {
-        DateTime::parse_from_rfc3339(rfc)
-            .unwrap()
-            .timestamp_millis()
+        DateTime::parse_from_rfc3339(rfc).unwrap().timestamp_millis()
     }
 
     #[test]
@@ -140,19 +131,10 @@ mod tests {
         let recv = ms("2026-11-26T01:00:00Z");
         let lateness = 48 * H;
         assert_eq!(event_time(recv, None, lateness), (recv, false));
-        assert_eq!(
-            event_time(recv, Some("2026-11-26T09:59:00+09:00"), lateness),
-            (recv - 60_000, false)
-        );
+        assert_eq!(event_time(recv, Some("2026-11-26T09:59:00+09:00"), lateness), (recv - 60_000, false));
         // exactly at both edges is accepted
-        assert_eq!(
-            event_time(recv, Some("2026-11-24T01:00:00Z"), lateness),
-            (recv - lateness, false)
-        );
-        assert_eq!(
-            event_time(recv, Some("2026-11-26T01:05:00Z"), lateness),
-            (recv + MAX_CLOCK_AHEAD_MS, false)
-        );
+        assert_eq!(event_time(recv, Some("2026-11-24T01:00:00Z"), lateness), (recv - lateness, false));
+        assert_eq!(event_time(recv, Some("2026-11-26T01:05:00Z"), lateness), (recv + MAX_CLOCK_AHEAD_MS, false));
         // beyond the edges, in 1970, in 2100 and garbage fall back to receive time
         for skewed in [
             "2026-11-24T00:59:59Z",
@@ -161,11 +143,7 @@ mod tests {
             "2100-01-01T00:00:00Z",
             "yesterday",
         ] {
-            assert_eq!(
-                event_time(recv, Some(skewed), lateness),
-                (recv, true),
-                "{skewed}"
-            );
+            assert_eq!(event_time(recv, Some(skewed), lateness), (recv, true), "{skewed}");
         }
     }
 
@@ -173,16 +151,9 @@ mod tests {
     fn seoul_day_boundary() {
         // 14:59:59.999 UTC is 23:59:59.999 in Seoul; one ms later is the next day.
         let before = ms("2026-11-25T14:59:59.999Z");
-        assert_eq!(
-            client_day(before, Asia::Seoul),
-            NaiveDate::from_ymd_opt(2026, 11, 25).unwrap()
-        );
-        assert_eq!(
-            client_day(before + 1, Asia::Seoul),
-            NaiveDate::from_ymd_opt(2026, 11, 26).unwrap()
-        );
-        let (start, end) =
-            day_bounds_ms(NaiveDate::from_ymd_opt(2026, 11, 26).unwrap(), Asia::Seoul);
+        assert_eq!(client_day(before, Asia::Seoul), NaiveDate::from_ymd_opt(2026, 11, 25).unwrap());
+        assert_eq!(client_day(before + 1, Asia::Seoul), NaiveDate::from_ymd_opt(2026, 11, 26).unwrap());
+        let (start, end) = day_bounds_ms(NaiveDate::from_ymd_opt(2026, 11, 26).unwrap(), Asia::Seoul);
         assert_eq!(start, before + 1);
         assert_eq!(end - start, 24 * H);
     }
@@ -199,14 +170,8 @@ mod tests {
         let (s, e) = day_bounds_ms(eu, Europe::Berlin);
         assert_eq!(e - s, 23 * H);
         // 01:30 local on the fall-back day happens twice; both instants are the same day.
-        assert_eq!(
-            client_day(ms("2026-11-01T05:30:00Z"), America::New_York),
-            fall
-        );
-        assert_eq!(
-            client_day(ms("2026-11-01T06:30:00Z"), America::New_York),
-            fall
-        );
+        assert_eq!(client_day(ms("2026-11-01T05:30:00Z"), America::New_York), fall);
+        assert_eq!(client_day(ms("2026-11-01T06:30:00Z"), America::New_York), fall);
     }
 
     #[test]
@@ -215,10 +180,7 @@ mod tests {
         let day = NaiveDate::from_ymd_opt(2026, 3, 8).unwrap();
         let start = day_start_ms(day, chrono_tz::America::Havana);
         assert_eq!(client_day(start, chrono_tz::America::Havana), day);
-        assert_eq!(
-            client_day(start - 1, chrono_tz::America::Havana),
-            day.pred_opt().unwrap()
-        );
+        assert_eq!(client_day(start - 1, chrono_tz::America::Havana), day.pred_opt().unwrap());
     }
 
     #[test]

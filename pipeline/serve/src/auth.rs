@@ -20,11 +20,8 @@ fn sha256(token: &str) -> Hash {
 fn parse_configured(value: &str) -> Result<Hash, String> {
     match value.strip_prefix("sha256:") {
         Some(h) => {
-            let bytes = hex::decode(h.trim())
-                .map_err(|_| "sha256: must be followed by 64 hex digits".to_owned())?;
-            bytes
-                .try_into()
-                .map_err(|_| "sha256: must be followed by 64 hex digits".to_owned())
+            let bytes = hex::decode(h.trim()).map_err(|_| "sha256: must be followed by 64 hex digits".to_owned())?;
+            bytes.try_into().map_err(|_| "sha256: must be followed by 64 hex digits".to_owned())
         }
         None if value.len() < 16 => Err("tokens must be at least 16 characters".to_owned()),
         None => Ok(sha256(value)),
@@ -32,10 +29,7 @@ fn parse_configured(value: &str) -> Result<Hash, String> {
 }
 
 fn constant_time_eq(a: &Hash, b: &Hash) -> bool {
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Who a request is.
@@ -63,32 +57,21 @@ pub struct Tokens {
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokens")
-            .field("admin", &self.admin.is_some())
-            .field("clients", &self.clients.len())
-            .finish()
+        f.debug_struct("Tokens").field("admin", &self.admin.is_some()).field("clients", &self.clients.len()).finish()
     }
 }
 
 impl Tokens {
     /// Loads the admin token and every `[clients.<id>] token`.
     pub fn new(admin: Option<&str>, clients: &ClientDirectory) -> Result<Self, String> {
-        let admin = admin
-            .map(|a| parse_configured(a).map_err(|e| format!("api.admin_token: {e}")))
-            .transpose()?;
+        let admin = admin.map(|a| parse_configured(a).map_err(|e| format!("api.admin_token: {e}"))).transpose()?;
         let mut map = BTreeMap::new();
         for id in clients.clients() {
             if let Some(token) = clients.settings(id).and_then(|s| s.token.as_deref()) {
-                map.insert(
-                    id.to_string(),
-                    parse_configured(token).map_err(|e| format!("clients.{id}.token: {e}"))?,
-                );
+                map.insert(id.to_string(), parse_configured(token).map_err(|e| format!("clients.{id}.token: {e}"))?);
             }
         }
-        Ok(Self {
-            admin,
-            clients: map,
-        })
+        Ok(Self { admin, clients: map })
     }
 
     /// Who presents `bearer`, if anyone.
@@ -123,32 +106,14 @@ mod tests {
         let mut clients = BTreeMap::new();
         clients.insert(
             "acme".to_owned(),
-            ClientSettings {
-                timezone: None,
-                token: Some(Tokens::hash_for_config("acme-secret-token-1")),
-            },
+            ClientSettings { timezone: None, token: Some(Tokens::hash_for_config("acme-secret-token-1")) },
         );
-        clients.insert(
-            "beta".to_owned(),
-            ClientSettings {
-                timezone: None,
-                token: Some("beta-plain-token-22".into()),
-            },
-        );
+        clients.insert("beta".to_owned(), ClientSettings { timezone: None, token: Some("beta-plain-token-22".into()) });
         let dir = ClientDirectory::new(&TenancyConfig::default(), &clients).unwrap();
         let t = Tokens::new(Some("admin-token-0123456789"), &dir).unwrap();
-        assert_eq!(
-            t.authenticate("admin-token-0123456789"),
-            Some(Principal::Admin)
-        );
-        assert_eq!(
-            t.authenticate("acme-secret-token-1"),
-            Some(Principal::Client("acme".into()))
-        );
-        assert_eq!(
-            t.authenticate("beta-plain-token-22"),
-            Some(Principal::Client("beta".into()))
-        );
+        assert_eq!(t.authenticate("admin-token-0123456789"), Some(Principal::Admin));
+        assert_eq!(t.authenticate("acme-secret-token-1"), Some(Principal::Client("acme".into())));
+        assert_eq!(t.authenticate("beta-plain-token-22"), Some(Principal::Client("beta".into())));
         assert_eq!(t.authenticate("sha256:whatever"), None);
         assert!(Principal::Client("acme".into()).may_read("acme"));
         assert!(!Principal::Client("acme".into()).may_read("beta"));

@@ -106,20 +106,32 @@ impl ApiMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
             request_duration: HistogramVec::new(
-                HistogramOpts::new(names::API_REQUEST_DURATION_SECONDS, "Reader API latency by route template and status class.")
-                    .buckets(names::LATENCY_BUCKETS.to_vec()),
+                HistogramOpts::new(
+                    names::API_REQUEST_DURATION_SECONDS,
+                    "Reader API latency by route template and status class.",
+                )
+                .buckets(names::LATENCY_BUCKETS.to_vec()),
                 &["route", "status"],
             )?,
             fallback: IntCounterVec::new(
-                Opts::new(names::API_FALLBACK_TOTAL, "Overview sections served from raw facts because the aggregate was missing or incomplete."),
+                Opts::new(
+                    names::API_FALLBACK_TOTAL,
+                    "Overview sections served from raw facts because the aggregate was missing or incomplete.",
+                ),
                 &["section"],
             )?,
             section_errors: IntCounterVec::new(
-                Opts::new(names::API_SECTION_ERRORS_TOTAL, "Overview sections that failed (served as error with their zero value)."),
+                Opts::new(
+                    names::API_SECTION_ERRORS_TOTAL,
+                    "Overview sections that failed (served as error with their zero value).",
+                ),
                 &["section"],
             )?,
             session_link_rate: GaugeVec::new(
-                Opts::new(names::SESSION_LINK_RATE, "Today's share of registrations linked to a visit of their session (client time zone)."),
+                Opts::new(
+                    names::SESSION_LINK_RATE,
+                    "Today's share of registrations linked to a visit of their session (client time zone).",
+                ),
                 &["client"],
             )?,
             utm_missing_ratio: GaugeVec::new(
@@ -160,20 +172,10 @@ struct AppState {
 }
 
 /// Serves the API on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    deps: ApiDeps,
-    shutdown: CancellationToken,
-) -> Result<(), ApiError> {
-    let tokens =
-        Tokens::new(deps.config.admin_token.as_deref(), &deps.clients).map_err(ApiError::Config)?;
+pub async fn serve(listener: TcpListener, deps: ApiDeps, shutdown: CancellationToken) -> Result<(), ApiError> {
+    let tokens = Tokens::new(deps.config.admin_token.as_deref(), &deps.clients).map_err(ApiError::Config)?;
     let metrics = ApiMetrics::new(&deps.registry)?;
-    let state = Arc::new(AppState {
-        deps,
-        tokens,
-        metrics,
-        ready: AtomicBool::new(true),
-    });
+    let state = Arc::new(AppState { deps, tokens, metrics, ready: AtomicBool::new(true) });
     tokio::spawn(quality_gauges(state.clone(), shutdown.clone()));
     info!(addr = %listener.local_addr()?, "reader API listening");
     let stopping = state.clone();
@@ -189,10 +191,7 @@ pub async fn serve(
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/clients/{client_id}/statistics/overview", get(overview))
-        .route(
-            "/v1/clients/{client_id}/statistics/live/{webinar_id}",
-            get(live_series),
-        )
+        .route("/v1/clients/{client_id}/statistics/live/{webinar_id}", get(live_series))
         .route("/openapi.json", get(openapi))
         .route("/", get(dashboard))
         .route("/healthz", get(|| async { "ok" }))
@@ -204,30 +203,19 @@ fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let started = Instant::now();
     let response = next.run(req).await;
     let class = format!("{}xx", response.status().as_u16() / 100);
-    st.metrics
-        .request_duration
-        .with_label_values(&[&route, &class])
-        .observe(started.elapsed().as_secs_f64());
+    st.metrics.request_duration.with_label_values(&[&route, &class]).observe(started.elapsed().as_secs_f64());
     response
 }
 
 fn error(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
-    let mut r = (
-        status,
-        Json(json!({"error": code, "detail": detail.into()})),
-    )
-        .into_response();
+    let mut r = (status, Json(json!({"error": code, "detail": detail.into()}))).into_response();
     if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     r
 }
@@ -237,32 +225,17 @@ async fn authorize(st: &AppState, headers: &HeaderMap, client: &str) -> Result<T
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
         .filter(|t| !t.is_empty());
     let Some(bearer) = bearer else {
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send Authorization: Bearer <token>",
-        ));
+        return Err(error(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <token>"));
     };
     let Some(principal) = st.tokens.authenticate(bearer) else {
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown token",
-        ));
+        return Err(error(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"));
     };
     if !principal.may_read(client) {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this token may not read this client",
-        ));
+        return Err(error(StatusCode::FORBIDDEN, "forbidden", "this token may not read this client"));
     }
     // A client exists when it is configured, or (admin only, when unknown clients are accepted)
     // when facts of it were stored.
@@ -274,11 +247,7 @@ async fn authorize(st: &AppState, headers: &HeaderMap, client: &str) -> Result<T
         _ => false,
     };
     if !known {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            "unknown_client",
-            "no such client",
-        ));
+        return Err(error(StatusCode::NOT_FOUND, "unknown_client", "no such client"));
     }
     Ok(st.deps.clients.timezone(client))
 }
@@ -295,41 +264,20 @@ fn parse_day(name: &str, raw: &str) -> Result<NaiveDate, Response> {
     NaiveDate::parse_from_str(raw, "%Y-%m-%d")
         .ok()
         .filter(|_| raw.len() == 10)
-        .ok_or_else(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "invalid_date",
-                format!("{name} must be a date like 2026-11-26"),
-            )
-        })
+        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "invalid_date", format!("{name} must be a date like 2026-11-26")))
 }
 
 /// Resolves `from`/`to`/`range` to an inclusive range of client days (default: last 7 days).
-pub fn resolve_range(
-    p: &RangeParams,
-    tz: Tz,
-    now_ms: i64,
-    max_days: u32,
-) -> Result<(NaiveDate, NaiveDate), Response> {
+pub fn resolve_range(p: &RangeParams, tz: Tz, now_ms: i64, max_days: u32) -> Result<(NaiveDate, NaiveDate), Response> {
     let today = time::client_day(now_ms, tz);
     let span = match p.range.as_deref() {
         None => None,
         Some("7d") => Some(7),
         Some("30d") => Some(30),
-        Some(_) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "invalid_range",
-                "range must be 7d or 30d",
-            ))
-        }
+        Some(_) => return Err(error(StatusCode::BAD_REQUEST, "invalid_range", "range must be 7d or 30d")),
     };
     if span.is_some() && (p.from.is_some() || p.to.is_some()) {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_range",
-            "use either range or from/to",
-        ));
+        return Err(error(StatusCode::BAD_REQUEST, "invalid_range", "use either range or from/to"));
     }
     let to = match &p.to {
         Some(t) => parse_day("to", t)?,
@@ -340,37 +288,18 @@ pub fn resolve_range(
         None => to - chrono::Duration::days(span.unwrap_or(7) - 1),
     };
     if from > to {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_range",
-            "from is after to",
-        ));
+        return Err(error(StatusCode::BAD_REQUEST, "invalid_range", "from is after to"));
     }
     if (to - from).num_days() + 1 > i64::from(max_days) {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "range_too_long",
-            format!("at most {max_days} days"),
-        ));
+        return Err(error(StatusCode::BAD_REQUEST, "range_too_long", format!("at most {max_days} days")));
     }
     Ok((from, to))
 }
 
-async fn meta(
-    st: &AppState,
-    tz: Tz,
-    started: Instant,
-    sources: BTreeMap<&'static str, Source>,
-) -> Meta {
+async fn meta(st: &AppState, tz: Tz, started: Instant, sources: BTreeMap<&'static str, Source>) -> Meta {
     let now = Utc::now().timestamp_millis();
-    let wm = st
-        .deps
-        .store
-        .watermark()
-        .await
-        .ok()
-        .filter(|w| w.reported.len() >= st.deps.partitions)
-        .and_then(|w| w.min_ms);
+    let wm =
+        st.deps.store.watermark().await.ok().filter(|w| w.reported.len() >= st.deps.partitions).and_then(|w| w.min_ms);
     Meta {
         response_time_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         generated_at: time::format_in_tz(now, tz),
@@ -392,37 +321,18 @@ async fn overview(
         Err(r) => return r,
     };
     let Ok(Query(params)) = params else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            "unreadable query string",
-        );
+        return error(StatusCode::BAD_REQUEST, "invalid_query", "unreadable query string");
     };
-    let (from, to) = match resolve_range(
-        &params,
-        tz,
-        Utc::now().timestamp_millis(),
-        st.deps.config.max_range_days,
-    ) {
+    let (from, to) = match resolve_range(&params, tz, Utc::now().timestamp_millis(), st.deps.config.max_range_days) {
         Ok(r) => r,
         Err(r) => return r,
     };
-    let q = OverviewQuery {
-        client_id: client.clone(),
-        from,
-        to,
-        tz,
-        campaign_limit: st.deps.config.campaign_limit,
-    };
+    let q = OverviewQuery { client_id: client.clone(), from, to, tz, campaign_limit: st.deps.config.campaign_limit };
     let s = overview::sections(&st.deps.store, &q).await;
     for (section, source) in &s.sources {
         match source {
             Source::Raw => st.metrics.fallback.with_label_values(&[section]).inc(),
-            Source::Error => st
-                .metrics
-                .section_errors
-                .with_label_values(&[section])
-                .inc(),
+            Source::Error => st.metrics.section_errors.with_label_values(&[section]).inc(),
             Source::Aggregated => {}
         }
     }
@@ -462,35 +372,16 @@ async fn live_series(
         Err(r) => return r,
     };
     let Ok(Query(params)) = params else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            "unreadable query string",
-        );
+        return error(StatusCode::BAD_REQUEST, "invalid_query", "unreadable query string");
     };
     if webinar.is_empty() || webinar.len() > 128 || webinar.chars().any(char::is_control) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_webinar_id",
-            "webinar id must be 1-128 printable characters",
-        );
+        return error(StatusCode::BAD_REQUEST, "invalid_webinar_id", "webinar id must be 1-128 printable characters");
     }
-    let (from, to) = match resolve_range(
-        &params,
-        tz,
-        Utc::now().timestamp_millis(),
-        st.deps.config.max_range_days,
-    ) {
+    let (from, to) = match resolve_range(&params, tz, Utc::now().timestamp_millis(), st.deps.config.max_range_days) {
         Ok(r) => r,
         Err(r) => return r,
     };
-    let q = OverviewQuery {
-        client_id: client.clone(),
-        from,
-        to,
-        tz,
-        campaign_limit: 0,
-    };
+    let q = OverviewQuery { client_id: client.clone(), from, to, tz, campaign_limit: 0 };
     let (from_s, to_s) = q.seconds();
     let store = &st.deps.store;
     // The same completeness rules as the overview's live section: no pending late facts, and
@@ -501,11 +392,9 @@ async fn live_series(
         store.live_minutes(&client, None, from_s, to_s),
     );
     let agg = match (pending, days, all) {
-        (Ok(p), Ok(d), Ok(all)) if p.is_empty() && overview::live_agrees(&d, &all, tz) => Some(
-            all.into_iter()
-                .filter(|m| m.webinar_id == webinar)
-                .collect::<Vec<_>>(),
-        ),
+        (Ok(p), Ok(d), Ok(all)) if p.is_empty() && overview::live_agrees(&d, &all, tz) => {
+            Some(all.into_iter().filter(|m| m.webinar_id == webinar).collect::<Vec<_>>())
+        }
         _ => None,
     };
     let (source, minutes) = match agg {
@@ -552,19 +441,11 @@ async fn live_series(
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     if !st.ready.load(Ordering::Acquire) {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the API is stopping",
-        );
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the API is stopping");
     }
     match st.deps.store.ping().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "clickhouse_unavailable",
-            e.to_string(),
-        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "clickhouse_unavailable", e.to_string()),
     }
 }
 
@@ -584,14 +465,8 @@ async fn dashboard() -> Response {
     let mut r = Html(DASHBOARD).into_response();
     let h = r.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -608,31 +483,12 @@ async fn quality_gauges(st: Arc<AppState>, shutdown: CancellationToken) {
         for client in st.deps.clients.clients() {
             let tz = st.deps.clients.timezone(client.as_str());
             let today = time::client_day(now, tz);
-            if let Ok(days) = st
-                .deps
-                .store
-                .daily_totals(client.as_str(), today, today)
-                .await
-            {
+            if let Ok(days) = st.deps.store.daily_totals(client.as_str(), today, today).await {
                 let c = days.values().next().copied().unwrap_or_default();
-                let link = if c.entries == 0 {
-                    1.0
-                } else {
-                    c.linked_entries as f64 / c.entries as f64
-                };
-                let missing = if c.visits == 0 {
-                    0.0
-                } else {
-                    c.visits_utm_missing as f64 / c.visits as f64
-                };
-                st.metrics
-                    .session_link_rate
-                    .with_label_values(&[client.as_str()])
-                    .set(link);
-                st.metrics
-                    .utm_missing_ratio
-                    .with_label_values(&[client.as_str()])
-                    .set(missing);
+                let link = if c.entries == 0 { 1.0 } else { c.linked_entries as f64 / c.entries as f64 };
+                let missing = if c.visits == 0 { 0.0 } else { c.visits_utm_missing as f64 / c.visits as f64 };
+                st.metrics.session_link_rate.with_label_values(&[client.as_str()]).set(link);
+                st.metrics.utm_missing_ratio.with_label_values(&[client.as_str()]).set(missing);
             }
         }
         tokio::select! {
@@ -647,11 +503,7 @@ mod tests {
     use super::*;
 
     fn p(from: Option<&str>, to: Option<&str>, range: Option<&str>) -> RangeParams {
-        RangeParams {
-            from: from.map(Into::into),
-            to: to.map(Into::into),
-            range: range.map(Into::into),
-        }
+        RangeParams { from: from.map(Into::into), to: to.map(Into::into), range: range.map(Into::into) }
     }
 
     #[test]
@@ -660,22 +512,13 @@ mod tests {
         // 2026-11-26 01:00 UTC = 10:00 in Seoul.
         let now = 1_795_654_800_000;
         let day = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
-        assert_eq!(
-            resolve_range(&p(None, None, None), tz, now, 400).unwrap(),
-            (day("2026-11-20"), day("2026-11-26"))
-        );
+        assert_eq!(resolve_range(&p(None, None, None), tz, now, 400).unwrap(), (day("2026-11-20"), day("2026-11-26")));
         assert_eq!(
             resolve_range(&p(None, None, Some("30d")), tz, now, 400).unwrap(),
             (day("2026-10-28"), day("2026-11-26"))
         );
         assert_eq!(
-            resolve_range(
-                &p(Some("2026-11-01"), Some("2026-11-02"), None),
-                tz,
-                now,
-                400
-            )
-            .unwrap(),
+            resolve_range(&p(Some("2026-11-01"), Some("2026-11-02"), None), tz, now, 400).unwrap(),
             (day("2026-11-01"), day("2026-11-02"))
         );
         for bad in [
@@ -688,10 +531,7 @@ mod tests {
             p(Some("2026-11-01'; DROP TABLE facts; --"), None, None),
             p(Some("2026-1-1"), None, None),
         ] {
-            assert_eq!(
-                resolve_range(&bad, tz, now, 400).unwrap_err().status(),
-                StatusCode::BAD_REQUEST
-            );
+            assert_eq!(resolve_range(&bad, tz, now, 400).unwrap_err().status(), StatusCode::BAD_REQUEST);
         }
     }
 }

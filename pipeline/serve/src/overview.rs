@@ -28,14 +28,7 @@ pub enum Source {
 }
 
 /// The sections of the overview, in response order.
-pub const SECTIONS: [&str; 6] = [
-    "totals",
-    "by_page",
-    "by_day",
-    "campaigns",
-    "live",
-    "quality",
-];
+pub const SECTIONS: [&str; 6] = ["totals", "by_page", "by_day", "campaigns", "live", "quality"];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Totals {
@@ -128,20 +121,18 @@ struct DayData {
 
 impl DayData {
     fn sum(&self) -> DayCounters {
-        self.counters
-            .values()
-            .fold(DayCounters::default(), |mut a, c| {
-                a.visits += c.visits;
-                a.visits_landing += c.visits_landing;
-                a.visits_webinar += c.visits_webinar;
-                a.visits_live += c.visits_live;
-                a.entries += c.entries;
-                a.linked_entries += c.linked_entries;
-                a.visits_utm_missing += c.visits_utm_missing;
-                a.visits_cid_unresolved += c.visits_cid_unresolved;
-                a.viewer_minutes += c.viewer_minutes;
-                a
-            })
+        self.counters.values().fold(DayCounters::default(), |mut a, c| {
+            a.visits += c.visits;
+            a.visits_landing += c.visits_landing;
+            a.visits_webinar += c.visits_webinar;
+            a.visits_live += c.visits_live;
+            a.entries += c.entries;
+            a.linked_entries += c.linked_entries;
+            a.visits_utm_missing += c.visits_utm_missing;
+            a.visits_cid_unresolved += c.visits_cid_unresolved;
+            a.viewer_minutes += c.viewer_minutes;
+            a
+        })
     }
 
     fn totals(&self) -> Totals {
@@ -157,11 +148,7 @@ impl DayData {
 
     fn by_page(&self) -> ByPage {
         let s = self.sum();
-        ByPage {
-            landing: s.visits_landing,
-            webinar: s.visits_webinar,
-            live: s.visits_live,
-        }
+        ByPage { landing: s.visits_landing, webinar: s.visits_webinar, live: s.visits_live }
     }
 
     fn by_day(&self, days: &[NaiveDate]) -> Vec<DayRow> {
@@ -223,11 +210,7 @@ pub fn live_rows(minutes: &[LiveMinute], tz: Tz) -> Vec<LiveRow> {
             viewer_minutes: total,
         })
         .collect();
-    rows.sort_by(|a, b| {
-        b.viewer_minutes
-            .cmp(&a.viewer_minutes)
-            .then(a.webinar_id.cmp(&b.webinar_id))
-    });
+    rows.sort_by(|a, b| b.viewer_minutes.cmp(&a.viewer_minutes).then(a.webinar_id.cmp(&b.webinar_id)));
     rows
 }
 
@@ -236,17 +219,10 @@ pub fn live_rows(minutes: &[LiveMinute], tz: Tz) -> Vec<LiveRow> {
 pub fn live_agrees(days: &BTreeMap<u16, DayCounters>, minutes: &[LiveMinute], tz: Tz) -> bool {
     let mut per_day: BTreeMap<u16, u64> = BTreeMap::new();
     for m in minutes {
-        *per_day
-            .entry(time::day_number(time::client_day(
-                i64::from(m.minute) * 1000,
-                tz,
-            )))
-            .or_default() += m.viewers;
+        *per_day.entry(time::day_number(time::client_day(i64::from(m.minute) * 1000, tz))).or_default() += m.viewers;
     }
     let keys: BTreeSet<u16> = days.keys().chain(per_day.keys()).copied().collect();
-    keys.iter().all(|k| {
-        days.get(k).map_or(0, |c| c.viewer_minutes) == per_day.get(k).copied().unwrap_or(0)
-    })
+    keys.iter().all(|k| days.get(k).map_or(0, |c| c.viewer_minutes) == per_day.get(k).copied().unwrap_or(0))
 }
 
 /// A request for an overview.
@@ -274,10 +250,7 @@ impl OverviewQuery {
     pub fn seconds(&self) -> (u32, u32) {
         let (start, _) = time::day_bounds_ms(self.from, self.tz);
         let (_, end) = time::day_bounds_ms(self.to, self.tz);
-        (
-            u32::try_from(start / 1000).unwrap_or(0),
-            u32::try_from(end / 1000).unwrap_or(u32::MAX),
-        )
+        (u32::try_from(start / 1000).unwrap_or(0), u32::try_from(end / 1000).unwrap_or(u32::MAX))
     }
 }
 
@@ -313,9 +286,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
     let sessions_agree = match (&days, &day_sessions) {
         (Ok(d), Ok(s)) => {
             let keys: BTreeSet<u16> = d.keys().chain(s.keys()).copied().collect();
-            keys.iter().all(|k| {
-                d.get(k).map_or(0, |c| c.unique_sessions) == s.get(k).copied().unwrap_or(0)
-            })
+            keys.iter().all(|k| d.get(k).map_or(0, |c| c.unique_sessions) == s.get(k).copied().unwrap_or(0))
         }
         _ => false,
     };
@@ -337,15 +308,8 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
 
     let day_ok = complete && days.is_ok();
     let agg_day_data = match (&days, &day_sessions, &range_sessions) {
-        (Ok(d), Ok(s), Ok(r)) => Some(DayData {
-            counters: d.clone(),
-            range_sessions: *r,
-            day_sessions: s.clone(),
-        }),
-        (Ok(d), _, _) => Some(DayData {
-            counters: d.clone(),
-            ..DayData::default()
-        }),
+        (Ok(d), Ok(s), Ok(r)) => Some(DayData { counters: d.clone(), range_sessions: *r, day_sessions: s.clone() }),
+        (Ok(d), _, _) => Some(DayData { counters: d.clone(), ..DayData::default() }),
         _ => None,
     };
     let use_agg = [
@@ -360,13 +324,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
     // One raw recount serves every section that needs it.
     let mut raw: Option<StoreResult<Recount>> = None;
     if use_agg.iter().any(|(_, ok)| !ok) {
-        let scope = Scope {
-            client_id: q.client_id.clone(),
-            from: q.from,
-            to: q.to,
-            tz: q.tz,
-            cid: None,
-        };
+        let scope = Scope { client_id: q.client_id.clone(), from: q.from, to: q.to, tz: q.tz, cid: None };
         raw = Some(store.recount(&scope, false).await);
     }
     let raw_day_data = match &raw {
@@ -380,10 +338,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
 
     let mut sources = BTreeMap::new();
     let mut pick = |name: &'static str| -> (Source, Option<&DayData>) {
-        let agg = use_agg
-            .iter()
-            .find(|(n, _)| *n == name)
-            .is_some_and(|(_, ok)| *ok);
+        let agg = use_agg.iter().find(|(n, _)| *n == name).is_some_and(|(_, ok)| *ok);
         let (source, data) = if agg {
             (Source::Aggregated, agg_day_data.as_ref())
         } else if raw_day_data.is_some() {
@@ -397,10 +352,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
 
     let totals = pick("totals").1.map(DayData::totals).unwrap_or_default();
     let by_page = pick("by_page").1.map(DayData::by_page).unwrap_or_default();
-    let by_day = pick("by_day")
-        .1
-        .map(|d| d.by_day(&list))
-        .unwrap_or_else(|| DayData::default().by_day(&list));
+    let by_day = pick("by_day").1.map(|d| d.by_day(&list)).unwrap_or_else(|| DayData::default().by_day(&list));
     let quality = pick("quality").1.map(DayData::quality).unwrap_or_default();
     let campaigns = match pick("campaigns").0 {
         Source::Aggregated => campaign_rows(campaigns.unwrap_or_default()),
@@ -417,11 +369,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
                 }
                 let minutes: Vec<LiveMinute> = per
                     .into_iter()
-                    .map(|((webinar_id, minute), viewers)| LiveMinute {
-                        webinar_id,
-                        minute,
-                        viewers,
-                    })
+                    .map(|((webinar_id, minute), viewers)| LiveMinute { webinar_id, minute, viewers })
                     .collect();
                 live_rows(&minutes, q.tz)
             }
@@ -429,15 +377,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
         },
         Source::Error => Vec::new(),
     };
-    Sections {
-        totals,
-        by_page,
-        by_day,
-        campaigns,
-        live,
-        quality,
-        sources,
-    }
+    Sections { totals, by_page, by_day, campaigns, live, quality, sources }
 }
 
 fn raw_campaigns(raw: Option<&StoreResult<Recount>>, limit: u32) -> Vec<CampaignRow> {
@@ -445,12 +385,7 @@ fn raw_campaigns(raw: Option<&StoreResult<Recount>>, limit: u32) -> Vec<Campaign
     let mut per: BTreeMap<(String, String, String, String), (u64, u64, u64)> = BTreeMap::new();
     for ((_, dims, _), m) in &r.marketing {
         let e = per
-            .entry((
-                dims.cid.clone(),
-                dims.utm_source.clone(),
-                dims.utm_medium.clone(),
-                dims.utm_campaign.clone(),
-            ))
+            .entry((dims.cid.clone(), dims.utm_source.clone(), dims.utm_medium.clone(), dims.utm_campaign.clone()))
             .or_default();
         e.0 += m.visits;
         e.1 += m.entries;
@@ -458,32 +393,25 @@ fn raw_campaigns(raw: Option<&StoreResult<Recount>>, limit: u32) -> Vec<Campaign
     }
     let mut rows: Vec<CampaignTotals> = per
         .into_iter()
-        .map(
-            |((cid, utm_source, utm_medium, utm_campaign), (visits, entries, linked_entries))| {
-                CampaignTotals {
-                    cid,
-                    utm_source,
-                    utm_medium,
-                    utm_campaign,
-                    visits,
-                    entries,
-                    linked_entries,
-                }
-            },
-        )
+        .map(|((cid, utm_source, utm_medium, utm_campaign), (visits, entries, linked_entries))| CampaignTotals {
+            cid,
+            utm_source,
+            utm_medium,
+            utm_campaign,
+            visits,
+            entries,
+            linked_entries,
+        })
         .collect();
     rows.sort_by(|a, b| {
-        b.visits
-            .cmp(&a.visits)
-            .then(b.entries.cmp(&a.entries))
-            .then_with(|| {
-                (&a.cid, &a.utm_source, &a.utm_medium, &a.utm_campaign).cmp(&(
-                    &b.cid,
-                    &b.utm_source,
-                    &b.utm_medium,
-                    &b.utm_campaign,
-                ))
-            })
+        b.visits.cmp(&a.visits).then(b.entries.cmp(&a.entries)).then_with(|| {
+            (&a.cid, &a.utm_source, &a.utm_medium, &a.utm_campaign).cmp(&(
+                &b.cid,
+                &b.utm_source,
+                &b.utm_medium,
+                &b.utm_campaign,
+            ))
+        })
     });
     rows.truncate(limit as usize);
     campaign_rows(rows)
@@ -495,20 +423,9 @@ mod tests {
 
     #[test]
     fn live_peaks_take_the_earliest_busiest_minute() {
-        let m = |w: &str, minute: u32, viewers: u64| LiveMinute {
-            webinar_id: w.into(),
-            minute,
-            viewers,
-        };
-        let rows = live_rows(
-            &[
-                m("w1", 600, 3),
-                m("w1", 660, 5),
-                m("w1", 720, 5),
-                m("w2", 600, 1),
-            ],
-            chrono_tz::Asia::Seoul,
-        );
+        let m = |w: &str, minute: u32, viewers: u64| LiveMinute { webinar_id: w.into(), minute, viewers };
+        let rows =
+            live_rows(&[m("w1", 600, 3), m("w1", 660, 5), m("w1", 720, 5), m("w2", 600, 1)], chrono_tz::Asia::Seoul);
         assert_eq!(
             rows[0],
             LiveRow {

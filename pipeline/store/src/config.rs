@@ -63,10 +63,7 @@ impl ClickHouseConfig {
     /// Validation is off: it needs `RowBinaryWithNamesAndTypes`, which ClickHouse 18.16 lacks;
     /// row types are instead checked against both engines by the portability tests.
     pub fn client(&self) -> clickhouse::Client {
-        let mut client = clickhouse::Client::default()
-            .with_url(&self.url)
-            .with_user(&self.user)
-            .with_validation(false);
+        let mut client = clickhouse::Client::default().with_url(&self.url).with_user(&self.user).with_validation(false);
         if !self.password.is_empty() {
             client = client.with_password(&self.password);
         }

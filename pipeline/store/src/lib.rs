@@ -32,10 +32,7 @@ pub enum StoreError {
     #[error("clickhouse request timed out after {0:?}")]
     Timeout(Duration),
     #[error("migration {name}: {source}")]
-    Migration {
-        name: String,
-        source: clickhouse::error::Error,
-    },
+    Migration { name: String, source: clickhouse::error::Error },
     #[error("invalid stored data: {0}")]
     Invalid(String),
 }
@@ -46,10 +43,7 @@ impl StoreError {
         match self {
             StoreError::Timeout(_) => true,
             StoreError::ClickHouse(e) => {
-                matches!(
-                    e,
-                    clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut
-                ) || {
+                matches!(e, clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut) || {
                     // Server-side errors carry ClickHouse's code in the message; these are transient.
                     let msg = e.to_string();
                     [
@@ -107,9 +101,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("database", &self.database)
-            .finish_non_exhaustive()
+        f.debug_struct("Store").field("database", &self.database).finish_non_exhaustive()
     }
 }
 

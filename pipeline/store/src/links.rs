@@ -7,10 +7,7 @@ impl Store {
     /// Every campaign link, latest version of each.
     pub async fn campaign_links(&self) -> Result<Vec<CampaignLinkRow>> {
         self.timed(async {
-            Ok(self
-                .query("SELECT ?fields FROM campaign_links FINAL")?
-                .fetch_all::<CampaignLinkRow>()
-                .await?)
+            Ok(self.query("SELECT ?fields FROM campaign_links FINAL")?.fetch_all::<CampaignLinkRow>().await?)
         })
         .await
     }

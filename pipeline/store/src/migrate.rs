@@ -15,35 +15,17 @@ pub struct Migration {
 
 /// The single-server schema, in order. `tests::every_sql_file_is_listed` keeps this in sync.
 pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        name: "001_facts",
-        sql: include_str!("../../../sql/001_facts.sql"),
-    },
-    Migration {
-        name: "002_aggregates",
-        sql: include_str!("../../../sql/002_aggregates.sql"),
-    },
-    Migration {
-        name: "003_operations",
-        sql: include_str!("../../../sql/003_operations.sql"),
-    },
+    Migration { name: "001_facts", sql: include_str!("../../../sql/001_facts.sql") },
+    Migration { name: "002_aggregates", sql: include_str!("../../../sql/002_aggregates.sql") },
+    Migration { name: "003_operations", sql: include_str!("../../../sql/003_operations.sql") },
 ];
 
 /// The cluster variant (`sql/cluster/`), applied by `eventflow migrate --cluster NAME` after
 /// replacing `{cluster}` and `{database}`.
 pub const CLUSTER_MIGRATIONS: &[Migration] = &[
-    Migration {
-        name: "cluster/001_facts",
-        sql: include_str!("../../../sql/cluster/001_facts.sql"),
-    },
-    Migration {
-        name: "cluster/002_aggregates",
-        sql: include_str!("../../../sql/cluster/002_aggregates.sql"),
-    },
-    Migration {
-        name: "cluster/003_operations",
-        sql: include_str!("../../../sql/cluster/003_operations.sql"),
-    },
+    Migration { name: "cluster/001_facts", sql: include_str!("../../../sql/cluster/001_facts.sql") },
+    Migration { name: "cluster/002_aggregates", sql: include_str!("../../../sql/cluster/002_aggregates.sql") },
+    Migration { name: "cluster/003_operations", sql: include_str!("../../../sql/cluster/003_operations.sql") },
 ];
 
 /// Splits a migration file into statements: `--` comment lines are dropped and statements end
@@ -88,13 +70,10 @@ pub async fn apply(config: &ClickHouseConfig) -> Result<Report> {
         let name = name.to_owned();
         move |source| StoreError::Migration { name, source }
     };
-    root.query(&format!(
-        "CREATE DATABASE IF NOT EXISTS {}",
-        quote_ident(db)
-    ))
-    .execute()
-    .await
-    .map_err(fail("create database"))?;
+    root.query(&format!("CREATE DATABASE IF NOT EXISTS {}", quote_ident(db)))
+        .execute()
+        .await
+        .map_err(fail("create database"))?;
     let client = config.client().with_database(db);
     client
         .query(
@@ -117,11 +96,7 @@ pub async fn apply(config: &ClickHouseConfig) -> Result<Report> {
             continue;
         }
         for stmt in statements(migration.sql) {
-            client
-                .query(&stmt)
-                .execute()
-                .await
-                .map_err(fail(migration.name))?;
+            client.query(&stmt).execute().await.map_err(fail(migration.name))?;
         }
         client
             .query("INSERT INTO schema_migrations (name, applied_at) SELECT ?, now()")
@@ -137,32 +112,20 @@ pub async fn apply(config: &ClickHouseConfig) -> Result<Report> {
 /// Applies the cluster variant of the schema to `cluster` (every statement is
 /// `IF NOT EXISTS ... ON CLUSTER`, so re-running is harmless; nothing is recorded per host).
 pub async fn apply_cluster(config: &ClickHouseConfig, cluster: &str) -> Result<Report> {
-    let valid = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    };
+    let valid = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if !valid(cluster) || !valid(&config.database) {
-        return Err(StoreError::Invalid(
-            "cluster and database names must be [A-Za-z0-9_-]+".into(),
-        ));
+        return Err(StoreError::Invalid("cluster and database names must be [A-Za-z0-9_-]+".into()));
     }
     let client = config.client();
     let mut report = Report::default();
     for migration in CLUSTER_MIGRATIONS {
-        let sql = migration
-            .sql
-            .replace("{cluster}", cluster)
-            .replace("{database}", &config.database);
+        let sql = migration.sql.replace("{cluster}", cluster).replace("{database}", &config.database);
         for stmt in statements(&sql) {
             client
                 .query(&stmt)
                 .execute()
                 .await
-                .map_err(|source| StoreError::Migration {
-                    name: migration.name.to_owned(),
-                    source,
-                })?;
+                .map_err(|source| StoreError::Migration { name: migration.name.to_owned(), source })?;
         }
         report.applied.push(migration.name);
     }
@@ -199,13 +162,7 @@ mod tests {
             .map(|n| format!("cluster/{}", n.trim_end_matches(".sql")))
             .collect();
         cluster.sort();
-        assert_eq!(
-            cluster,
-            CLUSTER_MIGRATIONS
-                .iter()
-                .map(|m| m.name.to_owned())
-                .collect::<Vec<_>>()
-        );
+        assert_eq!(cluster, CLUSTER_MIGRATIONS.iter().map(|m| m.name.to_owned()).collect::<Vec<_>>());
     }
 
     #[test]
@@ -213,10 +170,7 @@ mod tests {
         let sql = "-- a comment; with a semicolon\nCREATE TABLE a\n(x UInt8)\nENGINE = Log;\n\nCREATE TABLE b (y UInt8) ENGINE = Log;\n";
         assert_eq!(
             statements(sql),
-            vec![
-                "CREATE TABLE a\n(x UInt8)\nENGINE = Log",
-                "CREATE TABLE b (y UInt8) ENGINE = Log"
-            ]
+            vec!["CREATE TABLE a\n(x UInt8)\nENGINE = Log", "CREATE TABLE b (y UInt8) ENGINE = Log"]
         );
         let total: usize = MIGRATIONS.iter().map(|m| statements(m.sql).len()).sum();
         assert_eq!(total, 11, "one CREATE TABLE per table");

@@ -29,21 +29,12 @@ impl Store {
              WHERE client_id = '' AND kind = 'checkpoint' AND fact_id IN {} GROUP BY kafka_partition",
             in_placeholders(ids.len())
         );
-        let rows = self
-            .timed(async {
-                Ok(bind_all(self.query(&sql)?, &ids)
-                    .fetch_all::<CheckpointRow>()
-                    .await?)
-            })
-            .await?;
+        let rows =
+            self.timed(async { Ok(bind_all(self.query(&sql)?, &ids).fetch_all::<CheckpointRow>().await?) }).await?;
         let mut out = HashMap::new();
         for row in rows {
-            let cp: Checkpoint = serde_json::from_str(&row.checkpoint).map_err(|e| {
-                StoreError::Invalid(format!(
-                    "checkpoint of partition {}: {e}",
-                    row.kafka_partition
-                ))
-            })?;
+            let cp: Checkpoint = serde_json::from_str(&row.checkpoint)
+                .map_err(|e| StoreError::Invalid(format!("checkpoint of partition {}: {e}", row.kafka_partition)))?;
             out.insert(row.kafka_partition, cp);
         }
         Ok(out)
@@ -64,23 +55,15 @@ impl Store {
             .await?;
         let mut out = HashMap::new();
         for row in rows {
-            let cp: Checkpoint = serde_json::from_str(&row.checkpoint).map_err(|e| {
-                StoreError::Invalid(format!(
-                    "checkpoint of partition {}: {e}",
-                    row.kafka_partition
-                ))
-            })?;
+            let cp: Checkpoint = serde_json::from_str(&row.checkpoint)
+                .map_err(|e| StoreError::Invalid(format!("checkpoint of partition {}: {e}", row.kafka_partition)))?;
             out.insert(row.kafka_partition, cp);
         }
         Ok(out)
     }
 
     /// Clients with any fact on a day of `[from, to]`.
-    pub async fn clients_with_facts(
-        &self,
-        from: chrono::NaiveDate,
-        to: chrono::NaiveDate,
-    ) -> Result<Vec<String>> {
+    pub async fn clients_with_facts(&self, from: chrono::NaiveDate, to: chrono::NaiveDate) -> Result<Vec<String>> {
         self.timed(async {
             Ok(self
                 .query("SELECT DISTINCT client_id FROM facts WHERE client_id != '' AND day >= ? AND day <= ? ORDER BY client_id")?
@@ -94,11 +77,7 @@ impl Store {
 
     /// Stored facts of `partitions` received since `received_since_ms`, one row per fact
     /// (`FINAL`: a fact a fenced-off zombie also wrote comes once), in `(partition, seq)` order.
-    pub async fn partition_facts_since(
-        &self,
-        partitions: &[u16],
-        received_since_ms: i64,
-    ) -> Result<Vec<FactRow>> {
+    pub async fn partition_facts_since(&self, partitions: &[u16], received_since_ms: i64) -> Result<Vec<FactRow>> {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
@@ -108,19 +87,13 @@ impl Store {
             in_placeholders(partitions.len())
         );
         self.timed(async {
-            Ok(bind_all(self.query(&sql)?, partitions)
-                .bind(received_since_ms)
-                .fetch_all::<FactRow>()
-                .await?)
+            Ok(bind_all(self.query(&sql)?, partitions).bind(received_since_ms).fetch_all::<FactRow>().await?)
         })
         .await
     }
 
     /// Earliest stored visit of each `(client_id, session_id)` that has one.
-    pub async fn session_first_visits(
-        &self,
-        sessions: &[(String, String)],
-    ) -> Result<HashMap<(String, String), i64>> {
+    pub async fn session_first_visits(&self, sessions: &[(String, String)]) -> Result<HashMap<(String, String), i64>> {
         let mut by_client: HashMap<&str, Vec<&str>> = HashMap::new();
         for (client, session) in sessions {
             by_client.entry(client).or_default().push(session);
@@ -135,9 +108,7 @@ impl Store {
                 );
                 let found = self
                     .timed(async {
-                        Ok(bind_all(self.query(&sql)?.bind(client), chunk)
-                            .fetch_all::<FirstVisit>()
-                            .await?)
+                        Ok(bind_all(self.query(&sql)?.bind(client), chunk).fetch_all::<FirstVisit>().await?)
                     })
                     .await?;
                 for f in found {

@@ -11,8 +11,7 @@ use chrono::NaiveDate;
 use eventflow_core::time;
 
 use crate::rows::{
-    DailyMarketingRow, DailyTotalsRow, DayCounters, MarketingCounters, MarketingDims,
-    MinuteLiveRow, MinuteVisitsRow,
+    DailyMarketingRow, DailyTotalsRow, DayCounters, MarketingCounters, MarketingDims, MinuteLiveRow, MinuteVisitsRow,
 };
 use crate::{Result, Store};
 
@@ -107,14 +106,10 @@ impl Store {
     }
 
     /// Current `daily_totals` rows (one per day and partition).
-    pub async fn daily_totals_rows(
-        &self,
-        client: &str,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> Result<Vec<DailyTotalsRow>> {
+    pub async fn daily_totals_rows(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyTotalsRow>> {
         self.timed(async {
-            Ok(self.query("SELECT ?fields FROM daily_totals FINAL WHERE client_id = ? AND day >= ? AND day <= ?")?
+            Ok(self
+                .query("SELECT ?fields FROM daily_totals FINAL WHERE client_id = ? AND day >= ? AND day <= ?")?
                 .bind(client)
                 .bind(d(from))
                 .bind(d(to))
@@ -132,7 +127,8 @@ impl Store {
         to: NaiveDate,
     ) -> Result<Vec<DailyMarketingRow>> {
         self.timed(async {
-            Ok(self.query("SELECT ?fields FROM daily_marketing FINAL WHERE client_id = ? AND day >= ? AND day <= ?")?
+            Ok(self
+                .query("SELECT ?fields FROM daily_marketing FINAL WHERE client_id = ? AND day >= ? AND day <= ?")?
                 .bind(client)
                 .bind(d(from))
                 .bind(d(to))
@@ -195,7 +191,8 @@ impl Store {
     ) -> Result<BTreeMap<u16, MarketingDay>> {
         let rows = self
             .timed(async {
-                Ok(self.query(
+                Ok(self
+                    .query(
                         "SELECT day, sum(visits) AS visits, sum(entries) AS entries FROM daily_marketing FINAL \
                          WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day",
                     )?
@@ -210,14 +207,12 @@ impl Store {
     }
 
     /// Distinct sessions with a visit over `[from, to]`.
-    pub async fn range_sessions(
-        &self,
-        client: &str,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> Result<u64> {
+    pub async fn range_sessions(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<u64> {
         self.timed(async {
-            Ok(self.query("SELECT uniqExact(session_id) FROM daily_sessions WHERE client_id = ? AND day >= ? AND day <= ?")?
+            Ok(self
+                .query(
+                    "SELECT uniqExact(session_id) FROM daily_sessions WHERE client_id = ? AND day >= ? AND day <= ?",
+                )?
                 .bind(client)
                 .bind(d(from))
                 .bind(d(to))
@@ -228,12 +223,7 @@ impl Store {
     }
 
     /// Distinct sessions per day.
-    pub async fn day_sessions(
-        &self,
-        client: &str,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> Result<BTreeMap<u16, u64>> {
+    pub async fn day_sessions(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<BTreeMap<u16, u64>> {
         let rows = self
             .timed(async {
                 Ok(self.query("SELECT day, uniqExact(session_id) AS n FROM daily_sessions WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day")?
@@ -255,11 +245,7 @@ impl Store {
         from_s: u32,
         to_s: u32,
     ) -> Result<Vec<LiveMinute>> {
-        let filter = if webinar.is_some() {
-            " AND webinar_id = ?"
-        } else {
-            ""
-        };
+        let filter = if webinar.is_some() { " AND webinar_id = ?" } else { "" };
         let sql = format!(
             "SELECT webinar_id, toUInt32(minute) AS minute, sum(viewers) AS viewers FROM minute_live FINAL \
              WHERE client_id = ? AND minute >= toDateTime(?) AND minute < toDateTime(?){filter} \
@@ -269,17 +255,11 @@ impl Store {
         if let Some(w) = webinar {
             q = q.bind(w);
         }
-        self.timed(async { Ok(q.fetch_all::<LiveMinute>().await?) })
-            .await
+        self.timed(async { Ok(q.fetch_all::<LiveMinute>().await?) }).await
     }
 
     /// Current `minute_visits` rows in `[from_s, to_s)`.
-    pub async fn minute_visits_rows(
-        &self,
-        client: &str,
-        from_s: u32,
-        to_s: u32,
-    ) -> Result<Vec<MinuteVisitsRow>> {
+    pub async fn minute_visits_rows(&self, client: &str, from_s: u32, to_s: u32) -> Result<Vec<MinuteVisitsRow>> {
         self.timed(async {
             Ok(self.query("SELECT ?fields FROM minute_visits FINAL WHERE client_id = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)")?
                 .bind(client)
@@ -292,12 +272,7 @@ impl Store {
     }
 
     /// Current `minute_live` rows in `[from_s, to_s)`.
-    pub async fn minute_live_rows(
-        &self,
-        client: &str,
-        from_s: u32,
-        to_s: u32,
-    ) -> Result<Vec<MinuteLiveRow>> {
+    pub async fn minute_live_rows(&self, client: &str, from_s: u32, to_s: u32) -> Result<Vec<MinuteLiveRow>> {
         self.timed(async {
             Ok(self.query("SELECT ?fields FROM minute_live FINAL WHERE client_id = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)")?
                 .bind(client)
@@ -310,12 +285,7 @@ impl Store {
     }
 
     /// Days of `[from, to]` with late facts not yet folded in by backfill.
-    pub async fn pending_late_days(
-        &self,
-        client: &str,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> Result<Vec<u16>> {
+    pub async fn pending_late_days(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<u16>> {
         let late = self
             .timed(async {
                 Ok(self.query("SELECT day, kafka_partition, max(seq) AS seq FROM late_facts WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day, kafka_partition")?
@@ -341,17 +311,11 @@ impl Store {
                     .await?)
             })
             .await?;
-        let covered: BTreeMap<(u16, u16), u64> = covered
-            .into_iter()
-            .map(|c| ((c.day, c.kafka_partition), c.seq))
-            .collect();
+        let covered: BTreeMap<(u16, u16), u64> =
+            covered.into_iter().map(|c| ((c.day, c.kafka_partition), c.seq)).collect();
         let mut days: Vec<u16> = late
             .into_iter()
-            .filter(|l| {
-                covered
-                    .get(&(l.day, l.kafka_partition))
-                    .is_none_or(|c| *c < l.seq)
-            })
+            .filter(|l| covered.get(&(l.day, l.kafka_partition)).is_none_or(|c| *c < l.seq))
             .map(|l| l.day)
             .collect();
         days.sort_unstable();
@@ -382,17 +346,11 @@ impl Store {
                     .await?)
             })
             .await?;
-        let covered: BTreeMap<(String, u16, u16), u64> = covered
-            .into_iter()
-            .map(|c| ((c.client_id, c.day, c.kafka_partition), c.seq))
-            .collect();
+        let covered: BTreeMap<(String, u16, u16), u64> =
+            covered.into_iter().map(|c| ((c.client_id, c.day, c.kafka_partition), c.seq)).collect();
         let mut out: Vec<(String, u16)> = late
             .into_iter()
-            .filter(|l| {
-                covered
-                    .get(&(l.client_id.clone(), l.day, l.kafka_partition))
-                    .is_none_or(|c| *c < l.seq)
-            })
+            .filter(|l| covered.get(&(l.client_id.clone(), l.day, l.kafka_partition)).is_none_or(|c| *c < l.seq))
             .map(|l| (l.client_id, l.day))
             .collect();
         out.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));

@@ -75,17 +75,10 @@ impl Scope {
         let mut sql = format!(
             "SELECT {cols} FROM facts FINAL WHERE client_id = ? AND kind = 'visit' AND event_uid = '' AND day >= ? AND day <= ?"
         );
-        args.extend([
-            Arg::Str(self.client_id.clone()),
-            Arg::Str(Self::day(self.from)),
-            Arg::Str(Self::day(self.to)),
-        ]);
+        args.extend([Arg::Str(self.client_id.clone()), Arg::Str(Self::day(self.from)), Arg::Str(Self::day(self.to))]);
         sql.push_str(self.cid_filter(args));
-        let picks: Vec<String> = cols
-            .split(", ")
-            .enumerate()
-            .map(|(i, c)| format!("tupleElement(w, {}) AS {c}", i + 1))
-            .collect();
+        let picks: Vec<String> =
+            cols.split(", ").enumerate().map(|(i, c)| format!("tupleElement(w, {}) AS {c}", i + 1)).collect();
         sql.push_str(&format!(
             " UNION ALL SELECT {} FROM (SELECT argMin(tuple({cols}), seq) AS w FROM facts FINAL \
              WHERE client_id = ? AND kind = 'visit' AND day >= ? AND day <= ? AND event_uid IN \
@@ -201,11 +194,7 @@ impl Store {
     /// Recounts `scope` from raw facts. With `by_partition` every figure is split by Kafka
     /// partition (what backfill writes); otherwise partition is 0 throughout.
     pub async fn recount(&self, scope: &Scope, by_partition: bool) -> Result<Recount> {
-        let part = if by_partition {
-            "kafka_partition"
-        } else {
-            "toUInt16(0)"
-        };
+        let part = if by_partition { "kafka_partition" } else { "toUInt16(0)" };
         let mut out = Recount::default();
 
         // Visits by day, page and marketing dimensions.
@@ -215,41 +204,23 @@ impl Store {
             "SELECT day, {part} AS kafka_partition, page, event_id, webinar_id, {LABELS}, count() AS visits, uniqExact(session_id) AS sessions \
              FROM ({visits}) GROUP BY day, kafka_partition, page, event_id, webinar_id, cid_label, src, med, camp"
         );
-        let groups = self
-            .timed(async {
-                Ok(bind(self.query(&sql)?, args)
-                    .fetch_all::<VisitGroup>()
-                    .await?)
-            })
-            .await?;
+        let groups = self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<VisitGroup>().await?) }).await?;
 
         // Distinct sessions per day (and partition) and over the range.
         let mut args = Vec::new();
         let visits = scope.counted_visits(&mut args);
         let sql = format!("SELECT day, {part} AS kafka_partition, uniqExact(session_id) AS sessions FROM ({visits}) GROUP BY day, kafka_partition");
-        let day_sessions = self
-            .timed(async {
-                Ok(bind(self.query(&sql)?, args)
-                    .fetch_all::<DaySessions>()
-                    .await?)
-            })
-            .await?;
+        let day_sessions =
+            self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<DaySessions>().await?) }).await?;
         let mut args = Vec::new();
         let visits = scope.counted_visits(&mut args);
         let sql = format!("SELECT day, toUInt16(0) AS kafka_partition, uniqExact(session_id) AS sessions FROM ({visits}) GROUP BY day");
-        let all_day_sessions = self
-            .timed(async {
-                Ok(bind(self.query(&sql)?, args)
-                    .fetch_all::<DaySessions>()
-                    .await?)
-            })
-            .await?;
+        let all_day_sessions =
+            self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<DaySessions>().await?) }).await?;
         let mut args = Vec::new();
         let visits = scope.counted_visits(&mut args);
         let sql = format!("SELECT uniqExact(session_id) FROM ({visits})");
-        out.range_sessions = self
-            .timed(async { Ok(bind(self.query(&sql)?, args).fetch_one::<u64>().await?) })
-            .await?;
+        out.range_sessions = self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_one::<u64>().await?) }).await?;
 
         // Visits per minute and page.
         let mut args = Vec::new();
@@ -258,13 +229,7 @@ impl Store {
             "SELECT toUInt32(toStartOfMinute(event_time)) AS minute, page, {part} AS kafka_partition, count() AS visits \
              FROM ({visits}) GROUP BY minute, page, kafka_partition"
         );
-        let minutes = self
-            .timed(async {
-                Ok(bind(self.query(&sql)?, args)
-                    .fetch_all::<MinuteGroup>()
-                    .await?)
-            })
-            .await?;
+        let minutes = self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<MinuteGroup>().await?) }).await?;
 
         for g in &groups {
             let t = out.totals.entry((g.day, g.kafka_partition)).or_default();
@@ -289,13 +254,8 @@ impl Store {
             "SELECT day, {part} AS kafka_partition, toInt8(0) AS page, event_id, webinar_id, {LABELS}, count() AS visits, uniqExact(session_id) AS sessions \
              FROM ({visits}) GROUP BY day, kafka_partition, event_id, webinar_id, cid_label, src, med, camp"
         );
-        let marketing = self
-            .timed(async {
-                Ok(bind(self.query(&sql)?, args)
-                    .fetch_all::<VisitGroup>()
-                    .await?)
-            })
-            .await?;
+        let marketing =
+            self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<VisitGroup>().await?) }).await?;
         for g in marketing {
             let dims = MarketingDims {
                 event_id: g.event_id,
@@ -305,36 +265,25 @@ impl Store {
                 utm_medium: g.med,
                 utm_campaign: g.camp,
             };
-            let m = out
-                .marketing
-                .entry((g.day, dims, g.kafka_partition))
-                .or_default();
+            let m = out.marketing.entry((g.day, dims, g.kafka_partition)).or_default();
             m.visits += g.visits;
             m.unique_sessions += g.sessions;
         }
         for s in day_sessions {
-            out.totals
-                .entry((s.day, s.kafka_partition))
-                .or_default()
-                .unique_sessions = s.sessions;
+            out.totals.entry((s.day, s.kafka_partition)).or_default().unique_sessions = s.sessions;
         }
         for s in all_day_sessions {
             out.day_sessions.insert(s.day, s.sessions);
         }
         for m in minutes {
-            *out.minutes
-                .entry((m.minute, m.page, m.kafka_partition))
-                .or_default() += m.visits;
+            *out.minutes.entry((m.minute, m.page, m.kafka_partition)).or_default() += m.visits;
         }
 
         // Entries and their linkage.
         let (lo, hi) = scope.margin();
         let cols = "day, kafka_partition, session_id, event_time_ms, event_id, webinar_id, cid, cid_resolved, utm_source, utm_medium, utm_campaign";
-        let picks: Vec<String> = cols
-            .split(", ")
-            .enumerate()
-            .map(|(i, c)| format!("tupleElement(w, {}) AS {c}", i + 1))
-            .collect();
+        let picks: Vec<String> =
+            cols.split(", ").enumerate().map(|(i, c)| format!("tupleElement(w, {}) AS {c}", i + 1)).collect();
         let mut args = vec![
             Arg::Str(scope.client_id.clone()),
             Arg::Str(lo),
@@ -351,18 +300,9 @@ impl Store {
              WHERE day >= ? AND day <= ?",
             picks.join(", ")
         );
-        args.extend([
-            Arg::Str(Scope::day(scope.from)),
-            Arg::Str(Scope::day(scope.to)),
-        ]);
+        args.extend([Arg::Str(Scope::day(scope.from)), Arg::Str(Scope::day(scope.to))]);
         sql.push_str(scope.cid_filter(&mut args));
-        let entries = self
-            .timed(async {
-                Ok(bind(self.query(&sql)?, args)
-                    .fetch_all::<EntryWinner>()
-                    .await?)
-            })
-            .await?;
+        let entries = self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<EntryWinner>().await?) }).await?;
         let sessions: Vec<String> = {
             let mut s: Vec<String> = entries.iter().map(|e| e.session_id.clone()).collect();
             s.sort();
@@ -377,17 +317,13 @@ impl Store {
             );
             let rows = self
                 .timed(async {
-                    Ok(bind_all(self.query(&sql)?.bind(&scope.client_id), chunk)
-                        .fetch_all::<SessionMin>()
-                        .await?)
+                    Ok(bind_all(self.query(&sql)?.bind(&scope.client_id), chunk).fetch_all::<SessionMin>().await?)
                 })
                 .await?;
             first_visit.extend(rows.into_iter().map(|r| (r.session_id, r.first)));
         }
         for e in entries {
-            let linked = first_visit
-                .get(&e.session_id)
-                .is_some_and(|first| *first <= e.event_time_ms);
+            let linked = first_visit.get(&e.session_id).is_some_and(|first| *first <= e.event_time_ms);
             let p = if by_partition { e.kafka_partition } else { 0 };
             let t = out.totals.entry((e.day, p)).or_default();
             t.entries += 1;
@@ -423,12 +359,8 @@ impl Store {
                 })
                 .await?;
             for l in live {
-                out.totals
-                    .entry((l.day, l.kafka_partition))
-                    .or_default()
-                    .viewer_minutes += l.viewers;
-                out.live
-                    .insert((l.webinar_id, l.minute, l.kafka_partition), l.viewers);
+                out.totals.entry((l.day, l.kafka_partition)).or_default().viewer_minutes += l.viewers;
+                out.live.insert((l.webinar_id, l.minute, l.kafka_partition), l.viewers);
             }
         }
         Ok(out)
@@ -444,8 +376,7 @@ impl Store {
         );
         let mut all = vec![Arg::Str(scope.client_id.clone())];
         all.extend(args);
-        self.timed(async { Ok(bind(self.query(&sql)?, all).execute().await?) })
-            .await
+        self.timed(async { Ok(bind(self.query(&sql)?, all).execute().await?) }).await
     }
 }
 

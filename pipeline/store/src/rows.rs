@@ -7,9 +7,7 @@ use chrono_tz::Tz;
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
-use eventflow_core::fact::{
-    Entry, Fact, FactHeader, FactKind, PageKind, Ping, SessionOrigin, Utm, Visit,
-};
+use eventflow_core::fact::{Entry, Fact, FactHeader, FactKind, PageKind, Ping, SessionOrigin, Utm, Visit};
 use eventflow_core::time;
 
 /// `facts.kind` codes.
@@ -442,13 +440,7 @@ pub struct DailyTotalsRow {
 }
 
 impl DailyTotalsRow {
-    pub fn new(
-        client_id: String,
-        day: u16,
-        kafka_partition: u16,
-        version: u64,
-        c: DayCounters,
-    ) -> Self {
+    pub fn new(client_id: String, day: u16, kafka_partition: u16, version: u64, c: DayCounters) -> Self {
         DailyTotalsRow {
             client_id,
             day,
@@ -591,12 +583,7 @@ impl SessionFirstVisitRow {
     pub fn new(client_id: String, session_id: String, first_visit_ms: i64) -> Self {
         // Highest version = earliest visit. Times are positive, so the subtraction cannot wrap.
         let version = u64::MAX - u64::try_from(first_visit_ms.max(0)).unwrap_or(0);
-        SessionFirstVisitRow {
-            client_id,
-            session_id,
-            first_visit_ms,
-            version,
-        }
+        SessionFirstVisitRow { client_id, session_id, first_visit_ms, version }
     }
 }
 
@@ -660,13 +647,7 @@ mod tests {
 
     #[test]
     fn fact_rows_round_trip() {
-        let utm = Utm {
-            source: Some("s".into()),
-            medium: None,
-            campaign: Some("c".into()),
-            term: None,
-            content: None,
-        };
+        let utm = Utm { source: Some("s".into()), medium: None, campaign: Some("c".into()), term: None, content: None };
         let facts = vec![
             Fact::Visit(Visit {
                 header: header(),
@@ -708,12 +689,7 @@ mod tests {
             let row = FactRow::from_fact(
                 &fact,
                 chrono_tz::Asia::Seoul,
-                Provenance {
-                    kafka_partition: 3,
-                    kafka_offset: 77,
-                    seq: 5,
-                    late: false,
-                },
+                Provenance { kafka_partition: 3, kafka_offset: 77, seq: 5, late: false },
             );
             assert_eq!(row.fact_id, format!("{:016x}-9", u64::MAX - 5));
             assert_eq!(row.to_fact(), Some(fact));

@@ -17,22 +17,13 @@ pub enum AdminError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error("creating topic {topic}: {code}")]
-    Create {
-        topic: String,
-        code: RDKafkaErrorCode,
-    },
-    #[error(
-        "fact topics must have equal partition counts so a session's facts share a partition number; found {0:?}"
-    )]
+    Create { topic: String, code: RDKafkaErrorCode },
+    #[error("fact topics must have equal partition counts so a session's facts share a partition number; found {0:?}")]
     NotCoPartitioned(Vec<(String, usize)>),
 }
 
 /// Partition count of `topic`, or `None` if it does not exist.
-pub fn partition_count(
-    config: &KafkaConfig,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Option<usize>, KafkaError> {
+pub fn partition_count(config: &KafkaConfig, topic: &str, timeout: Duration) -> Result<Option<usize>, KafkaError> {
     let consumer: BaseConsumer = config.plain().create()?;
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     Ok(metadata
@@ -57,11 +48,7 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<TopicReport, AdminErr
     let topics = config.topics();
     let admin: AdminClient<DefaultClientContext> = config.plain().create()?;
     let mut report = TopicReport::default();
-    let mut wanted: Vec<(String, i32)> = topics
-        .facts()
-        .into_iter()
-        .map(|t| (t, config.partitions))
-        .collect();
+    let mut wanted: Vec<(String, i32)> = topics.facts().into_iter().map(|t| (t, config.partitions)).collect();
     wanted.push((topics.schemas(), 1));
 
     let mut missing = Vec::new();
@@ -113,10 +100,7 @@ pub fn fact_partitions(config: &KafkaConfig) -> Result<usize, AdminError> {
     let timeout = Duration::from_secs(10);
     let mut counts = Vec::new();
     for topic in config.topics().facts() {
-        counts.push((
-            topic.clone(),
-            partition_count(config, &topic, timeout)?.unwrap_or(0),
-        ));
+        counts.push((topic.clone(), partition_count(config, &topic, timeout)?.unwrap_or(0)));
     }
     if counts.iter().any(|(_, n)| *n != counts[0].1 || *n == 0) {
         return Err(AdminError::NotCoPartitioned(counts));

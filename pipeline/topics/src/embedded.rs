@@ -15,9 +15,7 @@ pub struct EmbeddedBroker {
 
 impl std::fmt::Debug for EmbeddedBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedBroker")
-            .field("bootstrap", &self.bootstrap_servers())
-            .finish()
+        f.debug_struct("EmbeddedBroker").field("bootstrap", &self.bootstrap_servers()).finish()
     }
 }
 

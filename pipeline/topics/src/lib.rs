@@ -78,9 +78,7 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(prefix: &str) -> Self {
-        Self {
-            prefix: prefix.to_owned(),
-        }
+        Self { prefix: prefix.to_owned() }
     }
 
     /// Topic of a fact kind.

@@ -19,39 +19,22 @@ use eventflow_core::FactKind;
 use crate::KafkaConfig;
 
 /// Publishes the codec's current writer schemas and waits until Kafka has them.
-pub fn publish(
-    config: &KafkaConfig,
-    codec: &FactCodec,
-    timeout: Duration,
-) -> Result<(), KafkaError> {
+pub fn publish(config: &KafkaConfig, codec: &FactCodec, timeout: Duration) -> Result<(), KafkaError> {
     let producer: ThreadedProducer<_> = config.producer().create()?;
     let topic = config.topics().schemas();
     for kind in FactKind::ALL {
         let key = format!("{:016x}", codec.current_fingerprint(kind));
         let value = codec.canonical_schema(kind);
-        producer
-            .send(
-                BaseRecord::<String, String>::to(&topic)
-                    .key(&key)
-                    .payload(&value),
-            )
-            .map_err(|(e, _)| e)?;
+        producer.send(BaseRecord::<String, String>::to(&topic).key(&key).payload(&value)).map_err(|(e, _)| e)?;
     }
     producer.flush(timeout)
 }
 
 /// Reads the whole registry topic and registers every schema in `codec`. Returns how many
 /// schemas were read.
-pub fn load(
-    config: &KafkaConfig,
-    codec: &FactCodec,
-    timeout: Duration,
-) -> Result<usize, KafkaError> {
+pub fn load(config: &KafkaConfig, codec: &FactCodec, timeout: Duration) -> Result<usize, KafkaError> {
     let topic = config.topics().schemas();
-    let consumer: BaseConsumer = config
-        .plain()
-        .set("group.id", "eventflow-registry-reader")
-        .create()?;
+    let consumer: BaseConsumer = config.plain().set("group.id", "eventflow-registry-reader").create()?;
     let (low, high) = consumer.fetch_watermarks(&topic, 0, timeout)?;
     if high <= low {
         return Ok(0);
