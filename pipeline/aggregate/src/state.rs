@@ -207,14 +207,15 @@ fn cid_label(cid: &Option<String>, resolved: bool) -> &str {
     }
 }
 
+/// Identity of a marketing bucket's dimensions (no allocation on the hot path).
 fn marketing_id(event_id: &str, webinar_id: &str, cid: &str, utm: &Utm) -> u128 {
-    let mut key = String::with_capacity(64);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
     for part in [event_id, webinar_id, cid, Utm::label(&utm.source), Utm::label(&utm.medium), Utm::label(&utm.campaign)]
     {
-        key.push_str(part);
-        key.push('\u{1f}');
+        h.update(part.as_bytes());
+        h.update(&[0xff]);
     }
-    id128("m", &key)
+    h.digest128()
 }
 
 impl PartitionState {
@@ -378,14 +379,15 @@ impl PartitionState {
         let client = self.intern(&h.client_id);
 
         let outcome = self.fold(&client, day_no, tz, late, &fact);
-        self.raw.push(FactRow::from_fact(
-            &fact,
-            tz,
+        let is_visit = matches!(fact, Fact::Visit(_));
+        self.raw.push(FactRow::from_owned_fact(
+            fact,
+            day_no,
             Provenance { kafka_partition: self.partition, kafka_offset: offset, seq, late },
         ));
         if late {
             self.late.insert((client.clone(), day_no), seq);
-            if let Fact::Visit(_) = fact {
+            if is_visit {
                 // A late visit can link entries of its session on later days; those still open
                 // are relinked in state, closed ones are marked for backfill too.
                 let mut next = day;
@@ -534,7 +536,7 @@ impl PartitionState {
             return Outcome::Duplicate;
         }
 
-        let cid = cid_label(&v.cid, v.cid_resolved).to_owned();
+        let cid = cid_label(&v.cid, v.cid_resolved);
         let (event_id, webinar_id) = (v.event_id.as_deref().unwrap_or(""), v.webinar_id.as_deref().unwrap_or(""));
         let m_key = marketing_id(event_id, webinar_id, &cid, &v.utm);
         let d = self.day_mut(client, day, tz);
@@ -558,7 +560,7 @@ impl PartitionState {
             dims: MarketingDims {
                 event_id: event_id.to_owned(),
                 webinar_id: webinar_id.to_owned(),
-                cid: cid.clone(),
+                cid: cid.to_owned(),
                 utm_source: Utm::label(&v.utm.source).to_owned(),
                 utm_medium: Utm::label(&v.utm.medium).to_owned(),
                 utm_campaign: Utm::label(&v.utm.campaign).to_owned(),
@@ -608,7 +610,7 @@ impl PartitionState {
         if duplicate {
             return Outcome::Duplicate;
         }
-        let cid = cid_label(&e.cid, e.cid_resolved).to_owned();
+        let cid = cid_label(&e.cid, e.cid_resolved);
         let (event_id, webinar_id) = (e.event_id.as_deref().unwrap_or(""), e.webinar_id.as_deref().unwrap_or(""));
         let m_key = marketing_id(event_id, webinar_id, &cid, &e.utm);
 
@@ -629,7 +631,7 @@ impl PartitionState {
             dims: MarketingDims {
                 event_id: event_id.to_owned(),
                 webinar_id: webinar_id.to_owned(),
-                cid: cid.clone(),
+                cid: cid.to_owned(),
                 utm_source: Utm::label(&e.utm.source).to_owned(),
                 utm_medium: Utm::label(&e.utm.medium).to_owned(),
                 utm_campaign: Utm::label(&e.utm.campaign).to_owned(),

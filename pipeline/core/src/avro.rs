@@ -151,10 +151,19 @@ impl FactCodec {
 
     /// Single-object encoding of `fact` with the current schema.
     pub fn encode(&self, fact: &Fact) -> Result<Vec<u8>, CodecError> {
+        let fp = self.current_fingerprint(fact.kind());
+        let mut out = Vec::with_capacity(HEADER_LEN + 160);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&fp.to_le_bytes());
+        fast::Writer { out: &mut out }.fact(fact);
+        Ok(out)
+    }
+
+    /// The same encoding through apache-avro's generic writer (reference for tests).
+    pub fn encode_generic(&self, fact: &Fact) -> Result<Vec<u8>, CodecError> {
         let kind = fact.kind();
         let (schema, fp) = &self.current[Self::slot(kind)];
-        let value = to_value(fact);
-        let datum = apache_avro::to_avro_datum(schema, value)?;
+        let datum = apache_avro::to_avro_datum(schema, to_value(fact))?;
         let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&fp.to_le_bytes());
@@ -172,10 +181,271 @@ impl FactCodec {
         if kind != expected {
             return Err(CodecError::WrongKind { fingerprint: fp, found: kind, expected });
         }
+        if fp == self.current_fingerprint(kind) {
+            // Written with the current schema: decode straight into the typed fact.
+            return fast::decode(kind, &bytes[HEADER_LEN..]);
+        }
         let reader = self.schema(kind);
         let mut body = &bytes[HEADER_LEN..];
         let value = apache_avro::from_avro_datum(&writer, &mut body, Some(reader))?;
         from_value(kind, value)
+    }
+}
+
+/// Decoder of the current schemas' binary encoding straight into typed facts: no `Value` tree,
+/// no schema resolution, one allocation per string. `tests::fast_path_equals_generic_decoding`
+/// checks it against apache-avro's generic decoding for random facts.
+mod fast {
+    use super::CodecError;
+    use crate::fact::{Entry, Fact, FactHeader, FactKind, PageKind, Ping, SessionOrigin, Utm, Visit};
+
+    struct Reader<'a> {
+        buf: &'a [u8],
+    }
+
+    impl Reader<'_> {
+        /// Avro `long`/`int`: zig-zag varint.
+        fn long(&mut self, field: &'static str) -> Result<i64, CodecError> {
+            let mut value: u64 = 0;
+            for shift in (0..64).step_by(7) {
+                let (&b, rest) = self.buf.split_first().ok_or(CodecError::Field(field))?;
+                self.buf = rest;
+                value |= u64::from(b & 0x7f) << shift;
+                if b & 0x80 == 0 {
+                    return Ok((value >> 1) as i64 ^ -((value & 1) as i64));
+                }
+            }
+            Err(CodecError::Field(field))
+        }
+
+        fn boolean(&mut self, field: &'static str) -> Result<bool, CodecError> {
+            let (&b, rest) = self.buf.split_first().ok_or(CodecError::Field(field))?;
+            self.buf = rest;
+            match b {
+                0 => Ok(false),
+                1 => Ok(true),
+                _ => Err(CodecError::Field(field)),
+            }
+        }
+
+        fn string(&mut self, field: &'static str) -> Result<String, CodecError> {
+            let len = usize::try_from(self.long(field)?).map_err(|_| CodecError::Field(field))?;
+            if len > self.buf.len() {
+                return Err(CodecError::Field(field));
+            }
+            let (s, rest) = self.buf.split_at(len);
+            self.buf = rest;
+            String::from_utf8(s.to_vec()).map_err(|_| CodecError::Field(field))
+        }
+
+        /// `["null", "string"]`.
+        fn opt_string(&mut self, field: &'static str) -> Result<Option<String>, CodecError> {
+            match self.long(field)? {
+                0 => Ok(None),
+                1 => self.string(field).map(Some),
+                _ => Err(CodecError::Field(field)),
+            }
+        }
+
+        fn utm(&mut self) -> Result<Utm, CodecError> {
+            Ok(Utm {
+                source: self.opt_string("utm.source")?,
+                medium: self.opt_string("utm.medium")?,
+                campaign: self.opt_string("utm.campaign")?,
+                term: self.opt_string("utm.term")?,
+                content: self.opt_string("utm.content")?,
+            })
+        }
+
+        fn origin(&mut self) -> Result<SessionOrigin, CodecError> {
+            match self.long("session_origin")? {
+                0 => Ok(SessionOrigin::Body),
+                1 => Ok(SessionOrigin::Cookie),
+                2 => Ok(SessionOrigin::Created),
+                _ => Err(CodecError::Field("session_origin")),
+            }
+        }
+
+        fn header(&mut self) -> Result<FactHeader, CodecError> {
+            Ok(FactHeader {
+                spool_id: self.long("spool_id")? as u64,
+                spool_seq: self.long("spool_seq")? as u64,
+                client_id: self.string("client_id")?,
+                received_at_ms: self.long("received_at_ms")?,
+                event_time_ms: self.long("event_time_ms")?,
+                client_ts: self.opt_string("client_ts")?,
+                clock_skew: self.boolean("clock_skew")?,
+            })
+        }
+    }
+
+    /// Writer of the current schemas' binary encoding (the mirror of [`Reader`]).
+    pub(super) struct Writer<'a> {
+        pub(super) out: &'a mut Vec<u8>,
+    }
+
+    impl Writer<'_> {
+        fn long(&mut self, n: i64) {
+            let mut z = ((n << 1) ^ (n >> 63)) as u64;
+            while z >= 0x80 {
+                self.out.push((z as u8) | 0x80);
+                z >>= 7;
+            }
+            self.out.push(z as u8);
+        }
+
+        fn boolean(&mut self, b: bool) {
+            self.out.push(u8::from(b));
+        }
+
+        fn string(&mut self, s: &str) {
+            self.long(s.len() as i64);
+            self.out.extend_from_slice(s.as_bytes());
+        }
+
+        fn opt_string(&mut self, s: &Option<String>) {
+            match s {
+                None => self.long(0),
+                Some(s) => {
+                    self.long(1);
+                    self.string(s);
+                }
+            }
+        }
+
+        fn utm(&mut self, u: &Utm) {
+            for f in [&u.source, &u.medium, &u.campaign, &u.term, &u.content] {
+                self.opt_string(f);
+            }
+        }
+
+        fn origin(&mut self, o: SessionOrigin) {
+            self.long(match o {
+                SessionOrigin::Body => 0,
+                SessionOrigin::Cookie => 1,
+                SessionOrigin::Created => 2,
+            });
+        }
+
+        fn header(&mut self, h: &FactHeader) {
+            self.long(h.spool_id as i64);
+            self.long(h.spool_seq as i64);
+            self.string(&h.client_id);
+            self.long(h.received_at_ms);
+            self.long(h.event_time_ms);
+            self.opt_string(&h.client_ts);
+            self.boolean(h.clock_skew);
+        }
+
+        pub(super) fn fact(&mut self, fact: &Fact) {
+            match fact {
+                Fact::Visit(v) => {
+                    self.header(&v.header);
+                    self.string(&v.session_id);
+                    self.origin(v.session_origin);
+                    self.long(v.page.index() as i64);
+                    for f in [&v.event_id, &v.webinar_id, &v.event_uid, &v.path, &v.cid] {
+                        self.opt_string(f);
+                    }
+                    self.boolean(v.cid_resolved);
+                    self.utm(&v.utm);
+                    self.boolean(v.utm_inherited);
+                    self.opt_string(&v.referrer);
+                }
+                Fact::Entry(e) => {
+                    self.header(&e.header);
+                    self.string(&e.entry_id);
+                    self.string(&e.session_id);
+                    self.origin(e.session_origin);
+                    for f in [&e.event_id, &e.webinar_id, &e.cid] {
+                        self.opt_string(f);
+                    }
+                    self.boolean(e.cid_resolved);
+                    self.utm(&e.utm);
+                    self.boolean(e.utm_inherited);
+                    match &e.first_touch_utm {
+                        None => self.long(0),
+                        Some(u) => {
+                            self.long(1);
+                            self.utm(u);
+                        }
+                    }
+                    match e.first_touch_at_ms {
+                        None => self.long(0),
+                        Some(ms) => {
+                            self.long(1);
+                            self.long(ms);
+                        }
+                    }
+                }
+                Fact::Ping(p) => {
+                    self.header(&p.header);
+                    self.string(&p.webinar_id);
+                    self.string(&p.session_id);
+                    self.origin(p.session_origin);
+                }
+            }
+        }
+    }
+
+    /// Decodes a datum written with the current schema of `kind` (fields in schema order).
+    pub(super) fn decode(kind: FactKind, body: &[u8]) -> Result<Fact, CodecError> {
+        let mut r = Reader { buf: body };
+        let header = r.header()?;
+        let fact = match kind {
+            FactKind::Visit => Fact::Visit(Visit {
+                header,
+                session_id: r.string("session_id")?,
+                session_origin: r.origin()?,
+                page: match r.long("page")? {
+                    0 => PageKind::Landing,
+                    1 => PageKind::Webinar,
+                    2 => PageKind::Live,
+                    _ => return Err(CodecError::Field("page")),
+                },
+                event_id: r.opt_string("event_id")?,
+                webinar_id: r.opt_string("webinar_id")?,
+                event_uid: r.opt_string("event_uid")?,
+                path: r.opt_string("path")?,
+                cid: r.opt_string("cid")?,
+                cid_resolved: r.boolean("cid_resolved")?,
+                utm: r.utm()?,
+                utm_inherited: r.boolean("utm_inherited")?,
+                referrer: r.opt_string("referrer")?,
+            }),
+            FactKind::Entry => Fact::Entry(Entry {
+                header,
+                entry_id: r.string("entry_id")?,
+                session_id: r.string("session_id")?,
+                session_origin: r.origin()?,
+                event_id: r.opt_string("event_id")?,
+                webinar_id: r.opt_string("webinar_id")?,
+                cid: r.opt_string("cid")?,
+                cid_resolved: r.boolean("cid_resolved")?,
+                utm: r.utm()?,
+                utm_inherited: r.boolean("utm_inherited")?,
+                first_touch_utm: match r.long("first_touch_utm")? {
+                    0 => None,
+                    1 => Some(r.utm()?),
+                    _ => return Err(CodecError::Field("first_touch_utm")),
+                },
+                first_touch_at_ms: match r.long("first_touch_at_ms")? {
+                    0 => None,
+                    1 => Some(r.long("first_touch_at_ms")?),
+                    _ => return Err(CodecError::Field("first_touch_at_ms")),
+                },
+            }),
+            FactKind::Ping => Fact::Ping(Ping {
+                header,
+                webinar_id: r.string("webinar_id")?,
+                session_id: r.string("session_id")?,
+                session_origin: r.origin()?,
+            }),
+        };
+        if !r.buf.is_empty() {
+            return Err(CodecError::Avro(format!("{} trailing bytes", r.buf.len())));
+        }
+        Ok(fact)
     }
 }
 
@@ -493,6 +763,132 @@ pub(crate) mod tests {
                 session_origin: SessionOrigin::Body,
             }),
         ]
+    }
+
+    mod generated {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn arb_opt() -> impl Strategy<Value = Option<String>> {
+            proptest::option::of("[a-zA-Z0-9 '\"<>;\\\\\u{00e9}\u{1F600}]{0,40}")
+        }
+
+        fn arb_utm() -> impl Strategy<Value = Utm> {
+            (arb_opt(), arb_opt(), arb_opt(), arb_opt(), arb_opt())
+                .prop_map(|(source, medium, campaign, term, content)| Utm { source, medium, campaign, term, content })
+        }
+
+        fn arb_header() -> impl Strategy<Value = FactHeader> {
+            (any::<u64>(), any::<u64>(), "[a-z0-9]{1,20}", any::<i64>(), any::<i64>(), arb_opt(), any::<bool>())
+                .prop_map(|(spool_id, spool_seq, client_id, received_at_ms, event_time_ms, client_ts, clock_skew)| {
+                    FactHeader { spool_id, spool_seq, client_id, received_at_ms, event_time_ms, client_ts, clock_skew }
+                })
+        }
+
+        fn arb_origin() -> impl Strategy<Value = SessionOrigin> {
+            prop_oneof![Just(SessionOrigin::Body), Just(SessionOrigin::Cookie), Just(SessionOrigin::Created)]
+        }
+
+        fn arb_fact() -> impl Strategy<Value = Fact> {
+            let visit = (
+                arb_header(),
+                "[ -~]{1,30}",
+                arb_origin(),
+                0usize..3,
+                (arb_opt(), arb_opt(), arb_opt(), arb_opt(), arb_opt()),
+                any::<bool>(),
+                arb_utm(),
+                any::<bool>(),
+                arb_opt(),
+            )
+                .prop_map(
+                    |(header, session_id, session_origin, page, ids, cid_resolved, utm, utm_inherited, referrer)| {
+                        let (event_id, webinar_id, event_uid, path, cid) = ids;
+                        Fact::Visit(Visit {
+                            header,
+                            session_id,
+                            session_origin,
+                            page: PageKind::ALL[page],
+                            event_id,
+                            webinar_id,
+                            event_uid,
+                            path,
+                            cid,
+                            cid_resolved,
+                            utm,
+                            utm_inherited,
+                            referrer,
+                        })
+                    },
+                );
+            let entry = (
+                arb_header(),
+                ("[ -~]{1,30}", "[ -~]{1,30}"),
+                arb_origin(),
+                (arb_opt(), arb_opt(), arb_opt()),
+                any::<bool>(),
+                arb_utm(),
+                any::<bool>(),
+                proptest::option::of(arb_utm()),
+                proptest::option::of(any::<i64>()),
+            )
+                .prop_map(
+                    |(
+                        header,
+                        (entry_id, session_id),
+                        session_origin,
+                        ids,
+                        cid_resolved,
+                        utm,
+                        utm_inherited,
+                        first,
+                        at,
+                    )| {
+                        let (event_id, webinar_id, cid) = ids;
+                        Fact::Entry(Entry {
+                            header,
+                            entry_id,
+                            session_id,
+                            session_origin,
+                            event_id,
+                            webinar_id,
+                            cid,
+                            cid_resolved,
+                            utm,
+                            utm_inherited,
+                            first_touch_utm: first,
+                            first_touch_at_ms: at,
+                        })
+                    },
+                );
+            let ping = (arb_header(), "[ -~]{1,30}", "[ -~]{1,30}", arb_origin()).prop_map(
+                |(header, webinar_id, session_id, session_origin)| {
+                    Fact::Ping(Ping { header, webinar_id, session_id, session_origin })
+                },
+            );
+            prop_oneof![visit, entry, ping]
+        }
+
+        proptest! {
+            /// The typed fast path and apache-avro's generic decoding agree on every fact, both
+            /// give back what was encoded, and truncated input is an error, never a panic.
+            #[test]
+            fn fast_path_equals_generic_decoding(fact in arb_fact()) {
+                let codec = FactCodec::new().unwrap();
+                let bytes = codec.encode(&fact).unwrap();
+                prop_assert_eq!(&bytes, &codec.encode_generic(&fact).unwrap(), "fast and generic encodings differ");
+                let kind = fact.kind();
+                let body = &bytes[HEADER_LEN..];
+                let value = apache_avro::from_avro_datum(codec.schema(kind), &mut &body[..], None).unwrap();
+                let generic = from_value(kind, value).unwrap();
+                let fast = fast::decode(kind, body).unwrap();
+                prop_assert_eq!(&fast, &generic);
+                prop_assert_eq!(&fast, &fact);
+                for cut in [1, body.len() / 2] {
+                    prop_assert!(fast::decode(kind, &body[..body.len() - cut]).is_err());
+                }
+            }
+        }
     }
 
     #[test]

@@ -53,10 +53,6 @@ fn origin_from_code(code: i8) -> SessionOrigin {
     }
 }
 
-fn s(v: &Option<String>) -> String {
-    v.clone().unwrap_or_default()
-}
-
 fn o(v: String) -> Option<String> {
     (!v.is_empty()).then_some(v)
 }
@@ -161,74 +157,89 @@ impl FactRow {
 
     /// The raw row of `fact`; `tz` is the client's time zone (for `day`).
     pub fn from_fact(fact: &Fact, tz: Tz, at: Provenance) -> Self {
-        let h = fact.header();
-        let mut row = FactRow {
-            client_id: h.client_id.clone(),
-            day: time::day_number(time::client_day(h.event_time_ms, tz)),
-            fact_id: h.fact_id(),
-            seq: at.seq,
-            kafka_partition: at.kafka_partition,
-            kafka_offset: at.kafka_offset,
-            spool_id: h.spool_id,
-            spool_seq: h.spool_seq,
-            event_time: u32::try_from(h.event_time_ms.div_euclid(1000)).unwrap_or(0),
-            event_time_ms: h.event_time_ms,
-            received_at_ms: h.received_at_ms,
-            client_ts: s(&h.client_ts),
-            clock_skew: u8::from(h.clock_skew),
-            late: u8::from(at.late),
-            ..FactRow::empty()
-        };
-        let set_utm = |row: &mut FactRow, u: &Utm| {
-            row.utm_source = s(&u.source);
-            row.utm_medium = s(&u.medium);
-            row.utm_campaign = s(&u.campaign);
-            row.utm_term = s(&u.term);
-            row.utm_content = s(&u.content);
-        };
-        match fact {
+        let day = time::day_number(time::client_day(fact.header().event_time_ms, tz));
+        Self::from_owned_fact(fact.clone(), day, at)
+    }
+
+    /// The raw row of `fact` on client day `day`, moving its strings (the processor's hot path).
+    pub fn from_owned_fact(fact: Fact, day: u16, at: Provenance) -> Self {
+        let o = |v: Option<String>| v.unwrap_or_default();
+        let (header, mut row) = match fact {
             Fact::Visit(v) => {
-                row.kind = kind::VISIT;
-                row.session_id = v.session_id.clone();
-                row.session_origin = origin_code(v.session_origin);
-                row.page = page_code(Some(v.page));
-                row.event_id = s(&v.event_id);
-                row.webinar_id = s(&v.webinar_id);
-                row.event_uid = s(&v.event_uid);
-                row.path = s(&v.path);
-                row.cid = s(&v.cid);
-                row.cid_resolved = u8::from(v.cid_resolved);
-                set_utm(&mut row, &v.utm);
-                row.utm_inherited = u8::from(v.utm_inherited);
-                row.referrer = s(&v.referrer);
+                let row = FactRow {
+                    kind: kind::VISIT,
+                    session_id: v.session_id,
+                    session_origin: origin_code(v.session_origin),
+                    page: page_code(Some(v.page)),
+                    event_id: o(v.event_id),
+                    webinar_id: o(v.webinar_id),
+                    event_uid: o(v.event_uid),
+                    path: o(v.path),
+                    cid: o(v.cid),
+                    cid_resolved: u8::from(v.cid_resolved),
+                    utm_source: o(v.utm.source),
+                    utm_medium: o(v.utm.medium),
+                    utm_campaign: o(v.utm.campaign),
+                    utm_term: o(v.utm.term),
+                    utm_content: o(v.utm.content),
+                    utm_inherited: u8::from(v.utm_inherited),
+                    referrer: o(v.referrer),
+                    ..FactRow::empty()
+                };
+                (v.header, row)
             }
             Fact::Entry(e) => {
-                row.kind = kind::ENTRY;
-                row.entry_id = e.entry_id.clone();
-                row.session_id = e.session_id.clone();
-                row.session_origin = origin_code(e.session_origin);
-                row.event_id = s(&e.event_id);
-                row.webinar_id = s(&e.webinar_id);
-                row.cid = s(&e.cid);
-                row.cid_resolved = u8::from(e.cid_resolved);
-                set_utm(&mut row, &e.utm);
-                row.utm_inherited = u8::from(e.utm_inherited);
-                if let Some(first) = &e.first_touch_utm {
-                    row.first_utm_source = s(&first.source);
-                    row.first_utm_medium = s(&first.medium);
-                    row.first_utm_campaign = s(&first.campaign);
-                    row.first_utm_term = s(&first.term);
-                    row.first_utm_content = s(&first.content);
-                }
-                row.first_touch_ms = e.first_touch_at_ms.unwrap_or(0);
+                let first = e.first_touch_utm.unwrap_or_default();
+                let row = FactRow {
+                    kind: kind::ENTRY,
+                    entry_id: e.entry_id,
+                    session_id: e.session_id,
+                    session_origin: origin_code(e.session_origin),
+                    event_id: o(e.event_id),
+                    webinar_id: o(e.webinar_id),
+                    cid: o(e.cid),
+                    cid_resolved: u8::from(e.cid_resolved),
+                    utm_source: o(e.utm.source),
+                    utm_medium: o(e.utm.medium),
+                    utm_campaign: o(e.utm.campaign),
+                    utm_term: o(e.utm.term),
+                    utm_content: o(e.utm.content),
+                    utm_inherited: u8::from(e.utm_inherited),
+                    first_utm_source: o(first.source),
+                    first_utm_medium: o(first.medium),
+                    first_utm_campaign: o(first.campaign),
+                    first_utm_term: o(first.term),
+                    first_utm_content: o(first.content),
+                    first_touch_ms: e.first_touch_at_ms.unwrap_or(0),
+                    ..FactRow::empty()
+                };
+                (e.header, row)
             }
             Fact::Ping(p) => {
-                row.kind = kind::PING;
-                row.session_id = p.session_id.clone();
-                row.session_origin = origin_code(p.session_origin);
-                row.webinar_id = p.webinar_id.clone();
+                let row = FactRow {
+                    kind: kind::PING,
+                    session_id: p.session_id,
+                    session_origin: origin_code(p.session_origin),
+                    webinar_id: p.webinar_id,
+                    ..FactRow::empty()
+                };
+                (p.header, row)
             }
-        }
+        };
+        row.fact_id = header.fact_id();
+        row.day = day;
+        row.seq = at.seq;
+        row.kafka_partition = at.kafka_partition;
+        row.kafka_offset = at.kafka_offset;
+        row.spool_id = header.spool_id;
+        row.spool_seq = header.spool_seq;
+        row.event_time = u32::try_from(header.event_time_ms.div_euclid(1000)).unwrap_or(0);
+        row.event_time_ms = header.event_time_ms;
+        row.received_at_ms = header.received_at_ms;
+        row.client_ts = o(header.client_ts);
+        row.clock_skew = u8::from(header.clock_skew);
+        row.late = u8::from(at.late);
+        row.client_id = header.client_id;
         row
     }
 
