@@ -4,28 +4,57 @@
 //! 1. in-process: Avro decode + windowing state (`PartitionState::apply`) + flush batches, over
 //!    a generated day (default 1.2 M facts, 100 clients, 6 partitions), reporting facts/s;
 //! 2. the same with every flush written to a real ClickHouse 18.16 (started by the bench);
-//! 3. memory: peak RSS and state entries for days of growing numbers of distinct sessions.
+//! 3. memory: live heap bytes held by the windowing state (counted by a wrapping global allocator,
+//!    so the number is exact and independent of allocator caching) for days of growing numbers of
+//!    distinct sessions, and what is left after the day closes.
 //!
 //! Environment: `BENCH_FACTS` (facts per day), `BENCH_SKIP_CLICKHOUSE=1`.
 
 #[path = "../tests/e2e/harness.rs"]
 #[allow(dead_code, unused_imports)]
 mod harness;
+mod traffic;
 
-use std::sync::Arc;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
-use eventflow_aggregate::state::{PartitionState, WindowConfig};
-use eventflow_aggregate::ProcessorStore;
 use eventflow_core::avro::FactCodec;
-use eventflow_core::fact::{Entry, Fact, FactHeader, FactKind, PageKind, Ping, SessionOrigin, Utm, Visit};
-use eventflow_core::{ClientDirectory, TenancyConfig};
-use eventflow_store::rows::Checkpoint;
 use eventflow_store::{ClickHouseConfig, Store};
-
-const PARTITIONS: u16 = 6;
+use traffic::{generate_day, DaySpec, Feeder, Msg, DAY_MS, PARTITIONS};
 /// 2026-11-20T00:00:00Z
 const T0: i64 = 1_795_132_800_000;
+
+/// The system allocator, counting bytes currently allocated.
+///
+/// The only `unsafe` in the workspace: `GlobalAlloc` cannot be implemented without it. Every method
+/// forwards its arguments unchanged to `System`, so the allocator contract is `System`'s.
+struct Counting;
+
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live_mib() -> f64 {
+    LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+}
 
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -36,131 +65,91 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// A day of traffic: `n` facts in receive-time order, `sessions` distinct sessions, 100 clients.
-/// Returns (partition, kind, Avro message) like the processor would consume them.
-fn generate_day(n: usize, sessions: u64, day_start: i64, codec: &FactCodec) -> Vec<(u16, FactKind, Vec<u8>)> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ sessions);
-    let mut out = Vec::with_capacity(n);
-    let sources = ["news", "ads", "partner", "linkedin"];
-    for i in 0..n {
-        let t = day_start + (i as i64) * 86_400_000 / n as i64;
-        let session_no = rng.below(sessions);
-        let client = format!("c{:02}", session_no % 100);
-        let session = format!("s{session_no}");
-        let header = FactHeader {
-            spool_id: 1,
-            spool_seq: i as u64 + 1,
-            client_id: client.clone(),
-            received_at_ms: t,
-            event_time_ms: t - rng.below(5_000) as i64,
-            client_ts: None,
-            clock_skew: false,
-        };
-        let r = rng.below(100);
-        let fact = if r < 55 {
-            let page = [PageKind::Landing, PageKind::Webinar, PageKind::Live][(r % 3) as usize];
-            Fact::Visit(Visit {
-                header,
-                session_id: session.clone(),
-                session_origin: SessionOrigin::Cookie,
-                page,
-                event_id: (page == PageKind::Landing).then(|| format!("ev{}", r % 5)),
-                webinar_id: (page != PageKind::Landing).then(|| format!("w{}", r % 7)),
-                event_uid: Some(format!("u{i}")),
-                path: Some("/event/summit".into()),
-                cid: (r % 4 == 0).then(|| format!("cid{}", r % 9)),
-                cid_resolved: false,
-                utm: if r % 3 == 0 {
-                    Utm::default()
-                } else {
-                    Utm {
-                        source: Some(sources[(r % 4) as usize].into()),
-                        medium: Some("email".into()),
-                        campaign: Some("fall".into()),
-                        ..Utm::default()
-                    }
-                },
-                utm_inherited: false,
-                referrer: None,
-            })
-        } else if r < 60 {
-            Fact::Entry(Entry {
-                header,
-                entry_id: format!("e{i}"),
-                session_id: session.clone(),
-                session_origin: SessionOrigin::Cookie,
-                event_id: Some("ev1".into()),
-                webinar_id: None,
-                cid: None,
-                cid_resolved: false,
-                utm: Utm::default(),
-                utm_inherited: false,
-                first_touch_utm: None,
-                first_touch_at_ms: None,
-            })
-        } else {
-            Fact::Ping(Ping {
-                header,
-                webinar_id: format!("w{}", r % 7),
-                session_id: session.clone(),
-                session_origin: SessionOrigin::Cookie,
-            })
-        };
-        let key = fact.partition_key();
-        let partition = (eventflow_core::hash::id128("p", &key) % u128::from(PARTITIONS)) as u16;
-        out.push((partition, fact.kind(), codec.encode(&fact).expect("encode")));
-    }
-    out
-}
-
-fn clients() -> Arc<ClientDirectory> {
-    Arc::new(ClientDirectory::new(&TenancyConfig::default(), &Default::default()).expect("clients"))
-}
-
-/// Decodes and applies `msgs`, flushing every `flush_every` facts; returns (facts/s, state entries at the end).
-async fn run(msgs: &[(u16, FactKind, Vec<u8>)], store: Option<&Store>, flush_every: usize) -> (f64, usize) {
-    let codec = FactCodec::new().expect("codec");
-    let cfg = WindowConfig::new(48 * 3_600_000);
-    let mut states: Vec<PartitionState> =
-        (0..PARTITIONS).map(|p| PartitionState::new(p, cfg, clients(), &Checkpoint::default(), 1)).collect();
-    let mut offsets = [0i64; PARTITIONS as usize];
+/// Feeds `msgs` to a fresh [`Feeder`] (writing to `store` when given); returns facts/s and the feeder.
+async fn run(msgs: &[Msg], store: Option<&Store>, flush_every: usize) -> (f64, Feeder) {
+    let mut feeder = Feeder::new();
     let started = Instant::now();
-    for (i, (p, kind, bytes)) in msgs.iter().enumerate() {
-        let fact = codec.decode(*kind, bytes).expect("decode");
-        let s = &mut states[*p as usize];
-        s.apply(offsets[*p as usize], fact);
-        offsets[*p as usize] += 1;
-        if (i + 1) % flush_every == 0 || i + 1 == msgs.len() {
-            for s in states.iter_mut() {
-                let lookups = s.pending_lookups();
-                let found = match store {
-                    Some(st) => st.first_visits(&lookups).await.expect("lookups"),
-                    None => lookups.into_iter().map(|l| (l, None)).collect(),
-                };
-                s.resolve_lookups(found);
-                let batch = s.take_flush();
-                if let Some(st) = store {
-                    st.write(&batch).await.expect("write");
+    feeder.feed(msgs, store, flush_every).await;
+    let secs = started.elapsed().as_secs_f64();
+    if store.is_some() {
+        println!(
+            "    time: {secs:.1}s total, {:.1}s first-visit lookups, {:.1}s ClickHouse writes, {:.1}s decode + windows",
+            feeder.lookup_secs,
+            feeder.write_secs,
+            secs - feeder.lookup_secs - feeder.write_secs
+        );
+    }
+    (msgs.len() as f64 / secs, feeder)
+}
+
+/// The real `eventflow processor` binary consuming the day from tansu and writing to ClickHouse:
+/// facts/s from start to the last fact stored, and the process's peak resident memory.
+fn end_to_end(day: &[Msg]) {
+    use eventflow_topics::KafkaConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let dir = harness::TestDir::new("bench-processor-e2e");
+    let ch = harness::ClickHouse::start(&dir);
+    let broker = harness::Tansu::start(&dir);
+    let d = harness::Deployment::new(&dir, &ch.url(), &broker.brokers(), u32::from(PARTITIONS), "");
+    d.migrate();
+
+    let kafka = KafkaConfig { brokers: broker.brokers(), ..KafkaConfig::default() };
+    let topics = kafka.topics();
+    let producer: BaseProducer = kafka.producer().set("linger.ms", "50").create().expect("producer");
+    let t = Instant::now();
+    for m in day {
+        let topic = topics.fact(m.kind);
+        let mut record = BaseRecord::to(&topic).key(m.key.as_str()).payload(m.bytes.as_slice());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    producer.poll(std::time::Duration::from_millis(10));
                 }
-                s.flush_written();
             }
         }
     }
-    let secs = started.elapsed().as_secs_f64();
-    (msgs.len() as f64 / secs, states.iter().map(PartitionState::state_entries).sum())
+    producer.flush(std::time::Duration::from_secs(600)).expect("flush");
+    println!(
+        "== end to end: produced {} facts to tansu in {:.1}s ({:.0} msg/s)",
+        day.len(),
+        t.elapsed().as_secs_f64(),
+        day.len() as f64 / t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    let mut processor = d.start("processor");
+    let status = format!("/proc/{}/status", processor.pid());
+    let field = |name: &str| -> u64 {
+        std::fs::read_to_string(&status)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let expected = day.len() as u64;
+    let mut stored = 0;
+    while t.elapsed().as_secs() < 1200 {
+        stored = ch.number("SELECT count() FROM eventflow.facts WHERE kind != 'checkpoint'");
+        if stored >= expected {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let (peak, rss) = (field("VmHWM:"), field("VmRSS:"));
+    processor.stop(std::time::Duration::from_secs(30));
+    assert_eq!(stored, expected, "the processor did not store the whole day within 20 minutes");
+    println!(
+        "eventflow processor (tansu -> ClickHouse 18.16): {:.0} facts/s ({stored} facts in {secs:.1}s), peak RSS {} MiB, \
+         RSS at the end {} MiB",
+        stored as f64 / secs,
+        peak / 1024,
+        rss / 1024
+    );
 }
 
 fn main() {
@@ -170,35 +159,36 @@ fn main() {
 
     println!("== processor benchmark: {n} facts in one day, 100 clients, {PARTITIONS} partitions");
     let t = Instant::now();
-    let day = generate_day(n, 200_000, T0, &codec);
+    let day = generate_day(DaySpec { facts: n, sessions: 200_000, day_start_ms: T0, big_client_percent: 1 }, &codec);
     println!(
         "generated and Avro-encoded in {:.1}s ({} bytes per message on average)",
         t.elapsed().as_secs_f64(),
-        day.iter().map(|m| m.2.len()).sum::<usize>() / n
+        day.iter().map(|m| m.bytes.len()).sum::<usize>() / n
     );
 
     // Decode alone, for the share of decoding in the total.
     let t = Instant::now();
-    for (_, kind, bytes) in &day {
-        std::hint::black_box(codec.decode(*kind, bytes).expect("decode"));
+    for m in &day {
+        std::hint::black_box(codec.decode(m.kind, &m.bytes).expect("decode"));
     }
     let decode_rate = n as f64 / t.elapsed().as_secs_f64();
     println!("avro decode only:                      {:>10.0} facts/s", decode_rate);
 
-    let base_rss = rss_kib("VmRSS:");
-    let (rate, entries) = rt.block_on(run(&day, None, 50_000));
+    let before = live_mib();
+    let (rate, states) = rt.block_on(run(&day, None, 50_000));
     println!(
-        "decode + windows + flush batches:      {:>10.0} facts/s  ({entries} state entries, RSS {} MiB)",
+        "decode + windows + flush batches:      {:>10.0} facts/s  ({} state entries, {:.1} MiB of state)",
         rate,
-        rss_kib("VmRSS:") / 1024
+        states.state_entries(),
+        live_mib() - before
     );
-    let _ = base_rss;
+    drop(states);
 
     if std::env::var("BENCH_SKIP_CLICKHOUSE").is_err() {
         let dir = harness::TestDir::new("bench-processor");
         let ch = harness::ClickHouse::start(&dir);
         let config = ClickHouseConfig { url: ch.url(), database: "bench".into(), ..ClickHouseConfig::default() };
-        let (rate, _) = rt.block_on(async {
+        let (rate, _states) = rt.block_on(async {
             eventflow_store::migrate::apply(&config).await.expect("migrate");
             let store = Store::new(&config);
             run(&day, Some(&store), 50_000).await
@@ -207,28 +197,48 @@ fn main() {
         println!("... and writing to ClickHouse 18.16:    {:>10.0} facts/s  ({stored} raw facts stored)", rate);
     }
 
+    if std::env::var("BENCH_SKIP_BROKER").is_err() {
+        end_to_end(&day);
+    }
+
     // Memory: one day each with more distinct sessions (same number of facts per session).
-    println!("== memory of the open windows vs distinct sessions per day (3 facts per session)");
-    for sessions in [25_000u64, 50_000, 100_000, 200_000] {
-        let msgs = generate_day(sessions as usize * 3, sessions, T0, &codec);
-        let before = rss_kib("VmRSS:");
-        let (_, entries) = rt.block_on(run(&msgs, None, 50_000));
-        let after = rss_kib("VmRSS:");
-        println!(
-            "{sessions:>8} sessions: {entries:>9} state entries, RSS {:>5} MiB (+{} MiB), peak {} MiB",
-            after / 1024,
-            after.saturating_sub(before) / 1024,
-            rss_kib("VmHWM:") / 1024
+    println!("== heap held by the open windows vs distinct sessions per day (3 facts per session)");
+    for sessions in [25_000u64, 50_000, 100_000, 200_000, 400_000] {
+        let msgs = generate_day(
+            DaySpec { facts: sessions as usize * 3, sessions: sessions, day_start_ms: T0, big_client_percent: 1 },
+            &codec,
         );
-        drop(msgs);
+        let before = live_mib();
+        let (_, states) = rt.block_on(run(&msgs, None, 50_000));
+        let held = live_mib() - before;
+        println!(
+            "{sessions:>8} sessions: {:>9} state entries, {held:>7.1} MiB held, {:>4.0} bytes per session",
+            states.state_entries(),
+            held * 1024.0 * 1024.0 / sessions as f64
+        );
     }
 
     // Closed days are released: two days of traffic, the second 3 days after the first.
-    let d1 = generate_day(300_000, 100_000, T0, &codec);
-    let d2 = generate_day(30_000, 10_000, T0 + 3 * 86_400_000, &codec);
+    let d1 =
+        generate_day(DaySpec { facts: 300_000, sessions: 100_000, day_start_ms: T0, big_client_percent: 1 }, &codec);
+    let d2 = generate_day(
+        DaySpec { facts: 30_000, sessions: 10_000, day_start_ms: T0 + 3 * DAY_MS, big_client_percent: 1 },
+        &codec,
+    );
+    let before = live_mib();
+    let (_, busy) = rt.block_on(run(&d1, None, 10_000));
+    let busy_mib = live_mib() - before;
+    drop(busy);
     let mut both = d1;
     both.extend(d2);
-    let (_, entries) = rt.block_on(run(&both, None, 10_000));
-    println!("after a busy day and a quiet day three days later: {entries} state entries (the busy day was released)");
+    let before = live_mib();
+    let (_, states) = rt.block_on(run(&both, None, 10_000));
+    println!(
+        "busy day alone: {busy_mib:.1} MiB held; busy day + quiet day 3 days later: {} state entries, {:.1} MiB \
+         held (the busy day was released)",
+        states.state_entries(),
+        live_mib() - before
+    );
+    drop(states);
     println!("peak RSS of the benchmark process: {} MiB", rss_kib("VmHWM:") / 1024);
 }

@@ -11,7 +11,8 @@ CREATE TABLE IF NOT EXISTS late_facts
     seq             UInt64
 )
 ENGINE = ReplacingMergeTree(seq)
-ORDER BY (client_id, day, kafka_partition);
+ORDER BY (client_id, day, kafka_partition)
+SETTINGS index_granularity = 1024;
 
 -- Raw facts up to covered_seq of a Kafka partition are folded into the aggregates of a client day.
 CREATE TABLE IF NOT EXISTS backfill_marks
@@ -23,7 +24,8 @@ CREATE TABLE IF NOT EXISTS backfill_marks
     finished_at     DateTime
 )
 ENGINE = ReplacingMergeTree(covered_seq)
-ORDER BY (client_id, day, kafka_partition);
+ORDER BY (client_id, day, kafka_partition)
+SETTINGS index_granularity = 1024;
 
 -- Last heartbeat of the processor instance owning each Kafka partition. watermark_ms is the
 -- receive time up to which that partition's facts are in the aggregates (now, when caught up).

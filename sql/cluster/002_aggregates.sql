@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS {database}.minute_visits_local ON CLUSTER '{cluster}'
     visits          UInt64
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/minute_visits_local', '{replica}', version)
-ORDER BY (client_id, minute, page, kafka_partition);
+ORDER BY (client_id, minute, page, kafka_partition)
+SETTINGS index_granularity = 1024;
 
 CREATE TABLE IF NOT EXISTS {database}.minute_visits ON CLUSTER '{cluster}'
 AS {database}.minute_visits_local
@@ -37,7 +38,8 @@ CREATE TABLE IF NOT EXISTS {database}.minute_live_local ON CLUSTER '{cluster}'
     viewers         UInt64
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/minute_live_local', '{replica}', version)
-ORDER BY (client_id, webinar_id, minute, kafka_partition);
+ORDER BY (client_id, minute, webinar_id, kafka_partition)
+SETTINGS index_granularity = 1024;
 
 CREATE TABLE IF NOT EXISTS {database}.minute_live ON CLUSTER '{cluster}'
 AS {database}.minute_live_local
@@ -61,7 +63,8 @@ CREATE TABLE IF NOT EXISTS {database}.daily_totals_local ON CLUSTER '{cluster}'
     viewer_minutes        UInt64
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/daily_totals_local', '{replica}', version)
-ORDER BY (client_id, day, kafka_partition);
+ORDER BY (client_id, day, kafka_partition)
+SETTINGS index_granularity = 1024;
 
 CREATE TABLE IF NOT EXISTS {database}.daily_totals ON CLUSTER '{cluster}'
 AS {database}.daily_totals_local
@@ -85,7 +88,8 @@ CREATE TABLE IF NOT EXISTS {database}.daily_marketing_local ON CLUSTER '{cluster
     linked_entries  UInt64
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/daily_marketing_local', '{replica}', version)
-ORDER BY (client_id, day, event_id, webinar_id, cid, utm_source, utm_medium, utm_campaign, kafka_partition);
+ORDER BY (client_id, day, event_id, webinar_id, cid, utm_source, utm_medium, utm_campaign, kafka_partition)
+SETTINGS index_granularity = 1024;
 
 CREATE TABLE IF NOT EXISTS {database}.daily_marketing ON CLUSTER '{cluster}'
 AS {database}.daily_marketing_local
@@ -98,7 +102,8 @@ CREATE TABLE IF NOT EXISTS {database}.daily_sessions_local ON CLUSTER '{cluster}
     session_id String
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/daily_sessions_local', '{replica}')
-ORDER BY (client_id, day, session_id);
+ORDER BY (client_id, day, session_id)
+SETTINGS index_granularity = 1024;
 
 CREATE TABLE IF NOT EXISTS {database}.daily_sessions ON CLUSTER '{cluster}'
 AS {database}.daily_sessions_local
@@ -112,7 +117,8 @@ CREATE TABLE IF NOT EXISTS {database}.session_first_visits_local ON CLUSTER '{cl
     version        UInt64
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/session_first_visits_local', '{replica}', version)
-ORDER BY (client_id, session_id);
+ORDER BY (client_id, session_id)
+SETTINGS index_granularity = 1024;
 
 CREATE TABLE IF NOT EXISTS {database}.session_first_visits ON CLUSTER '{cluster}'
 AS {database}.session_first_visits_local

@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS {database}.late_facts_local ON CLUSTER '{cluster}'
     seq             UInt64
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/late_facts_local', '{replica}', seq)
-ORDER BY (client_id, day, kafka_partition);
+ORDER BY (client_id, day, kafka_partition)
+SETTINGS index_granularity = 1024;
 
 CREATE TABLE IF NOT EXISTS {database}.late_facts ON CLUSTER '{cluster}'
 AS {database}.late_facts_local
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS {database}.backfill_marks_local ON CLUSTER '{cluster}
     finished_at     DateTime
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/backfill_marks_local', '{replica}', covered_seq)
-ORDER BY (client_id, day, kafka_partition);
+ORDER BY (client_id, day, kafka_partition)
+SETTINGS index_granularity = 1024;
 
 CREATE TABLE IF NOT EXISTS {database}.backfill_marks ON CLUSTER '{cluster}'
 AS {database}.backfill_marks_local

@@ -577,3 +577,83 @@ async fn live_series_falls_back_to_raw_when_its_aggregate_is_missing() {
         "the live series must detect the missing aggregate and recount from raw facts: {s}"
     );
 }
+
+/// Every overview section falls back to raw facts on its own when its aggregate is missing, with
+/// the same numbers, and `eventflow backfill` brings the aggregate back. Each case deletes acme's
+/// rows of one aggregate table; the sections that read it (directly or through a cross-check)
+/// must turn `raw` and the others stay `aggregated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_section_falls_back_to_raw_when_its_aggregate_is_missing() {
+    const ALL: [&str; 6] = ["totals", "by_page", "by_day", "campaigns", "live", "quality"];
+    let mut p = start_pipeline("api-raw-sections", "").await;
+    let known = send_known_facts(&p).await;
+    // The continuous reconcile job (off in the other tests) must notice the damage too.
+    p.processor.stop(Duration::from_secs(20));
+    p.processor = p.d.start_with("processor", &[("EVENTFLOW__PROCESSOR__RECONCILE_INTERVAL", "1s".into())]);
+    let processor_metrics = format!("{}/metrics", p.d.processor_url());
+    let acme_mismatches = |page: &str| -> f64 {
+        page.lines()
+            .filter(|l| l.starts_with("eventflow_reconcile_mismatch{") && l.contains("client=\"acme\""))
+            .filter(|l| !l.contains("metric=\"pending_backfill\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let url = format!("{}/v1/clients/acme/statistics/overview", p.d.api_url());
+    let overview = || async {
+        let (status, mut o) = get_json(&url, Some(ACME_TOKEN)).await;
+        assert_eq!(status, 200, "{o}");
+        let meta = o.as_object_mut().and_then(|m| m.remove("meta")).expect("meta");
+        let sources: Vec<(String, String)> =
+            ALL.iter().map(|s| (s.to_string(), meta["data_sources"][*s].as_str().unwrap_or("?").to_owned())).collect();
+        (o, sources)
+    };
+    let expect = |raw: &[&str]| -> Vec<(String, String)> {
+        ALL.iter().map(|s| (s.to_string(), if raw.contains(s) { "raw" } else { "aggregated" }.to_owned())).collect()
+    };
+
+    let (baseline, sources) = overview().await;
+    assert_eq!(sources, expect(&[]), "{baseline}");
+    // The numbers worked out by hand in send_known_facts (also asserted in every_route_matches_openapi).
+    assert_eq!(
+        baseline["totals"],
+        json!({"visits": 6, "unique_sessions": 4, "entries": 3, "linked_entries": 2, "conversion_rate": 0.75})
+    );
+    assert_eq!(baseline["live"][0]["viewer_minutes"], 9, "{baseline}");
+
+    let cases: [(&str, &[&str]); 4] = [
+        ("daily_marketing", &["campaigns"]),
+        ("minute_live", &["live"]),
+        ("daily_sessions", &["totals", "by_day"]),
+        // The reference of every cross-check: without it nothing is served from aggregates.
+        ("daily_totals", &ALL),
+    ];
+    for (table, raw) in cases {
+        p.ch().query(&format!("ALTER TABLE eventflow.{table} DELETE WHERE client_id = 'acme'")).expect("mutation");
+        eventually(Duration::from_secs(30), &format!("{table} rows of acme deleted"), || async {
+            p.ch().number(&format!("SELECT count() FROM eventflow.{table} WHERE client_id = 'acme'")) == 0
+        })
+        .await;
+        let (o, sources) = overview().await;
+        assert_eq!(sources, expect(raw), "{table} deleted: {o}");
+        assert_eq!(o, baseline, "{table} deleted: the raw recount must give the same numbers");
+        if table == "daily_marketing" {
+            eventually(Duration::from_secs(60), "the reconcile job reports acme's campaign mismatch", || async {
+                acme_mismatches(&get_text(&processor_metrics).await) > 0.0
+            })
+            .await;
+        }
+
+        let (code, out) =
+            p.d.run(&["backfill", "--from", &known.days7[0], "--to", &known.days7[6], "--client", "acme"]);
+        assert_eq!(code, 0, "backfill: {out}");
+        let (o, sources) = overview().await;
+        assert_eq!(sources, expect(&[]), "{table} rebuilt by backfill: {o}");
+        assert_eq!(o, baseline, "{table} rebuilt by backfill");
+        if table == "daily_marketing" {
+            eventually(Duration::from_secs(60), "the reconcile job clears acme's mismatch", || async {
+                acme_mismatches(&get_text(&processor_metrics).await) == 0.0
+            })
+            .await;
+        }
+    }
+}

@@ -235,8 +235,9 @@ async fn snapshot(store: &Store) -> BTreeMap<&'static str, Vec<String>> {
     m.insert("totals_rows", sorted(store.daily_totals_rows("acme", from, to).await.unwrap()));
     m.insert("marketing_rows", sorted(store.daily_marketing_rows("acme", from, to).await.unwrap()));
     m.insert("marketing", sorted(store.daily_marketing("acme", from, to).await.unwrap()));
-    m.insert("campaign_totals", sorted(store.campaign_totals("acme", from, to, 100).await.unwrap()));
-    m.insert("marketing_days", sorted(store.marketing_days("acme", from, to).await.unwrap()));
+    let (campaigns, marketing_days) = store.campaigns("acme", from, to, 100).await.unwrap();
+    m.insert("campaign_totals", sorted(campaigns));
+    m.insert("marketing_days", sorted(marketing_days));
     m.insert("range_sessions", vec![store.range_sessions("acme", from, to).await.unwrap().to_string()]);
     m.insert("day_sessions", sorted(store.day_sessions("acme", from, to).await.unwrap()));
     m.insert("live_minutes", sorted(store.live_minutes("acme", None, s0, s1).await.unwrap()));

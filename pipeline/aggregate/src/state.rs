@@ -876,6 +876,22 @@ impl PartitionState {
         let sessions_clients: FxHashSet<&str> = self.sessions.values().map(|s| &*s.client).collect();
         self.interned
             .retain(|name, _| live_clients.contains(name.as_str()) || sessions_clients.contains(name.as_str()));
+        // `retain` keeps capacity: without this a busy day's tables would stay allocated forever.
+        shrink_sparse(&mut self.days);
+        shrink_sparse(&mut self.minutes);
+        shrink_sparse(&mut self.live);
+        shrink_sparse(&mut self.sessions);
+        shrink_sparse(&mut self.visit_uids);
+        shrink_sparse(&mut self.entry_ids);
+        shrink_sparse(&mut self.first_visits);
+    }
+}
+
+/// Gives memory back once a table is at most a quarter full, keeping room to grow (amortised:
+/// a table shrinks only after losing three quarters of its entries).
+fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut FxHashMap<K, V>) {
+    if map.capacity() > 1024 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 

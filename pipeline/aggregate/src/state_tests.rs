@@ -204,12 +204,25 @@ fn keep_max<K: std::hash::Hash + Eq, R>(map: &mut HashMap<K, R>, key: K, row: R,
     }
 }
 
+/// Where a simulated crash interrupts a flush.
+#[derive(Debug, Clone, Copy)]
+enum Crash {
+    Never,
+    Before(usize),
+    During(u8),
+}
+
 impl Store {
-    /// Writes `batch` in the processor's order; returns false when it "crashed" before step `crash_at`.
-    fn write(&mut self, batch: &FlushBatch, crash_at: usize) -> bool {
+    /// Writes `batch` like the processor does: first visits, late markers, facts, then the five
+    /// aggregate tables concurrently. Returns false when it "crashed": `Crash::Before(step)` stops
+    /// before step 0-2; `Crash::During(mask)` stops while the aggregate inserts were in flight,
+    /// after only the tables whose bit is set in `mask` landed (any subset can).
+    fn write(&mut self, batch: &FlushBatch, crash: Crash) -> bool {
         for step in 0..8 {
-            if step == crash_at {
-                return false;
+            match crash {
+                Crash::Before(at) if step == at => return false,
+                Crash::During(mask) if step >= 3 && mask & (1 << (step - 3)) == 0 => continue,
+                _ => {}
             }
             match step {
                 0 => {
@@ -272,7 +285,7 @@ impl Store {
                 }),
             }
         }
-        true
+        !matches!(crash, Crash::During(_))
     }
 
     fn merged(&self) -> Aggregates {
@@ -475,7 +488,7 @@ fn run_partition(store: &mut Store, logs: &[Vec<Fact>; 3], partition: u16, rng: 
             .collect();
         stored.sort_by_key(|r| r.seq);
         state.replay(stored);
-        let flush = |state: &mut PartitionState, store: &mut Store, crash_at: usize| -> bool {
+        let flush = |state: &mut PartitionState, store: &mut Store, crash: Crash| -> bool {
             let lookups = state.pending_lookups();
             let found: Vec<_> = lookups
                 .into_iter()
@@ -486,7 +499,7 @@ fn run_partition(store: &mut Store, logs: &[Vec<Fact>; 3], partition: u16, rng: 
                 .collect();
             state.resolve_lookups(found);
             let batch = state.take_flush();
-            let ok = store.write(&batch, crash_at);
+            let ok = store.write(&batch, crash);
             if ok {
                 state.flush_written();
             }
@@ -495,9 +508,12 @@ fn run_partition(store: &mut Store, logs: &[Vec<Fact>; 3], partition: u16, rng: 
         // Crash the rebuild flush sometimes, too (at most a few restarts so the run ends).
         let crash = |rng: &mut Rng, restarts: usize| {
             if restarts < 4 && rng.below(6) == 0 {
-                rng.below(8) as usize
+                match rng.below(4) {
+                    3 => Crash::During(rng.below(32) as u8),
+                    step => Crash::Before(step as usize),
+                }
             } else {
-                usize::MAX
+                Crash::Never
             }
         };
         if !flush(&mut state, store, crash(rng, restarts)) {
@@ -511,7 +527,7 @@ fn run_partition(store: &mut Store, logs: &[Vec<Fact>; 3], partition: u16, rng: 
         loop {
             let open: Vec<usize> = (0..3).filter(|i| next[*i] < logs[*i].len()).collect();
             if open.is_empty() {
-                if !flush(&mut state, store, usize::MAX) {
+                if !flush(&mut state, store, Crash::Never) {
                     unreachable!()
                 }
                 return;

@@ -169,13 +169,22 @@ struct AppState {
     tokens: Tokens,
     metrics: ApiMetrics,
     ready: AtomicBool,
+    /// Unconfigured clients seen to have facts (facts are never deleted, so this only grows;
+    /// bounded by the number of client ids with stored facts).
+    clients_with_facts: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 /// Serves the API on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, deps: ApiDeps, shutdown: CancellationToken) -> Result<(), ApiError> {
     let tokens = Tokens::new(deps.config.admin_token.as_deref(), &deps.clients).map_err(ApiError::Config)?;
     let metrics = ApiMetrics::new(&deps.registry)?;
-    let state = Arc::new(AppState { deps, tokens, metrics, ready: AtomicBool::new(true) });
+    let state = Arc::new(AppState {
+        deps,
+        tokens,
+        metrics,
+        ready: AtomicBool::new(true),
+        clients_with_facts: Default::default(),
+    });
     tokio::spawn(quality_gauges(state.clone(), shutdown.clone()));
     info!(addr = %listener.local_addr()?, "reader API listening");
     let stopping = state.clone();
@@ -242,7 +251,18 @@ async fn authorize(st: &AppState, headers: &HeaderMap, client: &str) -> Result<T
     let known = match ClientId::parse(client) {
         Ok(id) if st.deps.clients.is_known(&id) => true,
         Ok(id) if principal == Principal::Admin && st.deps.clients.accepts(&id) => {
-            st.deps.store.client_has_facts(client).await.unwrap_or(true)
+            let seen = st.clients_with_facts.read().is_ok_and(|s| s.contains(client));
+            seen || match st.deps.store.client_has_facts(client).await {
+                Ok(true) => {
+                    if let Ok(mut s) = st.clients_with_facts.write() {
+                        s.insert(client.to_owned());
+                    }
+                    true
+                }
+                Ok(false) => false,
+                // Cannot tell: let the request run; its sections will report the failure.
+                Err(_) => true,
+            }
         }
         _ => false,
     };

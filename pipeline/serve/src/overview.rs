@@ -1,9 +1,10 @@
 //! The per-client overview: aggregate first, raw fallback per section, provenance and freshness.
 //!
 //! All aggregate reads of a request run concurrently. A section is served from aggregates only
-//! when its reads succeeded, no day of the range has late facts awaiting backfill, and the
-//! aggregate agrees with `daily_totals` where they overlap (a missing or partly deleted aggregate
-//! shows up as a disagreement). Otherwise the section is recounted from raw facts; if that fails
+//! when its reads succeeded, no day of the range has late facts awaiting backfill, every day with
+//! counted facts has its `daily_totals` row, and the section's aggregate agrees with
+//! `daily_totals` where they overlap (a missing or partly deleted aggregate shows up as a
+//! disagreement). Otherwise the section is recounted from raw facts; if that fails
 //! too the section is `error` with its zero value and the response is still 200.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,7 +14,7 @@ use chrono_tz::Tz;
 use serde::Serialize;
 
 use eventflow_core::time;
-use eventflow_store::read::{CampaignTotals, LiveMinute, MarketingDay};
+use eventflow_store::read::{rank_campaigns, CampaignTotals, LiveMinute, MarketingDay};
 use eventflow_store::recount::{Recount, Scope};
 use eventflow_store::rows::DayCounters;
 use eventflow_store::{Result as StoreResult, Store};
@@ -270,12 +271,11 @@ pub struct Sections {
 pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
     let c = q.client_id.as_str();
     let (from_s, to_s) = q.seconds();
-    let (days, day_sessions, range_sessions, campaigns, marketing_days, live, pending) = tokio::join!(
+    let (days, fact_days, sessions, marketing, live, pending) = tokio::join!(
         store.daily_totals(c, q.from, q.to),
-        store.day_sessions(c, q.from, q.to),
-        store.range_sessions(c, q.from, q.to),
-        store.campaign_totals(c, q.from, q.to, q.campaign_limit),
-        store.marketing_days(c, q.from, q.to),
+        store.fact_days(c, q.from, q.to),
+        store.sessions(c, q.from, q.to),
+        store.campaigns(c, q.from, q.to, q.campaign_limit),
         store.live_minutes(c, None, from_s, to_s),
         store.pending_late_days(c, q.from, q.to),
     );
@@ -283,15 +283,15 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
     let list = q.days();
 
     // Cross-checks against daily_totals.
-    let sessions_agree = match (&days, &day_sessions) {
-        (Ok(d), Ok(s)) => {
+    let sessions_agree = match (&days, &sessions) {
+        (Ok(d), Ok((s, _))) => {
             let keys: BTreeSet<u16> = d.keys().chain(s.keys()).copied().collect();
             keys.iter().all(|k| d.get(k).map_or(0, |c| c.unique_sessions) == s.get(k).copied().unwrap_or(0))
         }
         _ => false,
     };
-    let marketing_agrees = match (&days, &marketing_days) {
-        (Ok(d), Ok(m)) => {
+    let marketing_agrees = match (&days, &marketing) {
+        (Ok(d), Ok((_, m))) => {
             let keys: BTreeSet<u16> = d.keys().chain(m.keys()).copied().collect();
             keys.iter().all(|k| {
                 let t = d.get(k).copied().unwrap_or_default();
@@ -306,17 +306,23 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
         _ => false,
     };
 
-    let day_ok = complete && days.is_ok();
-    let agg_day_data = match (&days, &day_sessions, &range_sessions) {
-        (Ok(d), Ok(s), Ok(r)) => Some(DayData { counters: d.clone(), range_sessions: *r, day_sessions: s.clone() }),
-        (Ok(d), _, _) => Some(DayData { counters: d.clone(), ..DayData::default() }),
+    // daily_totals is the reference of the other checks, so it is checked against the facts:
+    // every day with counted facts must have its row.
+    let totals_present = match (&days, &fact_days) {
+        (Ok(d), Ok(f)) => f.iter().all(|day| d.contains_key(day)),
+        _ => false,
+    };
+    let day_ok = complete && totals_present;
+    let agg_day_data = match (&days, &sessions) {
+        (Ok(d), Ok((s, r))) => Some(DayData { counters: d.clone(), range_sessions: *r, day_sessions: s.clone() }),
+        (Ok(d), _) => Some(DayData { counters: d.clone(), ..DayData::default() }),
         _ => None,
     };
     let use_agg = [
-        ("totals", day_ok && sessions_agree && range_sessions.is_ok()),
+        ("totals", day_ok && sessions_agree),
         ("by_page", day_ok),
         ("by_day", day_ok && sessions_agree),
-        ("campaigns", day_ok && campaigns.is_ok() && marketing_agrees),
+        ("campaigns", day_ok && marketing_agrees),
         ("live", day_ok && live_agrees),
         ("quality", day_ok),
     ];
@@ -355,7 +361,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
     let by_day = pick("by_day").1.map(|d| d.by_day(&list)).unwrap_or_else(|| DayData::default().by_day(&list));
     let quality = pick("quality").1.map(DayData::quality).unwrap_or_default();
     let campaigns = match pick("campaigns").0 {
-        Source::Aggregated => campaign_rows(campaigns.unwrap_or_default()),
+        Source::Aggregated => campaign_rows(marketing.map(|(c, _)| c).unwrap_or_default()),
         Source::Raw => raw_campaigns(raw.as_ref(), q.campaign_limit),
         Source::Error => Vec::new(),
     };
@@ -391,30 +397,7 @@ fn raw_campaigns(raw: Option<&StoreResult<Recount>>, limit: u32) -> Vec<Campaign
         e.1 += m.entries;
         e.2 += m.linked_entries;
     }
-    let mut rows: Vec<CampaignTotals> = per
-        .into_iter()
-        .map(|((cid, utm_source, utm_medium, utm_campaign), (visits, entries, linked_entries))| CampaignTotals {
-            cid,
-            utm_source,
-            utm_medium,
-            utm_campaign,
-            visits,
-            entries,
-            linked_entries,
-        })
-        .collect();
-    rows.sort_by(|a, b| {
-        b.visits.cmp(&a.visits).then(b.entries.cmp(&a.entries)).then_with(|| {
-            (&a.cid, &a.utm_source, &a.utm_medium, &a.utm_campaign).cmp(&(
-                &b.cid,
-                &b.utm_source,
-                &b.utm_medium,
-                &b.utm_campaign,
-            ))
-        })
-    });
-    rows.truncate(limit as usize);
-    campaign_rows(rows)
+    campaign_rows(rank_campaigns(per, limit))
 }
 
 #[cfg(test)]

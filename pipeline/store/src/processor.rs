@@ -1,6 +1,6 @@
 //! Queries the stream processor runs: checkpoints, replay of stored facts, session lookups.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::rows::{checkpoint_fact_id, Checkpoint, FactRow};
 use crate::{bind_all, in_placeholders, Result, Store, StoreError};
@@ -13,6 +13,7 @@ struct CheckpointRow {
 
 #[derive(clickhouse::Row, serde::Deserialize)]
 struct FirstVisit {
+    client_id: String,
     session_id: String,
     first: i64,
 }
@@ -94,25 +95,28 @@ impl Store {
 
     /// Earliest stored visit of each `(client_id, session_id)` that has one.
     pub async fn session_first_visits(&self, sessions: &[(String, String)]) -> Result<HashMap<(String, String), i64>> {
-        let mut by_client: HashMap<&str, Vec<&str>> = HashMap::new();
-        for (client, session) in sessions {
-            by_client.entry(client).or_default().push(session);
-        }
+        // A few queries per flush whatever the number of clients: each chunk asks for its clients x
+        // its sessions (the primary key is (client_id, session_id)) and keeps the asked pairs.
         let mut out = HashMap::new();
-        for (client, ids) in by_client {
-            for chunk in ids.chunks(1000) {
-                let sql = format!(
-                    "SELECT session_id, min(first_visit_ms) AS first FROM session_first_visits \
-                     WHERE client_id = ? AND session_id IN {} GROUP BY session_id",
-                    in_placeholders(chunk.len())
-                );
-                let found = self
-                    .timed(async {
-                        Ok(bind_all(self.query(&sql)?.bind(client), chunk).fetch_all::<FirstVisit>().await?)
-                    })
-                    .await?;
-                for f in found {
-                    out.insert((client.to_owned(), f.session_id), f.first);
+        for chunk in sessions.chunks(1000) {
+            let clients: BTreeSet<&str> = chunk.iter().map(|(c, _)| c.as_str()).collect();
+            let ids: BTreeSet<&str> = chunk.iter().map(|(_, s)| s.as_str()).collect();
+            let asked: HashSet<(&str, &str)> = chunk.iter().map(|(c, s)| (c.as_str(), s.as_str())).collect();
+            let sql = format!(
+                "SELECT client_id, session_id, min(first_visit_ms) AS first FROM session_first_visits \
+                 WHERE client_id IN {} AND session_id IN {} GROUP BY client_id, session_id",
+                in_placeholders(clients.len()),
+                in_placeholders(ids.len())
+            );
+            let found = self
+                .timed(async {
+                    let q = bind_all(self.query(&sql)?, clients.iter().copied());
+                    Ok(bind_all(q, ids.iter().copied()).fetch_all::<FirstVisit>().await?)
+                })
+                .await?;
+            for f in found {
+                if asked.contains(&(f.client_id.as_str(), f.session_id.as_str())) {
+                    out.insert((f.client_id, f.session_id), f.first);
                 }
             }
         }

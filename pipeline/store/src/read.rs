@@ -4,7 +4,7 @@
 //! `kafka_partition`. These queries touch only aggregate rows: pages and dashboards never scan
 //! raw facts unless an aggregate is missing (see the reader API's fallback rules).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::NaiveDate;
 
@@ -49,6 +49,30 @@ pub struct CampaignTotals {
     pub visits: u64,
     pub entries: u64,
     pub linked_entries: u64,
+}
+
+/// Visits, entries and linked entries per (cid, utm_source, utm_medium, utm_campaign).
+pub type CampaignSums = BTreeMap<(String, String, String, String), (u64, u64, u64)>;
+
+/// The campaign table: most visits first, then most entries, ties in dimension order; at most
+/// `limit` rows. Shared by the aggregate read and the raw recount so both rank alike.
+pub fn rank_campaigns(per: CampaignSums, limit: u32) -> Vec<CampaignTotals> {
+    let mut rows: Vec<CampaignTotals> = per
+        .into_iter()
+        .map(|((cid, utm_source, utm_medium, utm_campaign), (visits, entries, linked_entries))| CampaignTotals {
+            cid,
+            utm_source,
+            utm_medium,
+            utm_campaign,
+            visits,
+            entries,
+            linked_entries,
+        })
+        .collect();
+    // Stable: equal counts keep the map's (dimension) order.
+    rows.sort_by(|a, b| b.visits.cmp(&a.visits).then(b.entries.cmp(&a.entries)));
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    rows
 }
 
 /// Per-day sums of the marketing table (for cross-checks).
@@ -156,77 +180,83 @@ impl Store {
         Ok(out)
     }
 
-    /// Campaign table of a range: visits and entries per campaign link and UTM source, medium
-    /// and campaign, most visits first.
-    pub async fn campaign_totals(
+    /// Campaign table of a range (visits and entries per campaign link and UTM source, medium
+    /// and campaign, most visits first, at most `limit` rows) and the per-day sums of the same
+    /// rows, which the reader cross-checks against `daily_totals`: one read of `daily_marketing`.
+    pub async fn campaigns(
         &self,
         client: &str,
         from: NaiveDate,
         to: NaiveDate,
         limit: u32,
-    ) -> Result<Vec<CampaignTotals>> {
-        self.timed(async {
-            Ok(self.query(
-                    "SELECT cid, utm_source, utm_medium, utm_campaign, sum(visits) AS visits, sum(entries) AS entries, \
-                     sum(linked_entries) AS linked_entries FROM daily_marketing FINAL \
-                     WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY cid, utm_source, utm_medium, utm_campaign \
-                     ORDER BY visits DESC, entries DESC, cid, utm_source, utm_medium, utm_campaign LIMIT ?",
-                )?
-                .bind(client)
-                .bind(d(from))
-                .bind(d(to))
-                .bind(limit)
-                .fetch_all::<CampaignTotals>()
-                .await?)
-        })
-        .await
-    }
-
-    /// Per-day sums of `daily_marketing`, to cross-check it against `daily_totals`.
-    pub async fn marketing_days(
-        &self,
-        client: &str,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> Result<BTreeMap<u16, MarketingDay>> {
+    ) -> Result<(Vec<CampaignTotals>, BTreeMap<u16, MarketingDay>)> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Row {
+            day: u16,
+            cid: String,
+            utm_source: String,
+            utm_medium: String,
+            utm_campaign: String,
+            visits: u64,
+            entries: u64,
+            linked_entries: u64,
+        }
         let rows = self
             .timed(async {
                 Ok(self
                     .query(
-                        "SELECT day, sum(visits) AS visits, sum(entries) AS entries FROM daily_marketing FINAL \
-                         WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day",
+                        "SELECT day, cid, utm_source, utm_medium, utm_campaign, sum(visits) AS visits, \
+                         sum(entries) AS entries, sum(linked_entries) AS linked_entries FROM daily_marketing FINAL \
+                         WHERE client_id = ? AND day >= ? AND day <= ? \
+                         GROUP BY day, cid, utm_source, utm_medium, utm_campaign",
                     )?
                     .bind(client)
                     .bind(d(from))
                     .bind(d(to))
-                    .fetch_all::<MarketingDay>()
+                    .fetch_all::<Row>()
                     .await?)
             })
             .await?;
-        Ok(rows.into_iter().map(|r| (r.day, r)).collect())
+        let mut days: BTreeMap<u16, MarketingDay> = BTreeMap::new();
+        let mut per = CampaignSums::new();
+        for r in rows {
+            let day = days.entry(r.day).or_insert(MarketingDay { day: r.day, ..MarketingDay::default() });
+            day.visits += r.visits;
+            day.entries += r.entries;
+            let c = per.entry((r.cid, r.utm_source, r.utm_medium, r.utm_campaign)).or_default();
+            c.0 += r.visits;
+            c.1 += r.entries;
+            c.2 += r.linked_entries;
+        }
+        Ok((rank_campaigns(per, limit), days))
     }
 
     /// Distinct sessions with a visit over `[from, to]`.
     pub async fn range_sessions(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<u64> {
-        self.timed(async {
-            Ok(self
-                .query(
-                    "SELECT uniqExact(session_id) FROM daily_sessions WHERE client_id = ? AND day >= ? AND day <= ?",
-                )?
-                .bind(client)
-                .bind(d(from))
-                .bind(d(to))
-                .fetch_one::<u64>()
-                .await?)
-        })
-        .await
+        Ok(self.sessions(client, from, to).await?.1)
     }
 
-    /// Distinct sessions per day.
+    /// Distinct sessions with a visit per day.
     pub async fn day_sessions(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<BTreeMap<u16, u64>> {
+        Ok(self.sessions(client, from, to).await?.0)
+    }
+
+    /// Distinct sessions with a visit per day and over the whole range, in one request.
+    pub async fn sessions(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<(BTreeMap<u16, u64>, u64)> {
+        // Day 0 (1970-01-01) carries the range total; it is never inside a valid range. (Not
+        // aliased `day`: ClickHouse aliases are visible in WHERE, which would then filter on it.)
         let rows = self
             .timed(async {
-                Ok(self.query("SELECT day, uniqExact(session_id) AS n FROM daily_sessions WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day")?
+                Ok(self
+                    .query(
+                        "SELECT day, uniqExact(session_id) AS n FROM daily_sessions \
+                         WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day \
+                         UNION ALL SELECT toDate('1970-01-01') AS range_total, uniqExact(session_id) AS n FROM daily_sessions \
+                         WHERE client_id = ? AND day >= ? AND day <= ?",
+                    )?
+                    .bind(client)
+                    .bind(d(from))
+                    .bind(d(to))
                     .bind(client)
                     .bind(d(from))
                     .bind(d(to))
@@ -234,7 +264,41 @@ impl Store {
                     .await?)
             })
             .await?;
-        Ok(rows.into_iter().map(|r| (r.day, r.n)).collect())
+        let mut days = BTreeMap::new();
+        let mut range = 0;
+        for r in rows {
+            if r.day == 0 {
+                range = r.n;
+            } else {
+                days.insert(r.day, r.n);
+            }
+        }
+        Ok((days, range))
+    }
+
+    /// Days of `[from, to]` with stored facts (read from the primary key only).
+    ///
+    /// Each of them has a `daily_totals` row once the flush that stored the facts is written (for
+    /// a day with only late facts: once backfill folded them in, and until then the day is
+    /// pending anyway); a day missing there means the aggregate is missing (deleted, lost, not
+    /// rebuilt) and the reader must not trust it.
+    pub async fn fact_days(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<BTreeSet<u16>> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Day {
+            day: u16,
+        }
+        let rows = self
+            .timed(async {
+                Ok(self
+                    .query("SELECT DISTINCT day FROM facts WHERE client_id = ? AND day >= ? AND day <= ?")?
+                    .bind(client)
+                    .bind(d(from))
+                    .bind(d(to))
+                    .fetch_all::<Day>()
+                    .await?)
+            })
+            .await?;
+        Ok(rows.into_iter().map(|r| r.day).collect())
     }
 
     /// Viewers per webinar and minute in `[from_s, to_s)` (unix seconds), optionally of one webinar.

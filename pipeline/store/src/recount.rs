@@ -197,39 +197,55 @@ impl Store {
         let part = if by_partition { "kafka_partition" } else { "toUInt16(0)" };
         let mut out = Recount::default();
 
+        // Every query below is independent (the first-visit lookups follow the entries query):
+        // they run concurrently, so a recount takes as long as its slowest query.
+        let visit_query = |select: &str| {
+            let mut args = Vec::new();
+            let visits = scope.counted_visits(&mut args);
+            (select.replace("{visits}", &visits), args)
+        };
         // Visits by day, page and marketing dimensions.
-        let mut args = Vec::new();
-        let visits = scope.counted_visits(&mut args);
-        let sql = format!(
+        let (groups_sql, groups_args) = visit_query(&format!(
             "SELECT day, {part} AS kafka_partition, page, event_id, webinar_id, {LABELS}, count() AS visits, uniqExact(session_id) AS sessions \
-             FROM ({visits}) GROUP BY day, kafka_partition, page, event_id, webinar_id, cid_label, src, med, camp"
-        );
-        let groups = self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<VisitGroup>().await?) }).await?;
-
+             FROM ({{visits}}) GROUP BY day, kafka_partition, page, event_id, webinar_id, cid_label, src, med, camp"
+        ));
         // Distinct sessions per day (and partition) and over the range.
-        let mut args = Vec::new();
-        let visits = scope.counted_visits(&mut args);
-        let sql = format!("SELECT day, {part} AS kafka_partition, uniqExact(session_id) AS sessions FROM ({visits}) GROUP BY day, kafka_partition");
-        let day_sessions =
-            self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<DaySessions>().await?) }).await?;
-        let mut args = Vec::new();
-        let visits = scope.counted_visits(&mut args);
-        let sql = format!("SELECT day, toUInt16(0) AS kafka_partition, uniqExact(session_id) AS sessions FROM ({visits}) GROUP BY day");
-        let all_day_sessions =
-            self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<DaySessions>().await?) }).await?;
-        let mut args = Vec::new();
-        let visits = scope.counted_visits(&mut args);
-        let sql = format!("SELECT uniqExact(session_id) FROM ({visits})");
-        out.range_sessions = self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_one::<u64>().await?) }).await?;
-
-        // Visits per minute and page.
-        let mut args = Vec::new();
-        let visits = scope.counted_visits(&mut args);
-        let sql = format!(
-            "SELECT toUInt32(toStartOfMinute(event_time)) AS minute, page, {part} AS kafka_partition, count() AS visits \
-             FROM ({visits}) GROUP BY minute, page, kafka_partition"
+        let (day_sql, day_args) = visit_query(&format!(
+            "SELECT day, {part} AS kafka_partition, uniqExact(session_id) AS sessions FROM ({{visits}}) GROUP BY day, kafka_partition"
+        ));
+        let (all_day_sql, all_day_args) = visit_query(
+            "SELECT day, toUInt16(0) AS kafka_partition, uniqExact(session_id) AS sessions FROM ({visits}) GROUP BY day",
         );
-        let minutes = self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<MinuteGroup>().await?) }).await?;
+        let (range_sql, range_args) = visit_query("SELECT uniqExact(session_id) FROM ({visits})");
+        // Visits per minute and page.
+        let (minutes_sql, minutes_args) = visit_query(&format!(
+            "SELECT toUInt32(toStartOfMinute(event_time)) AS minute, page, {part} AS kafka_partition, count() AS visits \
+             FROM ({{visits}}) GROUP BY minute, page, kafka_partition"
+        ));
+        // Marketing rows: unique sessions of a dims group over all pages needs its own distinct
+        // count, so regroup without page.
+        let (marketing_sql, marketing_args) = visit_query(&format!(
+            "SELECT day, {part} AS kafka_partition, toInt8(0) AS page, event_id, webinar_id, {LABELS}, count() AS visits, uniqExact(session_id) AS sessions \
+             FROM ({{visits}}) GROUP BY day, kafka_partition, event_id, webinar_id, cid_label, src, med, camp"
+        ));
+        let (groups, day_sessions, all_day_sessions, range_sessions, minutes, marketing, (entries, first_visit), live) =
+            tokio::try_join!(
+                self.timed(async { Ok(bind(self.query(&groups_sql)?, groups_args).fetch_all::<VisitGroup>().await?) }),
+                self.timed(async { Ok(bind(self.query(&day_sql)?, day_args).fetch_all::<DaySessions>().await?) }),
+                self.timed(async {
+                    Ok(bind(self.query(&all_day_sql)?, all_day_args).fetch_all::<DaySessions>().await?)
+                }),
+                self.timed(async { Ok(bind(self.query(&range_sql)?, range_args).fetch_one::<u64>().await?) }),
+                self.timed(async {
+                    Ok(bind(self.query(&minutes_sql)?, minutes_args).fetch_all::<MinuteGroup>().await?)
+                }),
+                self.timed(async {
+                    Ok(bind(self.query(&marketing_sql)?, marketing_args).fetch_all::<VisitGroup>().await?)
+                }),
+                self.entries_with_first_visits(scope),
+                self.live_groups(scope, part),
+            )?;
+        out.range_sessions = range_sessions;
 
         for g in &groups {
             let t = out.totals.entry((g.day, g.kafka_partition)).or_default();
@@ -246,16 +262,6 @@ impl Store {
                 t.visits_cid_unresolved += g.visits;
             }
         }
-        // Marketing rows: unique sessions of a dims group over all pages needs its own distinct
-        // count, so regroup without page.
-        let mut args = Vec::new();
-        let visits = scope.counted_visits(&mut args);
-        let sql = format!(
-            "SELECT day, {part} AS kafka_partition, toInt8(0) AS page, event_id, webinar_id, {LABELS}, count() AS visits, uniqExact(session_id) AS sessions \
-             FROM ({visits}) GROUP BY day, kafka_partition, event_id, webinar_id, cid_label, src, med, camp"
-        );
-        let marketing =
-            self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<VisitGroup>().await?) }).await?;
         for g in marketing {
             let dims = MarketingDims {
                 event_id: g.event_id,
@@ -279,7 +285,35 @@ impl Store {
             *out.minutes.entry((m.minute, m.page, m.kafka_partition)).or_default() += m.visits;
         }
 
-        // Entries and their linkage.
+        for e in entries {
+            let linked = first_visit.get(&e.session_id).is_some_and(|first| *first <= e.event_time_ms);
+            let p = if by_partition { e.kafka_partition } else { 0 };
+            let t = out.totals.entry((e.day, p)).or_default();
+            t.entries += 1;
+            t.linked_entries += u64::from(linked);
+            let dims = MarketingDims {
+                event_id: e.event_id,
+                webinar_id: e.webinar_id,
+                cid: e.cid_label,
+                utm_source: e.src,
+                utm_medium: e.med,
+                utm_campaign: e.camp,
+            };
+            let m = out.marketing.entry((e.day, dims, p)).or_default();
+            m.entries += 1;
+            m.linked_entries += u64::from(linked);
+        }
+
+        for l in live {
+            out.totals.entry((l.day, l.kafka_partition)).or_default().viewer_minutes += l.viewers;
+            out.live.insert((l.webinar_id, l.minute, l.kafka_partition), l.viewers);
+        }
+        Ok(out)
+    }
+
+    /// Counted entries of `scope` (lowest `seq` per `entry_id`) and the earliest visit of each of
+    /// their sessions (any day: a visit long before the range still links).
+    async fn entries_with_first_visits(&self, scope: &Scope) -> Result<(Vec<EntryWinner>, HashMap<String, i64>)> {
         let (lo, hi) = scope.margin();
         let cols = "day, kafka_partition, session_id, event_time_ms, event_id, webinar_id, cid, cid_resolved, utm_source, utm_medium, utm_campaign";
         let picks: Vec<String> =
@@ -322,48 +356,29 @@ impl Store {
                 .await?;
             first_visit.extend(rows.into_iter().map(|r| (r.session_id, r.first)));
         }
-        for e in entries {
-            let linked = first_visit.get(&e.session_id).is_some_and(|first| *first <= e.event_time_ms);
-            let p = if by_partition { e.kafka_partition } else { 0 };
-            let t = out.totals.entry((e.day, p)).or_default();
-            t.entries += 1;
-            t.linked_entries += u64::from(linked);
-            let dims = MarketingDims {
-                event_id: e.event_id,
-                webinar_id: e.webinar_id,
-                cid: e.cid_label,
-                utm_source: e.src,
-                utm_medium: e.med,
-                utm_campaign: e.camp,
-            };
-            let m = out.marketing.entry((e.day, dims, p)).or_default();
-            m.entries += 1;
-            m.linked_entries += u64::from(linked);
-        }
+        Ok((entries, first_visit))
+    }
 
-        // Live viewers (pings carry no campaign: a campaign-scoped recount has none).
-        if scope.cid.is_none() {
-            let sql = format!(
-                "SELECT day, {part} AS kafka_partition, webinar_id, toUInt32(toStartOfMinute(event_time)) AS minute, uniqExact(session_id) AS viewers \
-                 FROM facts WHERE client_id = ? AND kind = 'ping' AND day >= ? AND day <= ? GROUP BY day, kafka_partition, webinar_id, minute"
-            );
-            let live = self
-                .timed(async {
-                    Ok(self
-                        .query(&sql)?
-                        .bind(&scope.client_id)
-                        .bind(Scope::day(scope.from))
-                        .bind(Scope::day(scope.to))
-                        .fetch_all::<LiveGroup>()
-                        .await?)
-                })
-                .await?;
-            for l in live {
-                out.totals.entry((l.day, l.kafka_partition)).or_default().viewer_minutes += l.viewers;
-                out.live.insert((l.webinar_id, l.minute, l.kafka_partition), l.viewers);
-            }
+    /// Live viewers per (day, partition, webinar, minute). Pings carry no campaign: a
+    /// campaign-scoped recount has none.
+    async fn live_groups(&self, scope: &Scope, part: &str) -> Result<Vec<LiveGroup>> {
+        if scope.cid.is_some() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let sql = format!(
+            "SELECT day, {part} AS kafka_partition, webinar_id, toUInt32(toStartOfMinute(event_time)) AS minute, uniqExact(session_id) AS viewers \
+             FROM facts WHERE client_id = ? AND kind = 'ping' AND day >= ? AND day <= ? GROUP BY day, kafka_partition, webinar_id, minute"
+        );
+        self.timed(async {
+            Ok(self
+                .query(&sql)?
+                .bind(&scope.client_id)
+                .bind(Scope::day(scope.from))
+                .bind(Scope::day(scope.to))
+                .fetch_all::<LiveGroup>()
+                .await?)
+        })
+        .await
     }
 
     /// Distinct sessions with a counted visit per day of `scope`, as `daily_sessions` rows
