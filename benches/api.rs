@@ -17,7 +17,7 @@
 //! (connections of the aggregate scenarios, a list: `1,4`).
 
 #[path = "../tests/e2e/harness.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod harness;
 #[allow(dead_code)] // each benchmark uses part of it
 mod traffic;
@@ -29,24 +29,13 @@ use chrono::{DateTime, NaiveDate};
 use eventflow_core::avro::FactCodec;
 use eventflow_store::{ClickHouseConfig, Store};
 use serde_json::Value;
-use traffic::{generate_day, DaySpec, Feeder, CLIENTS, DAY_MS};
+use traffic::{generate_day, DaySpec, Feeder, Rng, CLIENTS, DAY_MS};
 
 /// 2026-09-20T00:00:00Z: 60 days end before the benchmark's "today".
 const START_MS: i64 = 1_789_862_400_000;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// One overview request: client and inclusive date range.

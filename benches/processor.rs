@@ -11,7 +11,7 @@
 //! Environment: `BENCH_FACTS` (facts per day), `BENCH_SKIP_CLICKHOUSE=1`.
 
 #[path = "../tests/e2e/harness.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod harness;
 mod traffic;
 
@@ -205,7 +205,7 @@ fn main() {
     println!("== heap held by the open windows vs distinct sessions per day (3 facts per session)");
     for sessions in [25_000u64, 50_000, 100_000, 200_000, 400_000] {
         let msgs = generate_day(
-            DaySpec { facts: sessions as usize * 3, sessions: sessions, day_start_ms: T0, big_client_percent: 1 },
+            DaySpec { facts: sessions as usize * 3, sessions, day_start_ms: T0, big_client_percent: 1 },
             &codec,
         );
         let before = live_mib();

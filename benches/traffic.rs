@@ -29,7 +29,8 @@ pub struct Msg {
     pub bytes: Vec<u8>,
 }
 
-struct Rng(u64);
+/// xorshift64: deterministic, seeded, good enough to shape traffic.
+pub struct Rng(pub u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -38,7 +39,7 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }

@@ -2,6 +2,9 @@
 //! tansu Kafka-protocol broker and the `eventflow` binary. Run with `--test-threads=1`: each
 //! test starts its own servers.
 
+// Helper functions of tests fail loudly, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 mod api_contract;
 mod collector;
 mod dashboard;

@@ -538,7 +538,7 @@ impl PartitionState {
 
         let cid = cid_label(&v.cid, v.cid_resolved);
         let (event_id, webinar_id) = (v.event_id.as_deref().unwrap_or(""), v.webinar_id.as_deref().unwrap_or(""));
-        let m_key = marketing_id(event_id, webinar_id, &cid, &v.utm);
+        let m_key = marketing_id(event_id, webinar_id, cid, &v.utm);
         let d = self.day_mut(client, day, tz);
         d.counters.visits += 1;
         match v.page {
@@ -612,7 +612,7 @@ impl PartitionState {
         }
         let cid = cid_label(&e.cid, e.cid_resolved);
         let (event_id, webinar_id) = (e.event_id.as_deref().unwrap_or(""), e.webinar_id.as_deref().unwrap_or(""));
-        let m_key = marketing_id(event_id, webinar_id, &cid, &e.utm);
+        let m_key = marketing_id(event_id, webinar_id, cid, &e.utm);
 
         let (session_key, session) = self.session_mut(client, &e.session_id);
         session.last_event_ms = session.last_event_ms.max(event_ms);

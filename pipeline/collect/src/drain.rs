@@ -172,7 +172,7 @@ impl Drainer {
 
             let mut sent = 0;
             while in_flight.len() < WINDOW && sent < 1000 {
-                let record = match reader.next() {
+                let record = match reader.read_next() {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
                     Err(e) => return Err(format!("reading the spool: {e}")),

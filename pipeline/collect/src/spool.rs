@@ -247,7 +247,7 @@ pub struct SpoolReader {
 
 impl SpoolReader {
     /// The next durable record, or `None` when the reader has caught up with the writer.
-    pub fn next(&mut self) -> std::io::Result<Option<Record>> {
+    pub fn read_next(&mut self) -> std::io::Result<Option<Record>> {
         loop {
             if self.next_seq > self.shared.durable_seq() {
                 return Ok(None);
@@ -294,10 +294,13 @@ impl SpoolReader {
     }
 }
 
+/// Where the writer thread answers an append: the sequence numbers given to its records.
+type Reply = oneshot::Sender<Result<Vec<u64>, SpoolError>>;
+
 struct Append {
     facts: Vec<Fact>,
     received_ms: i64,
-    reply: oneshot::Sender<Result<Vec<u64>, SpoolError>>,
+    reply: Reply,
 }
 
 /// Handle used by request handlers to append facts.
@@ -443,7 +446,7 @@ impl Writer {
 
     fn commit(&mut self, batch: Vec<Append>) {
         let mut buf = Vec::new();
-        let mut accepted: Vec<(oneshot::Sender<Result<Vec<u64>, SpoolError>>, Vec<u64>)> = Vec::new();
+        let mut accepted: Vec<(Reply, Vec<u64>)> = Vec::new();
         let mut added_bytes = 0u64;
         let first_seq = self.next_seq;
         for req in batch {
@@ -581,7 +584,7 @@ mod tests {
     fn drain_all(shared: &Arc<Shared>) -> Vec<Record> {
         let mut r = shared.reader(shared.cursor());
         let mut out = Vec::new();
-        while let Some(rec) = r.next().unwrap() {
+        while let Some(rec) = r.read_next().unwrap() {
             out.push(rec);
         }
         out

@@ -196,8 +196,8 @@ impl FactCodec {
 /// no schema resolution, one allocation per string. `tests::fast_path_equals_generic_decoding`
 /// checks it against apache-avro's generic decoding for random facts.
 mod fast {
-    use super::CodecError;
-    use crate::fact::{Entry, Fact, FactHeader, FactKind, PageKind, Ping, SessionOrigin, Utm, Visit};
+    use super::{read_fact, CodecError, FieldSource};
+    use crate::fact::{Fact, FactHeader, FactKind, SessionOrigin, Utm};
 
     struct Reader<'a> {
         buf: &'a [u8],
@@ -247,7 +247,8 @@ mod fast {
             }
         }
 
-        fn utm(&mut self) -> Result<Utm, CodecError> {
+        /// The record, its fields in schema order.
+        fn utm_record(&mut self) -> Result<Utm, CodecError> {
             Ok(Utm {
                 source: self.opt_string("utm.source")?,
                 medium: self.opt_string("utm.medium")?,
@@ -257,25 +258,58 @@ mod fast {
             })
         }
 
-        fn origin(&mut self) -> Result<SessionOrigin, CodecError> {
-            match self.long("session_origin")? {
-                0 => Ok(SessionOrigin::Body),
-                1 => Ok(SessionOrigin::Cookie),
-                2 => Ok(SessionOrigin::Created),
-                _ => Err(CodecError::Field("session_origin")),
+        /// The branch of a `["null", T]` union: false for null.
+        fn present(&mut self, field: &'static str) -> Result<bool, CodecError> {
+            match self.long(field)? {
+                0 => Ok(false),
+                1 => Ok(true),
+                _ => Err(CodecError::Field(field)),
+            }
+        }
+    }
+
+    impl FieldSource for Reader<'_> {
+        fn long(&mut self, field: &'static str) -> Result<i64, CodecError> {
+            Reader::long(self, field)
+        }
+
+        fn opt_long(&mut self, field: &'static str) -> Result<Option<i64>, CodecError> {
+            if self.present(field)? {
+                Reader::long(self, field).map(Some)
+            } else {
+                Ok(None)
             }
         }
 
-        fn header(&mut self) -> Result<FactHeader, CodecError> {
-            Ok(FactHeader {
-                spool_id: self.long("spool_id")? as u64,
-                spool_seq: self.long("spool_seq")? as u64,
-                client_id: self.string("client_id")?,
-                received_at_ms: self.long("received_at_ms")?,
-                event_time_ms: self.long("event_time_ms")?,
-                client_ts: self.opt_string("client_ts")?,
-                clock_skew: self.boolean("clock_skew")?,
-            })
+        fn boolean(&mut self, field: &'static str) -> Result<bool, CodecError> {
+            Reader::boolean(self, field)
+        }
+
+        fn string(&mut self, field: &'static str) -> Result<String, CodecError> {
+            Reader::string(self, field)
+        }
+
+        fn opt_string(&mut self, field: &'static str) -> Result<Option<String>, CodecError> {
+            Reader::opt_string(self, field)
+        }
+
+        fn symbol(&mut self, field: &'static str, symbols: &[&str]) -> Result<usize, CodecError> {
+            usize::try_from(Reader::long(self, field)?)
+                .ok()
+                .filter(|i| *i < symbols.len())
+                .ok_or(CodecError::Field(field))
+        }
+
+        fn utm(&mut self, _field: &'static str) -> Result<Utm, CodecError> {
+            self.utm_record()
+        }
+
+        fn opt_utm(&mut self, field: &'static str) -> Result<Option<Utm>, CodecError> {
+            if self.present(field)? {
+                self.utm_record().map(Some)
+            } else {
+                Ok(None)
+            }
         }
     }
 
@@ -391,57 +425,7 @@ mod fast {
     /// Decodes a datum written with the current schema of `kind` (fields in schema order).
     pub(super) fn decode(kind: FactKind, body: &[u8]) -> Result<Fact, CodecError> {
         let mut r = Reader { buf: body };
-        let header = r.header()?;
-        let fact = match kind {
-            FactKind::Visit => Fact::Visit(Visit {
-                header,
-                session_id: r.string("session_id")?,
-                session_origin: r.origin()?,
-                page: match r.long("page")? {
-                    0 => PageKind::Landing,
-                    1 => PageKind::Webinar,
-                    2 => PageKind::Live,
-                    _ => return Err(CodecError::Field("page")),
-                },
-                event_id: r.opt_string("event_id")?,
-                webinar_id: r.opt_string("webinar_id")?,
-                event_uid: r.opt_string("event_uid")?,
-                path: r.opt_string("path")?,
-                cid: r.opt_string("cid")?,
-                cid_resolved: r.boolean("cid_resolved")?,
-                utm: r.utm()?,
-                utm_inherited: r.boolean("utm_inherited")?,
-                referrer: r.opt_string("referrer")?,
-            }),
-            FactKind::Entry => Fact::Entry(Entry {
-                header,
-                entry_id: r.string("entry_id")?,
-                session_id: r.string("session_id")?,
-                session_origin: r.origin()?,
-                event_id: r.opt_string("event_id")?,
-                webinar_id: r.opt_string("webinar_id")?,
-                cid: r.opt_string("cid")?,
-                cid_resolved: r.boolean("cid_resolved")?,
-                utm: r.utm()?,
-                utm_inherited: r.boolean("utm_inherited")?,
-                first_touch_utm: match r.long("first_touch_utm")? {
-                    0 => None,
-                    1 => Some(r.utm()?),
-                    _ => return Err(CodecError::Field("first_touch_utm")),
-                },
-                first_touch_at_ms: match r.long("first_touch_at_ms")? {
-                    0 => None,
-                    1 => Some(r.long("first_touch_at_ms")?),
-                    _ => return Err(CodecError::Field("first_touch_at_ms")),
-                },
-            }),
-            FactKind::Ping => Fact::Ping(Ping {
-                header,
-                webinar_id: r.string("webinar_id")?,
-                session_id: r.string("session_id")?,
-                session_origin: r.origin()?,
-            }),
-        };
+        let fact = read_fact(kind, &mut r)?;
         if !r.buf.is_empty() {
             return Err(CodecError::Avro(format!("{} trailing bytes", r.buf.len())));
         }
@@ -568,21 +552,25 @@ impl Fields {
         })
     }
 
-    fn string(&mut self, name: &'static str) -> Result<String, CodecError> {
-        match self.take(name)? {
-            Value::String(s) => Ok(s),
-            _ => Err(CodecError::Field(name)),
-        }
-    }
-
-    fn opt_string(&mut self, name: &'static str) -> Result<Option<String>, CodecError> {
+    fn utm_value(&mut self, name: &'static str) -> Result<Option<Utm>, CodecError> {
         match self.take(name)? {
             Value::Null => Ok(None),
-            Value::String(s) => Ok(Some(s)),
+            Value::Record(fields) => {
+                let mut f = Fields(fields.into_iter().collect());
+                Ok(Some(Utm {
+                    source: f.opt_string("source")?,
+                    medium: f.opt_string("medium")?,
+                    campaign: f.opt_string("campaign")?,
+                    term: f.opt_string("term")?,
+                    content: f.opt_string("content")?,
+                }))
+            }
             _ => Err(CodecError::Field(name)),
         }
     }
+}
 
+impl FieldSource for Fields {
     fn long(&mut self, name: &'static str) -> Result<i64, CodecError> {
         match self.take(name)? {
             Value::Long(n) | Value::TimestampMillis(n) => Ok(n),
@@ -606,49 +594,34 @@ impl Fields {
         }
     }
 
-    fn symbol(&mut self, name: &'static str) -> Result<String, CodecError> {
+    fn string(&mut self, name: &'static str) -> Result<String, CodecError> {
         match self.take(name)? {
-            Value::Enum(_, s) => Ok(s),
+            Value::String(s) => Ok(s),
             _ => Err(CodecError::Field(name)),
         }
     }
 
-    fn utm(&mut self, name: &'static str) -> Result<Option<Utm>, CodecError> {
+    fn opt_string(&mut self, name: &'static str) -> Result<Option<String>, CodecError> {
         match self.take(name)? {
             Value::Null => Ok(None),
-            Value::Record(fields) => {
-                let mut f = Fields(fields.into_iter().collect());
-                Ok(Some(Utm {
-                    source: f.opt_string("source")?,
-                    medium: f.opt_string("medium")?,
-                    campaign: f.opt_string("campaign")?,
-                    term: f.opt_string("term")?,
-                    content: f.opt_string("content")?,
-                }))
-            }
+            Value::String(s) => Ok(Some(s)),
             _ => Err(CodecError::Field(name)),
         }
     }
 
-    fn origin(&mut self) -> Result<SessionOrigin, CodecError> {
-        match self.symbol("session_origin")?.as_str() {
-            "BODY" => Ok(SessionOrigin::Body),
-            "COOKIE" => Ok(SessionOrigin::Cookie),
-            "CREATED" => Ok(SessionOrigin::Created),
-            _ => Err(CodecError::Field("session_origin")),
+    fn symbol(&mut self, name: &'static str, symbols: &[&str]) -> Result<usize, CodecError> {
+        match self.take(name)? {
+            Value::Enum(_, s) => symbols.iter().position(|x| *x == s).ok_or(CodecError::Field(name)),
+            _ => Err(CodecError::Field(name)),
         }
     }
 
-    fn header(&mut self) -> Result<FactHeader, CodecError> {
-        Ok(FactHeader {
-            spool_id: self.long("spool_id")? as u64,
-            spool_seq: self.long("spool_seq")? as u64,
-            client_id: self.string("client_id")?,
-            received_at_ms: self.long("received_at_ms")?,
-            event_time_ms: self.long("event_time_ms")?,
-            client_ts: self.opt_string("client_ts")?,
-            clock_skew: self.boolean("clock_skew")?,
-        })
+    fn utm(&mut self, name: &'static str) -> Result<Utm, CodecError> {
+        Ok(self.utm_value(name)?.unwrap_or_default())
+    }
+
+    fn opt_utm(&mut self, name: &'static str) -> Result<Option<Utm>, CodecError> {
+        self.utm_value(name)
     }
 }
 
@@ -656,48 +629,80 @@ fn from_value(kind: FactKind, value: Value) -> Result<Fact, CodecError> {
     let Value::Record(fields) = value else {
         return Err(CodecError::Avro("datum is not a record".into()));
     };
-    let mut f = Fields(fields.into_iter().collect());
-    let header = f.header()?;
+    read_fact(kind, &mut Fields(fields.into_iter().collect()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fact assembly, shared by both decoders
+
+/// Where a decoder takes a fact's fields from, asked for in the current schema's field order:
+/// the binary encoding of a current schema (`fast::Reader`) or a datum apache-avro resolved onto
+/// the current schema (`Fields`, any other writer schema). [`read_fact`] builds facts from either.
+trait FieldSource {
+    fn long(&mut self, field: &'static str) -> Result<i64, CodecError>;
+    fn opt_long(&mut self, field: &'static str) -> Result<Option<i64>, CodecError>;
+    fn boolean(&mut self, field: &'static str) -> Result<bool, CodecError>;
+    fn string(&mut self, field: &'static str) -> Result<String, CodecError>;
+    fn opt_string(&mut self, field: &'static str) -> Result<Option<String>, CodecError>;
+    /// Position of an enum field's symbol in `symbols` (the current schema's order).
+    fn symbol(&mut self, field: &'static str, symbols: &[&str]) -> Result<usize, CodecError>;
+    fn utm(&mut self, field: &'static str) -> Result<Utm, CodecError>;
+    fn opt_utm(&mut self, field: &'static str) -> Result<Option<Utm>, CodecError>;
+}
+
+/// Enum symbols in schema order (`schemas/*.avsc`).
+const ORIGINS: [&str; 3] = ["BODY", "COOKIE", "CREATED"];
+const PAGES: [&str; 3] = ["LANDING", "WEBINAR", "LIVE"];
+
+fn origin(s: &mut impl FieldSource) -> Result<SessionOrigin, CodecError> {
+    Ok([SessionOrigin::Body, SessionOrigin::Cookie, SessionOrigin::Created][s.symbol("session_origin", &ORIGINS)?])
+}
+
+fn read_fact(kind: FactKind, s: &mut impl FieldSource) -> Result<Fact, CodecError> {
+    let header = FactHeader {
+        spool_id: s.long("spool_id")? as u64,
+        spool_seq: s.long("spool_seq")? as u64,
+        client_id: s.string("client_id")?,
+        received_at_ms: s.long("received_at_ms")?,
+        event_time_ms: s.long("event_time_ms")?,
+        client_ts: s.opt_string("client_ts")?,
+        clock_skew: s.boolean("clock_skew")?,
+    };
     Ok(match kind {
         FactKind::Visit => Fact::Visit(Visit {
             header,
-            session_id: f.string("session_id")?,
-            session_origin: f.origin()?,
-            page: match f.symbol("page")?.as_str() {
-                "LANDING" => PageKind::Landing,
-                "WEBINAR" => PageKind::Webinar,
-                "LIVE" => PageKind::Live,
-                _ => return Err(CodecError::Field("page")),
-            },
-            event_id: f.opt_string("event_id")?,
-            webinar_id: f.opt_string("webinar_id")?,
-            event_uid: f.opt_string("event_uid")?,
-            path: f.opt_string("path")?,
-            cid: f.opt_string("cid")?,
-            cid_resolved: f.boolean("cid_resolved")?,
-            utm: f.utm("utm")?.unwrap_or_default(),
-            utm_inherited: f.boolean("utm_inherited")?,
-            referrer: f.opt_string("referrer")?,
+            session_id: s.string("session_id")?,
+            session_origin: origin(s)?,
+            page: [PageKind::Landing, PageKind::Webinar, PageKind::Live][s.symbol("page", &PAGES)?],
+            event_id: s.opt_string("event_id")?,
+            webinar_id: s.opt_string("webinar_id")?,
+            event_uid: s.opt_string("event_uid")?,
+            path: s.opt_string("path")?,
+            cid: s.opt_string("cid")?,
+            cid_resolved: s.boolean("cid_resolved")?,
+            utm: s.utm("utm")?,
+            utm_inherited: s.boolean("utm_inherited")?,
+            referrer: s.opt_string("referrer")?,
         }),
         FactKind::Entry => Fact::Entry(Entry {
             header,
-            entry_id: f.string("entry_id")?,
-            session_id: f.string("session_id")?,
-            session_origin: f.origin()?,
-            event_id: f.opt_string("event_id")?,
-            webinar_id: f.opt_string("webinar_id")?,
-            cid: f.opt_string("cid")?,
-            cid_resolved: f.boolean("cid_resolved")?,
-            utm: f.utm("utm")?.unwrap_or_default(),
-            utm_inherited: f.boolean("utm_inherited")?,
-            first_touch_utm: f.utm("first_touch_utm")?,
-            first_touch_at_ms: f.opt_long("first_touch_at_ms")?,
+            entry_id: s.string("entry_id")?,
+            session_id: s.string("session_id")?,
+            session_origin: origin(s)?,
+            event_id: s.opt_string("event_id")?,
+            webinar_id: s.opt_string("webinar_id")?,
+            cid: s.opt_string("cid")?,
+            cid_resolved: s.boolean("cid_resolved")?,
+            utm: s.utm("utm")?,
+            utm_inherited: s.boolean("utm_inherited")?,
+            first_touch_utm: s.opt_utm("first_touch_utm")?,
+            first_touch_at_ms: s.opt_long("first_touch_at_ms")?,
         }),
         FactKind::Ping => Fact::Ping(Ping {
             header,
-            webinar_id: f.string("webinar_id")?,
-            session_id: f.string("session_id")?,
-            session_origin: f.origin()?,
+            webinar_id: s.string("webinar_id")?,
+            session_id: s.string("session_id")?,
+            session_origin: origin(s)?,
         }),
     })
 }

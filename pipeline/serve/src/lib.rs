@@ -280,24 +280,48 @@ pub struct RangeParams {
     pub range: Option<String>,
 }
 
-fn parse_day(name: &str, raw: &str) -> Result<NaiveDate, Response> {
+/// A request's date range that cannot be served: answered with 400 and a stable error code.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RangeError {
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl RangeError {
+    fn new(code: &'static str, detail: impl Into<String>) -> Self {
+        Self { code, detail: detail.into() }
+    }
+}
+
+impl IntoResponse for RangeError {
+    fn into_response(self) -> Response {
+        error(StatusCode::BAD_REQUEST, self.code, self.detail)
+    }
+}
+
+fn parse_day(name: &str, raw: &str) -> Result<NaiveDate, RangeError> {
     NaiveDate::parse_from_str(raw, "%Y-%m-%d")
         .ok()
         .filter(|_| raw.len() == 10)
-        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "invalid_date", format!("{name} must be a date like 2026-11-26")))
+        .ok_or_else(|| RangeError::new("invalid_date", format!("{name} must be a date like 2026-11-26")))
 }
 
 /// Resolves `from`/`to`/`range` to an inclusive range of client days (default: last 7 days).
-pub fn resolve_range(p: &RangeParams, tz: Tz, now_ms: i64, max_days: u32) -> Result<(NaiveDate, NaiveDate), Response> {
+pub fn resolve_range(
+    p: &RangeParams,
+    tz: Tz,
+    now_ms: i64,
+    max_days: u32,
+) -> Result<(NaiveDate, NaiveDate), RangeError> {
     let today = time::client_day(now_ms, tz);
     let span = match p.range.as_deref() {
         None => None,
         Some("7d") => Some(7),
         Some("30d") => Some(30),
-        Some(_) => return Err(error(StatusCode::BAD_REQUEST, "invalid_range", "range must be 7d or 30d")),
+        Some(_) => return Err(RangeError::new("invalid_range", "range must be 7d or 30d")),
     };
     if span.is_some() && (p.from.is_some() || p.to.is_some()) {
-        return Err(error(StatusCode::BAD_REQUEST, "invalid_range", "use either range or from/to"));
+        return Err(RangeError::new("invalid_range", "use either range or from/to"));
     }
     let to = match &p.to {
         Some(t) => parse_day("to", t)?,
@@ -308,10 +332,10 @@ pub fn resolve_range(p: &RangeParams, tz: Tz, now_ms: i64, max_days: u32) -> Res
         None => to - chrono::Duration::days(span.unwrap_or(7) - 1),
     };
     if from > to {
-        return Err(error(StatusCode::BAD_REQUEST, "invalid_range", "from is after to"));
+        return Err(RangeError::new("invalid_range", "from is after to"));
     }
     if (to - from).num_days() + 1 > i64::from(max_days) {
-        return Err(error(StatusCode::BAD_REQUEST, "range_too_long", format!("at most {max_days} days")));
+        return Err(RangeError::new("range_too_long", format!("at most {max_days} days")));
     }
     Ok((from, to))
 }
@@ -345,7 +369,7 @@ async fn overview(
     };
     let (from, to) = match resolve_range(&params, tz, Utc::now().timestamp_millis(), st.deps.config.max_range_days) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let q = OverviewQuery { client_id: client.clone(), from, to, tz, campaign_limit: st.deps.config.campaign_limit };
     let s = overview::sections(&st.deps.store, &q).await;
@@ -399,7 +423,7 @@ async fn live_series(
     }
     let (from, to) = match resolve_range(&params, tz, Utc::now().timestamp_millis(), st.deps.config.max_range_days) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let q = OverviewQuery { client_id: client.clone(), from, to, tz, campaign_limit: 0 };
     let (from_s, to_s) = q.seconds();
@@ -551,7 +575,8 @@ mod tests {
             p(Some("2026-11-01'; DROP TABLE facts; --"), None, None),
             p(Some("2026-1-1"), None, None),
         ] {
-            assert_eq!(resolve_range(&bad, tz, now, 400).unwrap_err().status(), StatusCode::BAD_REQUEST);
+            let err = resolve_range(&bad, tz, now, 400).unwrap_err();
+            assert_eq!(err.into_response().status(), StatusCode::BAD_REQUEST);
         }
     }
 }

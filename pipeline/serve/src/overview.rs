@@ -14,7 +14,7 @@ use chrono_tz::Tz;
 use serde::Serialize;
 
 use eventflow_core::time;
-use eventflow_store::read::{rank_campaigns, CampaignTotals, LiveMinute, MarketingDay};
+use eventflow_store::read::{rank_campaigns, CampaignSums, CampaignTotals, LiveMinute, MarketingDay};
 use eventflow_store::recount::{Recount, Scope};
 use eventflow_store::rows::DayCounters;
 use eventflow_store::{Result as StoreResult, Store};
@@ -388,7 +388,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
 
 fn raw_campaigns(raw: Option<&StoreResult<Recount>>, limit: u32) -> Vec<CampaignRow> {
     let Some(Ok(r)) = raw else { return Vec::new() };
-    let mut per: BTreeMap<(String, String, String, String), (u64, u64, u64)> = BTreeMap::new();
+    let mut per = CampaignSums::new();
     for ((_, dims, _), m) in &r.marketing {
         let e = per
             .entry((dims.cid.clone(), dims.utm_source.clone(), dims.utm_medium.clone(), dims.utm_campaign.clone()))
