@@ -13,6 +13,10 @@ started=$(date +%s)
 log "building (target dir: $CARGO_TARGET_DIR)"
 cargo build --workspace --all-targets --locked
 
+log "format and lints (rustfmt, clippy: warnings are errors)"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 log "unit and property tests"
 cargo test --workspace --lib --bins --locked
 
