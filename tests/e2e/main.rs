@@ -8,6 +8,7 @@
 mod api_contract;
 mod collector;
 mod dashboard;
+mod dev;
 mod drill;
 mod faults;
 mod harness;
