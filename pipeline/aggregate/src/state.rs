@@ -491,6 +491,17 @@ impl PartitionState {
         }
     }
 
+    /// A duplicate counts nothing, but its day has a stored fact and so gets its `daily_totals`
+    /// row (zeros if nothing else counts there): the reader takes a day with facts and no row
+    /// for a lost aggregate.
+    fn day_of_duplicate(&mut self, client: &ClientRef, day: u16, tz: Tz) -> Outcome {
+        if !self.days.contains_key(&(client.clone(), day)) {
+            self.day_mut(client, day, tz);
+            self.touch_day(client, day);
+        }
+        Outcome::Duplicate
+    }
+
     fn touch_day(&mut self, client: &ClientRef, day: u16) {
         if let Some(d) = self.days.get_mut(&(client.clone(), day)) {
             if !d.dirty {
@@ -533,7 +544,7 @@ impl PartitionState {
             return Outcome::Late;
         }
         if duplicate {
-            return Outcome::Duplicate;
+            return self.day_of_duplicate(client, day, tz);
         }
 
         let cid = cid_label(&v.cid, v.cid_resolved);
@@ -608,7 +619,7 @@ impl PartitionState {
             return Outcome::Late;
         }
         if duplicate {
-            return Outcome::Duplicate;
+            return self.day_of_duplicate(client, day, tz);
         }
         let cid = cid_label(&e.cid, e.cid_resolved);
         let (event_id, webinar_id) = (e.event_id.as_deref().unwrap_or(""), e.webinar_id.as_deref().unwrap_or(""));

@@ -61,6 +61,11 @@ fn dims(r: &FactRow) -> MarketingDims {
 /// Recount of stored raw facts, straight from CONTRACT.md §1/§4: what backfill produces.
 fn recount(raw: &[FactRow]) -> Aggregates {
     let mut out = Aggregates::default();
+    // Every client day with a stored fact has its daily_totals row, zeros when all of its facts
+    // are duplicates: the reader takes a day with facts and no row for a lost aggregate.
+    for r in raw {
+        out.totals.entry((r.client_id.clone(), r.day)).or_default();
+    }
     let visits: Vec<&FactRow> = raw.iter().filter(|r| r.kind == kind::VISIT).collect();
     // Earliest copy (lowest seq) of each (client, event_uid) counts.
     let mut first_copy: HashMap<(&str, &str), u64> = HashMap::new();

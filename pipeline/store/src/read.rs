@@ -278,10 +278,10 @@ impl Store {
 
     /// Days of `[from, to]` with stored facts (read from the primary key only).
     ///
-    /// Each of them has a `daily_totals` row once the flush that stored the facts is written (for
-    /// a day with only late facts: once backfill folded them in, and until then the day is
-    /// pending anyway); a day missing there means the aggregate is missing (deleted, lost, not
-    /// rebuilt) and the reader must not trust it.
+    /// Each of them has a `daily_totals` row once the flush that stored the facts is written
+    /// (zeros for a day of duplicates only; for a day with only late facts: once backfill folded
+    /// them in, and until then the day is pending anyway); a day missing there means the
+    /// aggregate is missing (deleted, lost, not rebuilt) and the reader must not trust it.
     pub async fn fact_days(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<BTreeSet<u16>> {
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct Day {

@@ -144,6 +144,12 @@ struct DaySessions {
 }
 
 #[derive(clickhouse::Row, serde::Deserialize)]
+struct DayPartition {
+    day: u16,
+    kafka_partition: u16,
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
 struct MinuteGroup {
     minute: u32,
     page: i8,
@@ -228,24 +234,36 @@ impl Store {
             "SELECT day, {part} AS kafka_partition, toInt8(0) AS page, event_id, webinar_id, {LABELS}, count() AS visits, uniqExact(session_id) AS sessions \
              FROM ({{visits}}) GROUP BY day, kafka_partition, event_id, webinar_id, cid_label, src, med, camp"
         ));
-        let (groups, day_sessions, all_day_sessions, range_sessions, minutes, marketing, (entries, first_visit), live) =
-            tokio::try_join!(
-                self.timed(async { Ok(bind(self.query(&groups_sql)?, groups_args).fetch_all::<VisitGroup>().await?) }),
-                self.timed(async { Ok(bind(self.query(&day_sql)?, day_args).fetch_all::<DaySessions>().await?) }),
-                self.timed(async {
-                    Ok(bind(self.query(&all_day_sql)?, all_day_args).fetch_all::<DaySessions>().await?)
-                }),
-                self.timed(async { Ok(bind(self.query(&range_sql)?, range_args).fetch_one::<u64>().await?) }),
-                self.timed(async {
-                    Ok(bind(self.query(&minutes_sql)?, minutes_args).fetch_all::<MinuteGroup>().await?)
-                }),
-                self.timed(async {
-                    Ok(bind(self.query(&marketing_sql)?, marketing_args).fetch_all::<VisitGroup>().await?)
-                }),
-                self.entries_with_first_visits(scope),
-                self.live_groups(scope, part),
-            )?;
+        let (
+            fact_days,
+            groups,
+            day_sessions,
+            all_day_sessions,
+            range_sessions,
+            minutes,
+            marketing,
+            (entries, first_visit),
+            live,
+        ) = tokio::try_join!(
+            self.fact_day_partitions(scope, part),
+            self.timed(async { Ok(bind(self.query(&groups_sql)?, groups_args).fetch_all::<VisitGroup>().await?) }),
+            self.timed(async { Ok(bind(self.query(&day_sql)?, day_args).fetch_all::<DaySessions>().await?) }),
+            self.timed(async { Ok(bind(self.query(&all_day_sql)?, all_day_args).fetch_all::<DaySessions>().await?) }),
+            self.timed(async { Ok(bind(self.query(&range_sql)?, range_args).fetch_one::<u64>().await?) }),
+            self.timed(async { Ok(bind(self.query(&minutes_sql)?, minutes_args).fetch_all::<MinuteGroup>().await?) }),
+            self.timed(async {
+                Ok(bind(self.query(&marketing_sql)?, marketing_args).fetch_all::<VisitGroup>().await?)
+            }),
+            self.entries_with_first_visits(scope),
+            self.live_groups(scope, part),
+        )?;
         out.range_sessions = range_sessions;
+
+        // Every day with a stored fact has a totals row, zeros when all of them are duplicates
+        // (the processor writes it too; the reader checks that such a row exists).
+        for d in fact_days {
+            out.totals.entry((d.day, d.kafka_partition)).or_default();
+        }
 
         for g in &groups {
             let t = out.totals.entry((g.day, g.kafka_partition)).or_default();
@@ -361,6 +379,27 @@ impl Store {
 
     /// Live viewers per (day, partition, webinar, minute). Pings carry no campaign: a
     /// campaign-scoped recount has none.
+    /// (day, partition) of every stored fact of `scope` (none for a campaign scope: it has no
+    /// totals).
+    async fn fact_day_partitions(&self, scope: &Scope, part: &str) -> Result<Vec<DayPartition>> {
+        if scope.cid.is_some() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT DISTINCT day, {part} AS kafka_partition FROM facts WHERE client_id = ? AND day >= ? AND day <= ?"
+        );
+        self.timed(async {
+            Ok(self
+                .query(&sql)?
+                .bind(&scope.client_id)
+                .bind(Scope::day(scope.from))
+                .bind(Scope::day(scope.to))
+                .fetch_all::<DayPartition>()
+                .await?)
+        })
+        .await
+    }
+
     async fn live_groups(&self, scope: &Scope, part: &str) -> Result<Vec<LiveGroup>> {
         if scope.cid.is_some() {
             return Ok(Vec::new());
