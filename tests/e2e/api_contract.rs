@@ -591,6 +591,18 @@ async fn every_section_falls_back_to_raw_when_its_aggregate_is_missing() {
     p.processor.stop(Duration::from_secs(20));
     p.processor = p.d.start_with("processor", &[("EVENTFLOW__PROCESSOR__RECONCILE_INTERVAL", "1s".into())]);
     let processor_metrics = format!("{}/metrics", p.d.processor_url());
+    // A processor taking over partitions rewrites every open bucket under its new epoch before it
+    // consumes (and exports the lag of) the partition. Wait for all 3 x 3 lag series, or that
+    // rewrite could restore rows this test is about to delete.
+    eventually(Duration::from_secs(60), "the restarted processor owns every partition", || async {
+        get_text(&processor_metrics)
+            .await
+            .lines()
+            .filter(|l| l.starts_with("eventflow_processor_consumer_lag{"))
+            .count()
+            == 9
+    })
+    .await;
     let acme_mismatches = |page: &str| -> f64 {
         page.lines()
             .filter(|l| l.starts_with("eventflow_reconcile_mismatch{") && l.contains("client=\"acme\""))

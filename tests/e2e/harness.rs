@@ -7,10 +7,12 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -20,9 +22,19 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A free loopback port (bound and released; good enough for tests).
+/// A free loopback port (bound and released), never one handed out before in this test process:
+/// the kernel may give the same ephemeral port to two `bind(0)` calls in a row, and two
+/// services of one deployment on one port make the second fail while the first answers for it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port =
+            TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port");
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 fn wait_tcp(port: u16, timeout: Duration) -> bool {
@@ -443,6 +455,12 @@ token = "{globex}"
                 panic!("{service} exited during start:\n{}", p.log_text());
             }
             if http_status(&format!("http://127.0.0.1:{port}/readyz")) == Some(200) {
+                // Still running a moment later: the answer was this service's, not another one's
+                // on a port it could not bind.
+                std::thread::sleep(Duration::from_millis(100));
+                if !p.is_running() {
+                    panic!("{service} exited during start:\n{}", p.log_text());
+                }
                 return p;
             }
             std::thread::sleep(Duration::from_millis(100));
