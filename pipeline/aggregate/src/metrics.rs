@@ -29,6 +29,14 @@ pub struct ProcessorMetrics {
 }
 
 impl ProcessorMetrics {
+    /// A write ClickHouse acknowledged: a regular flush or the rewrite after a takeover.
+    pub fn record_flush(&self, facts: usize, aggregate_rows: usize, took: std::time::Duration) {
+        self.flush_rows.with_label_values(&["facts"]).inc_by(facts as u64);
+        self.flush_rows.with_label_values(&["aggregates"]).inc_by(aggregate_rows as u64);
+        self.flush_duration.observe(took.as_secs_f64());
+        self.last_flush_timestamp.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+    }
+
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
             consumer_lag: IntGaugeVec::new(

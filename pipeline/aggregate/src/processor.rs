@@ -380,9 +380,13 @@ impl<S: ProcessorStore> Loop<S> {
         }
         let mut states: Vec<PartitionState> = states.into_values().collect();
         // Rewrite every open bucket under the new epoch before consuming anything new.
+        let started = Instant::now();
         self.resolve_lookups(&mut states)?;
         let batch = merge(states.iter_mut().map(PartitionState::take_flush));
         self.write_with_retry(&batch, shutdown)?;
+        if batch.aggregate_rows() > 0 {
+            self.deps.metrics.record_flush(batch.facts.len(), batch.aggregate_rows(), started.elapsed());
+        }
         for state in &mut states {
             state.flush_written();
         }
@@ -519,11 +523,7 @@ impl<S: ProcessorStore> Loop<S> {
                 s.flush_written();
             }
             self.commit(&plain);
-            let m = &self.deps.metrics;
-            m.flush_rows.with_label_values(&["facts"]).inc_by(batch.facts.len() as u64);
-            m.flush_rows.with_label_values(&["aggregates"]).inc_by(batch.aggregate_rows() as u64);
-            m.flush_duration.observe(started.elapsed().as_secs_f64());
-            m.last_flush_timestamp.set(Utc::now().timestamp_millis() as f64 / 1000.0);
+            self.deps.metrics.record_flush(batch.facts.len(), batch.aggregate_rows(), started.elapsed());
             Ok(())
         })();
         for s in states {
