@@ -377,44 +377,49 @@ impl Store {
         Ok((entries, first_visit))
     }
 
-    /// Live viewers per (day, partition, webinar, minute). Pings carry no campaign: a
-    /// campaign-scoped recount has none.
     /// (day, partition) of every stored fact of `scope` (none for a campaign scope: it has no
     /// totals).
     async fn fact_day_partitions(&self, scope: &Scope, part: &str) -> Result<Vec<DayPartition>> {
         if scope.cid.is_some() {
             return Ok(Vec::new());
         }
-        let sql = format!(
-            "SELECT DISTINCT day, {part} AS kafka_partition FROM facts WHERE client_id = ? AND day >= ? AND day <= ?"
-        );
-        self.timed(async {
-            Ok(self
-                .query(&sql)?
-                .bind(&scope.client_id)
-                .bind(Scope::day(scope.from))
-                .bind(Scope::day(scope.to))
-                .fetch_all::<DayPartition>()
-                .await?)
-        })
+        self.fetch_in_scope(
+            scope,
+            &format!(
+                "SELECT DISTINCT day, {part} AS kafka_partition FROM facts WHERE client_id = ? AND day >= ? AND day <= ?"
+            ),
+        )
         .await
     }
 
+    /// Live viewers per (day, partition, webinar, minute). Pings carry no campaign: a
+    /// campaign-scoped recount has none.
     async fn live_groups(&self, scope: &Scope, part: &str) -> Result<Vec<LiveGroup>> {
         if scope.cid.is_some() {
             return Ok(Vec::new());
         }
-        let sql = format!(
-            "SELECT day, {part} AS kafka_partition, webinar_id, toUInt32(toStartOfMinute(event_time)) AS minute, uniqExact(session_id) AS viewers \
-             FROM facts WHERE client_id = ? AND kind = 'ping' AND day >= ? AND day <= ? GROUP BY day, kafka_partition, webinar_id, minute"
-        );
+        self.fetch_in_scope(
+            scope,
+            &format!(
+                "SELECT day, {part} AS kafka_partition, webinar_id, toUInt32(toStartOfMinute(event_time)) AS minute, uniqExact(session_id) AS viewers \
+                 FROM facts WHERE client_id = ? AND kind = 'ping' AND day >= ? AND day <= ? GROUP BY day, kafka_partition, webinar_id, minute"
+            ),
+        )
+        .await
+    }
+
+    /// Rows of `sql`, whose three placeholders are the scope's client and first and last day.
+    async fn fetch_in_scope<T>(&self, scope: &Scope, sql: &str) -> Result<Vec<T>>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
         self.timed(async {
             Ok(self
-                .query(&sql)?
+                .query(sql)?
                 .bind(&scope.client_id)
                 .bind(Scope::day(scope.from))
                 .bind(Scope::day(scope.to))
-                .fetch_all::<LiveGroup>()
+                .fetch_all::<T>()
                 .await?)
         })
         .await
