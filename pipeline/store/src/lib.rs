@@ -153,6 +153,30 @@ impl Store {
     }
 
     /// Runs `fut` with the configured request timeout.
+    /// Rows of `sql`, whose three placeholders are a client and the first and last day of an
+    /// inclusive range (`client_id = ? AND day >= ? AND day <= ?`).
+    pub(crate) async fn fetch_client_days<T>(
+        &self,
+        sql: &str,
+        client: &str,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+    ) -> Result<Vec<T>>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        self.timed(async {
+            Ok(self
+                .query(sql)?
+                .bind(client)
+                .bind(eventflow_core::time::format_day(from))
+                .bind(eventflow_core::time::format_day(to))
+                .fetch_all::<T>()
+                .await?)
+        })
+        .await
+    }
+
     pub async fn timed<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         match tokio::time::timeout(self.request_timeout, fut).await {
             Ok(result) => result,

@@ -131,15 +131,12 @@ impl Store {
 
     /// Current `daily_totals` rows (one per day and partition).
     pub async fn daily_totals_rows(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyTotalsRow>> {
-        self.timed(async {
-            Ok(self
-                .query("SELECT ?fields FROM daily_totals FINAL WHERE client_id = ? AND day >= ? AND day <= ?")?
-                .bind(client)
-                .bind(d(from))
-                .bind(d(to))
-                .fetch_all::<DailyTotalsRow>()
-                .await?)
-        })
+        self.fetch_client_days::<DailyTotalsRow>(
+            "SELECT ?fields FROM daily_totals FINAL WHERE client_id = ? AND day >= ? AND day <= ?",
+            client,
+            from,
+            to,
+        )
         .await
     }
 
@@ -150,15 +147,12 @@ impl Store {
         from: NaiveDate,
         to: NaiveDate,
     ) -> Result<Vec<DailyMarketingRow>> {
-        self.timed(async {
-            Ok(self
-                .query("SELECT ?fields FROM daily_marketing FINAL WHERE client_id = ? AND day >= ? AND day <= ?")?
-                .bind(client)
-                .bind(d(from))
-                .bind(d(to))
-                .fetch_all::<DailyMarketingRow>()
-                .await?)
-        })
+        self.fetch_client_days::<DailyMarketingRow>(
+            "SELECT ?fields FROM daily_marketing FINAL WHERE client_id = ? AND day >= ? AND day <= ?",
+            client,
+            from,
+            to,
+        )
         .await
     }
 
@@ -202,20 +196,15 @@ impl Store {
             linked_entries: u64,
         }
         let rows = self
-            .timed(async {
-                Ok(self
-                    .query(
-                        "SELECT day, cid, utm_source, utm_medium, utm_campaign, sum(visits) AS visits, \
+            .fetch_client_days::<Row>(
+                "SELECT day, cid, utm_source, utm_medium, utm_campaign, sum(visits) AS visits, \
                          sum(entries) AS entries, sum(linked_entries) AS linked_entries FROM daily_marketing FINAL \
                          WHERE client_id = ? AND day >= ? AND day <= ? \
                          GROUP BY day, cid, utm_source, utm_medium, utm_campaign",
-                    )?
-                    .bind(client)
-                    .bind(d(from))
-                    .bind(d(to))
-                    .fetch_all::<Row>()
-                    .await?)
-            })
+                client,
+                from,
+                to,
+            )
             .await?;
         let mut days: BTreeMap<u16, MarketingDay> = BTreeMap::new();
         let mut per = CampaignSums::new();
@@ -288,15 +277,12 @@ impl Store {
             day: u16,
         }
         let rows = self
-            .timed(async {
-                Ok(self
-                    .query("SELECT DISTINCT day FROM facts WHERE client_id = ? AND day >= ? AND day <= ?")?
-                    .bind(client)
-                    .bind(d(from))
-                    .bind(d(to))
-                    .fetch_all::<Day>()
-                    .await?)
-            })
+            .fetch_client_days::<Day>(
+                "SELECT DISTINCT day FROM facts WHERE client_id = ? AND day >= ? AND day <= ?",
+                client,
+                from,
+                to,
+            )
             .await?;
         Ok(rows.into_iter().map(|r| r.day).collect())
     }
@@ -350,31 +336,11 @@ impl Store {
 
     /// Days of `[from, to]` with late facts not yet folded in by backfill.
     pub async fn pending_late_days(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<u16>> {
-        let late = self
-            .timed(async {
-                Ok(self.query("SELECT day, kafka_partition, max(seq) AS seq FROM late_facts WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day, kafka_partition")?
-                    .bind(client)
-                    .bind(d(from))
-                    .bind(d(to))
-                    .fetch_all::<Pending>()
-                    .await?)
-            })
-            .await?;
+        let late = self.fetch_client_days::<Pending>("SELECT day, kafka_partition, max(seq) AS seq FROM late_facts WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day, kafka_partition", client, from, to).await?;
         if late.is_empty() {
             return Ok(Vec::new());
         }
-        let covered = self
-            .timed(async {
-                Ok(self.query(
-                        "SELECT day, kafka_partition, max(covered_seq) AS seq FROM backfill_marks WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day, kafka_partition",
-                    )?
-                    .bind(client)
-                    .bind(d(from))
-                    .bind(d(to))
-                    .fetch_all::<Pending>()
-                    .await?)
-            })
-            .await?;
+        let covered = self.fetch_client_days::<Pending>("SELECT day, kafka_partition, max(covered_seq) AS seq FROM backfill_marks WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day, kafka_partition", client, from, to).await?;
         let covered: BTreeMap<(u16, u16), u64> =
             covered.into_iter().map(|c| ((c.day, c.kafka_partition), c.seq)).collect();
         let mut days: Vec<u16> = late

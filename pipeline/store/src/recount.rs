@@ -383,11 +383,13 @@ impl Store {
         if scope.cid.is_some() {
             return Ok(Vec::new());
         }
-        self.fetch_in_scope(
-            scope,
+        self.fetch_client_days(
             &format!(
                 "SELECT DISTINCT day, {part} AS kafka_partition FROM facts WHERE client_id = ? AND day >= ? AND day <= ?"
             ),
+            &scope.client_id,
+            scope.from,
+            scope.to,
         )
         .await
     }
@@ -398,30 +400,15 @@ impl Store {
         if scope.cid.is_some() {
             return Ok(Vec::new());
         }
-        self.fetch_in_scope(
-            scope,
+        self.fetch_client_days(
             &format!(
                 "SELECT day, {part} AS kafka_partition, webinar_id, toUInt32(toStartOfMinute(event_time)) AS minute, uniqExact(session_id) AS viewers \
                  FROM facts WHERE client_id = ? AND kind = 'ping' AND day >= ? AND day <= ? GROUP BY day, kafka_partition, webinar_id, minute"
             ),
+            &scope.client_id,
+            scope.from,
+            scope.to,
         )
-        .await
-    }
-
-    /// Rows of `sql`, whose three placeholders are the scope's client and first and last day.
-    async fn fetch_in_scope<T>(&self, scope: &Scope, sql: &str) -> Result<Vec<T>>
-    where
-        T: clickhouse::RowOwned + clickhouse::RowRead,
-    {
-        self.timed(async {
-            Ok(self
-                .query(sql)?
-                .bind(&scope.client_id)
-                .bind(Scope::day(scope.from))
-                .bind(Scope::day(scope.to))
-                .fetch_all::<T>()
-                .await?)
-        })
         .await
     }
 
