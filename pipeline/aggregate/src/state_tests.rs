@@ -296,18 +296,7 @@ impl Store {
     fn merged(&self) -> Aggregates {
         let mut out = Aggregates::default();
         for r in self.totals.values() {
-            let t = out.totals.entry((r.client_id.clone(), r.day)).or_default();
-            let c = r.counters();
-            t.visits += c.visits;
-            t.visits_landing += c.visits_landing;
-            t.visits_webinar += c.visits_webinar;
-            t.visits_live += c.visits_live;
-            t.unique_sessions += c.unique_sessions;
-            t.entries += c.entries;
-            t.linked_entries += c.linked_entries;
-            t.visits_utm_missing += c.visits_utm_missing;
-            t.visits_cid_unresolved += c.visits_cid_unresolved;
-            t.viewer_minutes += c.viewer_minutes;
+            *out.totals.entry((r.client_id.clone(), r.day)).or_default() += r.counters();
         }
         for r in self.marketing.values() {
             let m = out.marketing.entry((r.client_id.clone(), r.day, r.dims())).or_default();

@@ -121,17 +121,10 @@ struct DayData {
 }
 
 impl DayData {
+    /// The range's counters (its `unique_sessions` is not the range's: use `range_sessions`).
     fn sum(&self) -> DayCounters {
         self.counters.values().fold(DayCounters::default(), |mut a, c| {
-            a.visits += c.visits;
-            a.visits_landing += c.visits_landing;
-            a.visits_webinar += c.visits_webinar;
-            a.visits_live += c.visits_live;
-            a.entries += c.entries;
-            a.linked_entries += c.linked_entries;
-            a.visits_utm_missing += c.visits_utm_missing;
-            a.visits_cid_unresolved += c.visits_cid_unresolved;
-            a.viewer_minutes += c.viewer_minutes;
+            a += *c;
             a
         })
     }

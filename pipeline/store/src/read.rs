@@ -113,18 +113,7 @@ impl Store {
         let rows = self.daily_totals_rows(client, from, to).await?;
         let mut out: BTreeMap<u16, DayCounters> = BTreeMap::new();
         for r in rows {
-            let t = out.entry(r.day).or_default();
-            let c = r.counters();
-            t.visits += c.visits;
-            t.visits_landing += c.visits_landing;
-            t.visits_webinar += c.visits_webinar;
-            t.visits_live += c.visits_live;
-            t.unique_sessions += c.unique_sessions;
-            t.entries += c.entries;
-            t.linked_entries += c.linked_entries;
-            t.visits_utm_missing += c.visits_utm_missing;
-            t.visits_cid_unresolved += c.visits_cid_unresolved;
-            t.viewer_minutes += c.viewer_minutes;
+            *out.entry(r.day).or_default() += r.counters();
         }
         Ok(out)
     }

@@ -431,6 +431,24 @@ pub struct DayCounters {
     pub viewer_minutes: u64,
 }
 
+/// Adds counters field by field. `unique_sessions` adds up exactly across the partitions of one
+/// day (a session lives in one partition), not across days: distinct sessions of a range are
+/// read separately.
+impl std::ops::AddAssign for DayCounters {
+    fn add_assign(&mut self, c: Self) {
+        self.visits += c.visits;
+        self.visits_landing += c.visits_landing;
+        self.visits_webinar += c.visits_webinar;
+        self.visits_live += c.visits_live;
+        self.unique_sessions += c.unique_sessions;
+        self.entries += c.entries;
+        self.linked_entries += c.linked_entries;
+        self.visits_utm_missing += c.visits_utm_missing;
+        self.visits_cid_unresolved += c.visits_cid_unresolved;
+        self.viewer_minutes += c.viewer_minutes;
+    }
+}
+
 /// `daily_totals` row.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
 pub struct DailyTotalsRow {
