@@ -525,8 +525,12 @@ SHARDING = {
     "daily_totals": "kafka_partition", "daily_marketing": "kafka_partition",
     "late_facts": "kafka_partition", "backfill_marks": "kafka_partition",
     "processor_progress": "kafka_partition",
-    "daily_sessions": "cityHash64(client_id, session_id)",
+    "day_sessions": "kafka_partition",
     "session_first_visits": "cityHash64(client_id, session_id)",
+    "fact_copies": "cityHash64(client_id, uid)",
+    "dedup_notices": "writer_partition",
+    "rebuild_requests": "kafka_partition",
+    "fact_days": "kafka_partition",
     "campaign_links": "cityHash64(cid)",
 }
 # facts is ordered by fact_id, not kafka_partition: a fact always travels through one Kafka
@@ -592,6 +596,21 @@ def formatted(stmt, where):
 
 
 CREATE = re.compile(r"CREATE TABLE IF NOT EXISTS (?:(\w+)\.)?(\w+)(?: ON CLUSTER '?([^'\s]+)'?)?\s*(.*)", re.S)
+ALTER_ADD = re.compile(r"ALTER TABLE (?:(\w+)\.)?(\w+)(?: ON CLUSTER '?[^'\s]+'?)?\s+\(?ADD COLUMN `?(\w+)`?\s+(.+?)\)?$", re.S)
+DROP = re.compile(r"DROP TABLE IF EXISTS (?:(\w+)\.)?(\w+)")
+
+
+def evolve(tables, fmt):
+    """Applies a formatted ALTER ... ADD COLUMN or DROP TABLE to `tables` (name -> describe())."""
+    m = ALTER_ADD.match(fmt)
+    if m and m.group(2) in tables:
+        tables[m.group(2)]["cols"].append((m.group(3), m.group(4).strip()))
+        return True
+    m = DROP.match(fmt)
+    if m:
+        tables.pop(m.group(2), None)
+        return True
+    return fmt.startswith("INSERT INTO")
 
 
 def describe(fmt):
@@ -630,6 +649,8 @@ for fn in sorted(f for f in os.listdir("sql") if re.fullmatch(r"\d+_.*\.sql", f)
             d = describe(fmt) if fmt else None
             if d:
                 single[d["table"]] = d
+            elif fmt and not evolve(single, fmt):
+                fail(S, f"sql/{fn}: statement neither CREATE TABLE, ALTER ... ADD COLUMN, INSERT nor DROP TABLE: {fmt.splitlines()[0]}")
 check(set(single) == set(SHARDING), S, f"{len(single)} single-node tables, each with a sharding key",
       f"single-node tables {sorted(set(single) ^ set(SHARDING))} have no sharding key here (or vanished)")
 
@@ -649,9 +670,12 @@ for fn in cluster_files:
     if stray:
         fail(S, f"{fn}: unknown placeholders {sorted(stray)} (only {{cluster}} {{database}} {{shard}} {{replica}})")
     for stmt in statements(text):
-        if "ON CLUSTER '{cluster}'" not in stmt:
+        # INSERT ... SELECT goes through Distributed tables; ALTER ... ADD COLUMN has no IF NOT
+        # EXISTS on 18.16 (the migration runner skips it when the column exists).
+        insert = stmt.startswith("INSERT INTO")
+        if "ON CLUSTER '{cluster}'" not in stmt and not insert:
             fail(S, f"{fn}: statement without ON CLUSTER '{{cluster}}': {stmt.splitlines()[0]}")
-        if "IF NOT EXISTS" not in stmt:
+        if "IF NOT EXISTS" not in stmt and "IF EXISTS" not in stmt and not insert and " ADD COLUMN " not in stmt:
             fail(S, f"{fn}: statement is not idempotent (IF NOT EXISTS): {stmt.splitlines()[0]}")
         sub = stmt.replace("{cluster}", CLUSTER).replace("{database}", DATABASE)
         fmt = formatted(sub, f"sql/cluster/{fn}")
@@ -666,6 +690,8 @@ local, dist = {}, {}
 for fn, sub, fmt in cluster_stmts:
     d = describe(fmt)
     if d is None:
+        evolve(local, fmt)
+        evolve(dist, fmt)
         continue
     if d["db"] != DATABASE:
         fail(S, f"{fn}: table {d['table']} is not qualified with {{database}}")
@@ -708,10 +734,12 @@ if is_local != [(1,)]:
 else:
     try:
         q("CREATE DATABASE single")
+        q("USE single")
         for fn in singles_files:
             with open(os.path.join("sql", fn)) as f:
                 for stmt in statements(f.read()):
-                    q(stmt.replace("CREATE TABLE IF NOT EXISTS ", "CREATE TABLE IF NOT EXISTS single."))
+                    q(stmt)
+        q("USE default")
         for fn, sub, fmt in cluster_stmts:
             local_sql = sub.replace(f" ON CLUSTER '{CLUSTER}'", "")
             local_sql = re.sub(r"Replicated(\w+MergeTree)\('[^']*', '[^']*'(?:, )?", r"\1(", local_sql)
@@ -735,7 +763,9 @@ else:
                         vals.append(sample[typ] if name not in ("client_id", "cid") else f"'{key}'")
                     elif typ.startswith("Enum"):
                         vals.append(re.search(r"'([^']*)'", typ).group(0))
-                    elif name == "kafka_partition":
+                    elif name == "kafka_partition" or name in s["order"]:
+                        # Key columns are a function of the key (tables without a version
+                        # column fold rows of one key that are equal in every column).
                         vals.append(str(len(key)))
                     else:
                         vals.append(str(v))

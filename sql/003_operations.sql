@@ -28,7 +28,7 @@ ORDER BY (client_id, day, kafka_partition)
 SETTINGS index_granularity = 1024;
 
 -- Last heartbeat of the processor instance owning each Kafka partition. watermark_ms is the
--- receive time up to which that partition's facts are in the aggregates (now, when caught up).
+-- event time up to which that partition's facts are in the aggregates (now, when caught up).
 CREATE TABLE IF NOT EXISTS processor_progress
 (
     kafka_partition UInt16,

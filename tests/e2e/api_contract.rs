@@ -635,7 +635,7 @@ async fn every_section_falls_back_to_raw_when_its_aggregate_is_missing() {
     let cases: [(&str, &[&str]); 4] = [
         ("daily_marketing", &["campaigns"]),
         ("minute_live", &["live"]),
-        ("daily_sessions", &["totals", "by_day"]),
+        ("day_sessions", &["totals", "by_day"]),
         // The reference of every cross-check: without it nothing is served from aggregates.
         ("daily_totals", &ALL),
     ];

@@ -10,6 +10,7 @@ mod collector;
 mod dashboard;
 mod dev;
 mod drill;
+mod exact;
 mod faults;
 mod harness;
 mod pipeline;

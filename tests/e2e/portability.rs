@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use chrono::NaiveDate;
 
+use eventflow_aggregate::flush::{self, NoRetry};
 use eventflow_aggregate::state::{PartitionState, WindowConfig};
 use eventflow_aggregate::{backfill, reconcile, ProcessorStore};
 use eventflow_core::fact::{Entry, Fact, FactHeader, PageKind, Ping, SessionOrigin, Utm, Visit};
@@ -79,13 +80,18 @@ fn dataset() -> Vec<(u16, Fact)> {
                     page,
                     event_id: (page == PageKind::Landing).then(|| "ev".to_owned()),
                     webinar_id: (page != PageKind::Landing).then(|| format!("w{}", i % 2)),
-                    // Retried beacons: i and i + 13 share a session and an event_uid (copies of one
-                    // visit share a session, the precondition of exact dedup across partitions).
-                    event_uid: Some(format!("{session}-u{}", i / 26)),
+                    // Copies of one visit from other sessions (a relay, a second tab): i and
+                    // i + 17 share an event_uid, and mostly a partition only by chance.
+                    event_uid: Some(format!("{client}-u{}", i % 17)),
                     path: None,
                     cid_resolved: cid.as_deref() == Some("known") && *client == "acme",
                     cid,
-                    utm: if i % 4 == 0 { Utm::default() } else { utm(if i % 2 == 0 { "news" } else { "ads" }) },
+                    // A literal "unknown" source counts like a missing one.
+                    utm: match i % 8 {
+                        0 => Utm::default(),
+                        4 => utm("unknown"),
+                        _ => utm(if i % 2 == 0 { "news" } else { "ads" }),
+                    },
                     utm_inherited: false,
                     referrer: None,
                 }),
@@ -95,7 +101,7 @@ fn dataset() -> Vec<(u16, Fact)> {
                     partition,
                     Fact::Entry(Entry {
                         header: header(next(), client, t + if i % 6 == 1 { -60_000 } else { 60_000 }, t + 1500),
-                        entry_id: format!("{session}-e{}", i / 26),
+                        entry_id: format!("{client}-e{}", i % 11),
                         session_id: session.clone(),
                         session_origin: SessionOrigin::Cookie,
                         event_id: None,
@@ -146,30 +152,31 @@ fn dataset() -> Vec<(u16, Fact)> {
     out
 }
 
-/// Processes the data set with the real windowing state and writes it with the real store.
+/// Processes the data set with the real windowing state and flush protocol and writes it with
+/// the real store. Partition 1 runs ahead of partition 0, so copies that came first are often
+/// decided after later ones: notices and retractions run too.
 async fn load(store: &Store) {
     let cfg = WindowConfig::new(H);
     let mut states: Vec<PartitionState> =
         (0..2).map(|p| PartitionState::new(p, cfg, clients(), &Checkpoint::default(), 1)).collect();
     let mut offsets = [0i64; 2];
-    for (i, (p, fact)) in dataset().into_iter().enumerate() {
+    let mut facts = dataset();
+    facts.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
+    for (i, (p, fact)) in facts.into_iter().enumerate() {
         let s = &mut states[p as usize];
         s.apply(offsets[p as usize], fact);
         offsets[p as usize] += 1;
         if i % 17 == 0 {
-            flush(store, s).await;
+            flush(store, &mut [s]).await;
         }
     }
-    for s in &mut states {
-        flush(store, s).await;
+    for _ in 0..2 {
+        let mut all: Vec<&mut PartitionState> = states.iter_mut().collect();
+        flush(store, &mut all).await;
     }
     // A takeover: rebuild partition 1 from what the store holds, as a new owner would.
-    let cps = store.checkpoints(&[0, 1]).await.unwrap();
-    let cp = cps.get(&1).cloned().unwrap();
-    let mut takeover = PartitionState::new(1, cfg, clients(), &cp, cp.epoch + 1);
-    let rows = store.facts_since(&[1], takeover.replay_from_ms()).await.unwrap();
-    takeover.replay(rows);
-    flush(store, &mut takeover).await;
+    let (mut takeover, _) = flush::rebuild(store, &[1], cfg, &clients(), &BTreeMap::new(), &NoRetry).await.unwrap();
+    flush(store, &mut [&mut takeover[0]]).await;
     store
         .heartbeat(&[ProgressRow {
             kafka_partition: 0,
@@ -195,13 +202,8 @@ async fn load(store: &Store) {
         .unwrap();
 }
 
-async fn flush(store: &Store, s: &mut PartitionState) {
-    let lookups = s.pending_lookups();
-    let found = store.first_visits(&lookups).await.unwrap();
-    s.resolve_lookups(found);
-    let batch = s.take_flush();
-    store.write(&batch).await.unwrap();
-    s.flush_written();
+async fn flush(store: &Store, states: &mut [&mut PartitionState]) {
+    flush::flush(store, states, false, &NoRetry).await.unwrap();
 }
 
 fn sorted<T: std::fmt::Debug>(v: impl IntoIterator<Item = T>) -> Vec<String> {
@@ -219,7 +221,30 @@ async fn snapshot(store: &Store) -> BTreeMap<&'static str, Vec<String>> {
     let mut m = BTreeMap::new();
     m.insert("checkpoints", sorted(store.load_checkpoints(&[0, 1]).await.unwrap()));
     m.insert("all_checkpoints", sorted(store.all_checkpoints().await.unwrap()));
-    m.insert("facts_since", sorted(store.partition_facts_since(&[0, 1], 0).await.unwrap()));
+    m.insert("facts_since", sorted(store.partition_facts_since(&[0, 1], 0, 0).await.unwrap()));
+    let keys: Vec<(String, i8, String)> = (0..17)
+        .map(|i| ("acme".to_owned(), 1, format!("acme-u{i}")))
+        .chain((0..11).map(|i| ("acme".to_owned(), 2, format!("acme-e{i}"))))
+        .collect();
+    m.insert("first_copies", sorted(store.first_copies_of(&keys, 2).await.unwrap()));
+    m.insert("copy_partitions", sorted(store.copy_partitions_of(&keys).await.unwrap()));
+    m.insert("copies_in", sorted(store.copies_of_in(&keys, &[1]).await.unwrap()));
+    let notices = store.dedup_notices_since(&[0, 1], &BTreeMap::new()).await.unwrap();
+    assert!(!notices.is_empty(), "the data set makes notices");
+    m.insert("notices", sorted(notices.clone()));
+    m.insert(
+        "notices_above",
+        sorted(store.dedup_notices_since(&[0], &BTreeMap::from([(1, notices[0].writer_seq)])).await.unwrap()),
+    );
+    let ids: Vec<(String, u16, i8, String)> = store
+        .partition_facts_since(&[0, 1], 0, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .step_by(7)
+        .map(|r| (r.client_id, r.day, r.kind, r.fact_id))
+        .collect();
+    m.insert("facts_by_id", sorted(store.facts_by_id(&ids).await.unwrap()));
     let pairs: Vec<(String, String)> = (0..13).map(|i| ("acme".to_owned(), format!("acme-s{i}"))).collect();
     m.insert("session_first_visits", sorted(store.session_first_visits(&pairs).await.unwrap()));
     m.insert("clients_with_facts", sorted(store.clients_with_facts(from, to).await.unwrap()));
@@ -242,7 +267,7 @@ async fn snapshot(store: &Store) -> BTreeMap<&'static str, Vec<String>> {
     m.insert("day_sessions", sorted(store.day_sessions("acme", from, to).await.unwrap()));
     m.insert("live_minutes", sorted(store.live_minutes("acme", None, s0, s1).await.unwrap()));
     m.insert("live_minutes_w1", sorted(store.live_minutes("acme", Some("w1"), s0, s1).await.unwrap()));
-    m.insert("raw_live_minutes", sorted(store.raw_live_minutes("acme", "w1", from, to).await.unwrap()));
+    m.insert("raw_live_minutes", sorted(store.raw_live_minutes("acme", "w1", from, to, tz).await.unwrap()));
     m.insert("minute_visits", sorted(store.minute_visits_rows("acme", s0, s1).await.unwrap()));
     m.insert("minute_live", sorted(store.minute_live_rows("acme", s0, s1).await.unwrap()));
     m.insert("pending", sorted(store.pending_late_days("acme", from, to).await.unwrap()));
@@ -293,7 +318,11 @@ async fn every_query_gives_the_same_answer_on_18_16_and_current_clickhouse() {
         let req = backfill::BackfillRequest { from, to, client: None, cid: None, chunk_days: 2 };
         let report = backfill::run(&store, &dir_clients, &req, &mut |_, _| {}).await.unwrap();
         assert_eq!(report.client_days, 8);
-        store.backfill_daily_sessions(&Scope { client_id: "acme".into(), from, to, tz, cid: None }).await.unwrap();
+        let versions = store.all_checkpoints().await.unwrap().into_iter().map(|(p, c)| (p, c.seq)).collect();
+        store
+            .backfill_day_sessions(&Scope { client_id: "acme".into(), from, to, tz, cid: None }, &versions)
+            .await
+            .unwrap();
         for client in ["acme", "globex"] {
             let tz = dir_clients.timezone(client);
             let left = reconcile::client(&store, client, tz, from, to).await.unwrap();

@@ -39,6 +39,9 @@ pub struct BackfillReport {
     pub client_days: u64,
     pub rows_written: u64,
     pub rows_zeroed: u64,
+    /// Stored facts attributed to the campaign link of `--cid` that were stored unresolved
+    /// (the link was imported after they arrived) and now resolve to it.
+    pub facts_reattributed: u64,
 }
 
 /// Progress callback: (client days done, total).
@@ -59,13 +62,31 @@ pub async fn run(
     let total = days * client_ids.len() as u64;
     let mut report = BackfillReport::default();
     let mut done = 0;
+    // A campaign backfill first re-attributes facts stored before the link was imported.
+    let link_owner = match &req.cid {
+        Some(cid) => store.campaign_link(cid).await?.map(|l| l.client_id),
+        None => None,
+    };
+    let mut reattributed_partitions = BTreeSet::new();
     progress(0, total);
     for client in &client_ids {
         let tz = clients.timezone(client);
         let mut from = req.from;
         while from <= req.to {
             let to = (from + chrono::Duration::days(i64::from(req.chunk_days.max(1)) - 1)).min(req.to);
-            let scope = Scope { client_id: client.clone(), from, to, tz, cid: req.cid.clone() };
+            let mut scope = Scope { client_id: client.clone(), from, to, tz, cid: req.cid.clone() };
+            if let (Some(cid), Some(owner)) = (&req.cid, &link_owner) {
+                if owner == client {
+                    let moved = reattribute(store, &scope, cid).await?;
+                    report.facts_reattributed += moved.len() as u64;
+                    if !moved.is_empty() {
+                        // Their unresolved buckets and quality counters change too: recount the
+                        // whole days, not only the link's rows.
+                        reattributed_partitions.extend(moved);
+                        scope.cid = None;
+                    }
+                }
+            }
             let r = backfill_scope(store, &scope).await?;
             report.rows_written += r.rows_written;
             report.rows_zeroed += r.rows_zeroed;
@@ -76,8 +97,29 @@ pub async fn run(
             from = to + chrono::Duration::days(1);
         }
     }
+    if !reattributed_partitions.is_empty() {
+        // The processors rebuild those partitions' open days from the re-attributed facts, so
+        // the stream does not write the old attribution back.
+        let partitions: Vec<u16> = reattributed_partitions.into_iter().collect();
+        store.request_rebuild(&partitions, "backfill --cid re-attributed stored facts").await?;
+    }
     info!(?report, from = %req.from, to = %req.to, client = ?req.client, cid = ?req.cid, "backfill finished");
     Ok(report)
+}
+
+/// Stores again, resolved, the facts of `scope` that carry `cid` (a link of the scope's client)
+/// but were stored unresolved; returns the Kafka partitions of those facts (one per fact).
+async fn reattribute(store: &Store, scope: &Scope, cid: &str) -> Result<Vec<u16>, StoreError> {
+    let mut rows = store.unresolved_facts_of_link(scope, cid).await?;
+    for row in &mut rows {
+        row.cid_resolved = 1;
+        // ReplacingMergeTree(seq): the resolved row replaces the stored one.
+        row.seq += 1;
+    }
+    for chunk in rows.chunks(crate::sink::MAX_FACT_ROWS_PER_INSERT) {
+        store.insert("facts", chunk).await?;
+    }
+    Ok(rows.iter().map(|r| r.kafka_partition).collect())
 }
 
 /// Backfills one client and range.
@@ -85,6 +127,9 @@ pub async fn backfill_scope(store: &Store, scope: &Scope) -> Result<BackfillRepo
     // Checkpoints first: the recount below then includes at least every fact up to them.
     let checkpoints = store.all_checkpoints().await?;
     let version = |p: u16| checkpoints.get(&p).map_or(0, |c| c.seq);
+    // The dedup index and the sessions' first visits are written by the processor ahead of
+    // the facts; rebuild them from the facts so the recount can rely on them.
+    store.backfill_fact_indexes(scope).await?;
     let recount = store.recount(scope, true).await?;
     let c = scope.client_id.as_str();
     let mut report = BackfillReport::default();
@@ -176,7 +221,8 @@ pub async fn backfill_scope(store: &Store, scope: &Scope) -> Result<BackfillRepo
     report.rows_written += live.len() as u64;
     store.insert("minute_live", &live).await?;
 
-    store.backfill_daily_sessions(scope).await?;
+    let versions: BTreeMap<u16, u64> = checkpoints.iter().map(|(p, c)| (*p, c.seq)).collect();
+    store.backfill_day_sessions(scope, &versions).await?;
 
     let now = u32::try_from(Utc::now().timestamp()).unwrap_or(0);
     let mut marks = Vec::new();

@@ -6,6 +6,7 @@
 
 pub mod backfill;
 pub mod config;
+pub mod flush;
 pub mod http;
 pub mod maintenance;
 pub mod metrics;

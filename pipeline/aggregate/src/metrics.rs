@@ -15,6 +15,8 @@ pub struct ProcessorMetrics {
     pub late_facts: IntCounter,
     pub last_flush_timestamp: Gauge,
     pub facts: IntCounterVec,
+    pub dedup_retractions: IntCounterVec,
+    pub dedup_notices: IntCounter,
     pub flush_duration: Histogram,
     pub flush_rows: IntCounterVec,
     pub insert_errors: IntCounter,
@@ -35,6 +37,20 @@ impl ProcessorMetrics {
         self.flush_rows.with_label_values(&["aggregates"]).inc_by(aggregate_rows as u64);
         self.flush_duration.observe(took.as_secs_f64());
         self.last_flush_timestamp.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+    }
+
+    /// Dedup decisions of a written flush: copies counted, duplicates, counted copies taken out
+    /// again because an earlier copy turned up, and notices written.
+    pub fn record_decisions(&self, d: &crate::state::Decisions, notices: usize) {
+        self.dedup_notices.inc_by(notices as u64);
+        let visit = eventflow_core::FactKind::Visit.as_str();
+        let entry = eventflow_core::FactKind::Entry.as_str();
+        self.facts.with_label_values(&[visit, "counted"]).inc_by(d.visits_counted);
+        self.facts.with_label_values(&[visit, "duplicate"]).inc_by(d.visits_duplicate);
+        self.facts.with_label_values(&[entry, "counted"]).inc_by(d.entries_counted);
+        self.facts.with_label_values(&[entry, "duplicate"]).inc_by(d.entries_duplicate);
+        self.dedup_retractions.with_label_values(&[visit]).inc_by(d.visits_retracted);
+        self.dedup_retractions.with_label_values(&[entry]).inc_by(d.entries_retracted);
     }
 
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
@@ -65,6 +81,18 @@ impl ProcessorMetrics {
                     "Facts consumed, by type and outcome (counted, duplicate, late, redelivery).",
                 ),
                 &["type", "outcome"],
+            )?,
+            dedup_retractions: IntCounterVec::new(
+                Opts::new(
+                    names::PROCESSOR_DEDUP_RETRACTIONS_TOTAL,
+                    "Counted copies of a visit or entry taken out again because an earlier copy of the same \
+                     event_uid / entry_id turned up later (in another partition, or delivered late).",
+                ),
+                &["type"],
+            )?,
+            dedup_notices: IntCounter::new(
+                names::PROCESSOR_DEDUP_NOTICES_TOTAL,
+                "Dedup notices written: a first copy decided after other copies of its key were stored.",
             )?,
             flush_duration: Histogram::with_opts(
                 HistogramOpts::new(names::PROCESSOR_FLUSH_DURATION_SECONDS, "Duration of a flush to ClickHouse.")
@@ -138,6 +166,11 @@ impl ProcessorMetrics {
         registry.register(Box::new(m.late_facts.clone()))?;
         registry.register(Box::new(m.last_flush_timestamp.clone()))?;
         registry.register(Box::new(m.facts.clone()))?;
+        registry.register(Box::new(m.dedup_retractions.clone()))?;
+        registry.register(Box::new(m.dedup_notices.clone()))?;
+        for kind in ["visit", "entry"] {
+            m.dedup_retractions.with_label_values(&[kind]);
+        }
         registry.register(Box::new(m.flush_duration.clone()))?;
         registry.register(Box::new(m.flush_rows.clone()))?;
         registry.register(Box::new(m.insert_errors.clone()))?;

@@ -8,8 +8,9 @@
 //!    replays the stored facts of its open days into a fresh state under a new epoch, rewrites
 //!    its open buckets, then seeks to the checkpoint offsets and resumes;
 //! 2. applies each message to its unit's state;
-//! 3. every `flush_interval` (or `max_batch_facts`) writes one flush: markers, facts with
-//!    checkpoints (the commit point), buckets; then commits the Kafka offsets those rows cover;
+//! 3. every `flush_interval` (or `max_batch_facts`) runs one flush ([`crate::flush`]: dedup
+//!    decisions and notices, then markers, facts with checkpoints (the commit point), buckets);
+//!    then commits the Kafka offsets those rows cover;
 //! 4. on revocation, drops the unit's state without writing: facts not yet flushed are
 //!    re-consumed by the next owner from the stored checkpoint.
 //!
@@ -32,13 +33,15 @@ use tracing::{debug, error, info, warn};
 
 use eventflow_core::avro::{CodecError, FactCodec};
 use eventflow_core::{time, ClientDirectory, FactKind};
-use eventflow_store::rows::{Checkpoint, ProgressRow};
+use eventflow_store::rows::ProgressRow;
+use eventflow_store::StoreError;
 use eventflow_topics::{registry, KafkaConfig, Topics};
 
 use crate::config::ProcessorConfig;
+use crate::flush::{self, Retry};
 use crate::metrics::ProcessorMetrics;
 use crate::sink::ProcessorStore;
-use crate::state::{FlushBatch, Outcome, PartitionState, WindowConfig, EPOCH_SHIFT};
+use crate::state::{Outcome, PartitionState, WindowConfig};
 use crate::watchdog;
 
 /// Shared view of the processor for health endpoints.
@@ -137,6 +140,8 @@ struct Loop<S: ProcessorStore> {
     last_metrics: Instant,
     next_rebuild: Instant,
     watchdog: Arc<watchdog::Shared>,
+    /// Rebuild requests being answered: partition -> request time (see `rebuild_requests`).
+    rebuild_requests: BTreeMap<u16, i64>,
     /// Label values currently exported, so those no longer owned can be removed.
     exported_lag: BTreeSet<(String, String)>,
     exported_clients: BTreeSet<String>,
@@ -193,6 +198,7 @@ pub fn run<S: ProcessorStore>(deps: ProcessorDeps<S>, shutdown: CancellationToke
         last_metrics: now,
         next_rebuild: now,
         watchdog: watchdog_shared.clone(),
+        rebuild_requests: BTreeMap::new(),
         exported_lag: BTreeSet::new(),
         exported_clients: BTreeSet::new(),
         deps,
@@ -230,6 +236,7 @@ impl<S: ProcessorStore> Loop<S> {
             }
             if self.last_heartbeat.elapsed() >= Duration::from_secs(2) {
                 self.heartbeat();
+                self.answer_rebuild_requests(shutdown);
             }
             if self.last_metrics.elapsed() >= Duration::from_secs(1) {
                 self.update_metrics();
@@ -358,39 +365,32 @@ impl<S: ProcessorStore> Loop<S> {
     }
 
     fn rebuild(&mut self, partitions: &[u16], shutdown: &CancellationToken) -> anyhow::Result<Vec<PartitionState>> {
-        let store = self.deps.store.clone();
-        let checkpoints = self.deps.runtime.block_on(store.checkpoints(partitions))?;
-        let mut states: BTreeMap<u16, PartitionState> = BTreeMap::new();
-        for p in partitions {
-            let cp = checkpoints.get(p).cloned().unwrap_or_else(Checkpoint::default);
-            let epoch = cp.epoch.checked_add(1).filter(|e| u64::from(*e) < (1u64 << (64 - EPOCH_SHIFT))).unwrap_or(1);
-            states.insert(*p, PartitionState::new(*p, self.window, self.deps.clients.clone(), &cp, epoch));
-        }
-        let since = states.values().map(PartitionState::replay_from_ms).min().unwrap_or(0);
-        let rows = self.deps.runtime.block_on(store.facts_since(partitions, since))?;
-        let mut by_partition: BTreeMap<u16, Vec<_>> = BTreeMap::new();
-        for row in rows {
-            by_partition.entry(row.kafka_partition).or_default().push(row);
-        }
-        for (p, state) in states.iter_mut() {
-            let rows = by_partition.remove(p).unwrap_or_default();
-            let replayed = rows.len();
-            state.replay(rows);
-            debug!(partition = p, replayed, "replayed stored facts");
-        }
-        let mut states: Vec<PartitionState> = states.into_values().collect();
-        // Rewrite every open bucket under the new epoch before consuming anything new.
         let started = Instant::now();
-        self.resolve_lookups(&mut states)?;
-        let batch = merge(states.iter_mut().map(PartitionState::take_flush));
-        self.write_with_retry(&batch, shutdown)?;
-        if batch.aggregate_rows() > 0 {
-            self.deps.metrics.record_flush(batch.facts.len(), batch.aggregate_rows(), started.elapsed());
+        let retry = self.retry(shutdown);
+        let (states, report) = self.deps.runtime.block_on(flush::rebuild(
+            &*self.deps.store,
+            partitions,
+            self.window,
+            &self.deps.clients,
+            &self.rebuild_requests,
+            &retry,
+        ))?;
+        for p in partitions {
+            self.rebuild_requests.remove(p);
         }
-        for state in &mut states {
-            state.flush_written();
+        self.deps.status.healthy.store(true, Ordering::SeqCst);
+        if let Some(r) = report {
+            self.deps.metrics.record_decisions(&r.decisions, r.notices_written);
+            if r.aggregate_rows > 0 {
+                self.deps.metrics.record_flush(r.facts, r.aggregate_rows, started.elapsed());
+            }
         }
         Ok(states)
+    }
+
+    /// Retries of store calls: logged, counted, with backoff, until shutdown.
+    fn retry<'a>(&'a self, shutdown: &'a CancellationToken) -> LoopRetry<'a> {
+        LoopRetry { metrics: &self.deps.metrics, status: &self.deps.status, shutdown }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -449,7 +449,8 @@ impl<S: ProcessorStore> Loop<S> {
         let outcome = state.apply(offset, fact);
         let label = match outcome {
             Outcome::Counted => "counted",
-            Outcome::Duplicate => "duplicate",
+            // Counted as decided at the flush (`record_decisions`).
+            Outcome::Deferred => return,
             Outcome::Late => {
                 self.deps.metrics.late_facts.inc();
                 "late"
@@ -473,18 +474,6 @@ impl<S: ProcessorStore> Loop<S> {
     // -----------------------------------------------------------------------------------------
     // Flushing
 
-    fn resolve_lookups(&self, states: &mut [PartitionState]) -> anyhow::Result<()> {
-        let wanted: Vec<_> = states.iter().flat_map(PartitionState::pending_lookups).collect();
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        let found = self.deps.runtime.block_on(self.deps.store.first_visits(&wanted))?;
-        for state in states.iter_mut() {
-            state.resolve_lookups(found.iter().cloned());
-        }
-        Ok(())
-    }
-
     fn flush(&mut self, shutdown: &CancellationToken) {
         let started = Instant::now();
         let mut states: Vec<Box<PartitionState>> = Vec::new();
@@ -496,76 +485,29 @@ impl<S: ProcessorStore> Loop<S> {
                 self.units.insert(p, Unit::Pending);
             }
         }
-        let result = (|| -> anyhow::Result<()> {
+        let result = {
+            let retry = self.retry(shutdown);
             let mut plain: Vec<&mut PartitionState> = states.iter_mut().map(|b| &mut **b).collect();
-            let wanted: Vec<_> = plain.iter().flat_map(|s| s.pending_lookups()).collect();
-            if !wanted.is_empty() {
-                let found = loop {
-                    match self.deps.runtime.block_on(self.deps.store.first_visits(&wanted)) {
-                        Ok(found) => break found,
-                        Err(e) if !shutdown.is_cancelled() => {
-                            warn!(error = %e, "session lookup failed; retrying");
-                            std::thread::sleep(Duration::from_millis(500));
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                };
-                for s in plain.iter_mut() {
-                    s.resolve_lookups(found.iter().cloned());
-                }
-            }
-            if !plain.iter().any(|s| s.has_output()) {
-                return Ok(());
-            }
-            let batch = merge(plain.iter_mut().map(|s| s.take_flush()));
-            self.write_with_retry(&batch, shutdown)?;
-            for s in plain.iter_mut() {
-                s.flush_written();
-            }
-            self.commit(&plain);
-            self.deps.metrics.record_flush(batch.facts.len(), batch.aggregate_rows(), started.elapsed());
-            Ok(())
-        })();
-        for s in states {
-            self.units.insert(s.partition(), Unit::Ready(s));
-        }
+            self.deps.runtime.block_on(flush::flush(&*self.deps.store, &mut plain, false, &retry))
+        };
         self.last_flush = Instant::now();
-        if let Err(e) = result {
-            // Only on shutdown: the unflushed facts are re-read from Kafka by the next owner.
-            warn!(error = %e, "flush abandoned");
-        }
-    }
-
-    /// Writes `batch`, retrying with backoff until ClickHouse acknowledges it or shutdown.
-    fn write_with_retry(&self, batch: &FlushBatch, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.deps.runtime.block_on(self.deps.store.write(batch)) {
-                Ok(()) => {
-                    self.deps.status.healthy.store(true, Ordering::SeqCst);
-                    return Ok(());
+        match result {
+            Ok(report) => {
+                self.deps.status.healthy.store(true, Ordering::SeqCst);
+                if let Some(r) = report {
+                    let plain: Vec<&mut PartitionState> = states.iter_mut().map(|b| &mut **b).collect();
+                    self.commit(&plain);
+                    self.deps.metrics.record_decisions(&r.decisions, r.notices_written);
+                    self.deps.metrics.record_flush(r.facts, r.aggregate_rows, started.elapsed());
                 }
-                Err(e) => {
-                    self.deps.metrics.insert_errors.inc();
-                    self.deps.status.healthy.store(false, Ordering::SeqCst);
-                    if !e.is_retryable() {
-                        error!(error = %e, "ClickHouse rejected a flush (not retryable); will retry after 5 s in case the schema is being migrated");
-                        backoff = Duration::from_secs(5);
-                    } else {
-                        warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "ClickHouse write failed; retrying");
-                    }
-                    if shutdown.is_cancelled() {
-                        anyhow::bail!("shutdown during a failing flush: {e}");
-                    }
-                    // The loop is blocked here: keep staleness honest while ClickHouse fails.
-                    let wm = self.deps.metrics.watermark_seconds.get();
-                    if wm > 0.0 {
-                        let now = Utc::now().timestamp_millis() as f64 / 1000.0;
-                        self.deps.metrics.staleness_seconds.set((now - wm).max(0.0));
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                for s in states {
+                    self.units.insert(s.partition(), Unit::Ready(s));
                 }
+            }
+            Err(e) => {
+                // Only on shutdown: the states are dropped, and the facts not committed are
+                // consumed again by the next owner from the stored checkpoint.
+                warn!(error = %e, "flush abandoned");
             }
         }
     }
@@ -594,22 +536,70 @@ impl<S: ProcessorStore> Loop<S> {
     // -----------------------------------------------------------------------------------------
     // Progress and metrics
 
-    /// Per unit: the receive time up to which its facts are in the aggregates; `now` when the
-    /// unit has consumed everything in its three topic partitions.
+    /// Per unit: the event time up to which its facts are in the aggregates (see
+    /// [`PartitionState::written_event_watermark_ms`]), or `now` when the unit has consumed and
+    /// written everything in its three topic partitions. A unit whose topics' end offsets are
+    /// not known yet (the first seconds after a start) is not caught up: a processor starting
+    /// on a backlog never reports fresh numbers.
     fn effective_watermarks(&self) -> Vec<(u16, i64, i64)> {
         let hw = self.watchdog.high_watermarks.lock().map(|h| h.clone()).unwrap_or_default();
         let now = Utc::now().timestamp_millis();
         self.ready_states()
             .map(|s| {
                 let mut lag = 0i64;
+                let mut known = true;
                 for kind in FactKind::ALL {
-                    let high = hw.get(&(self.topics.fact(kind), i32::from(s.partition()))).copied().unwrap_or(0);
-                    lag += (high - s.offsets().get(kind)).max(0);
+                    match hw.get(&(self.topics.fact(kind), i32::from(s.partition()))) {
+                        Some(high) => lag += (high - s.offsets().get(kind)).max(0),
+                        None => known = false,
+                    }
                 }
-                let caught_up = lag == 0 && s.unflushed() == 0;
-                (s.partition(), if caught_up { now } else { s.watermark_ms() }, lag)
+                let caught_up = known && lag == 0 && s.unflushed() == 0;
+                (s.partition(), if caught_up { now } else { s.written_event_watermark_ms() }, lag)
             })
+            // A partition that never had a fact and whose end is not known yet says nothing.
+            .filter(|(_, wm, _)| *wm > 0)
             .collect()
+    }
+
+    /// Rebuilds the open windows of owned partitions for which `eventflow backfill` asked it
+    /// (after re-attributing stored facts): flushes, pauses them and takes them over again from
+    /// the stored facts, as after an assignment.
+    fn answer_rebuild_requests(&mut self, shutdown: &CancellationToken) {
+        let owned: Vec<u16> = self.ready_states().map(PartitionState::partition).collect();
+        if owned.is_empty() {
+            return;
+        }
+        let requests = match self.deps.runtime.block_on(self.deps.store.rebuild_requests(&owned)) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "reading rebuild requests failed");
+                return;
+            }
+        };
+        let due: Vec<(u16, i64)> = self
+            .ready_states()
+            .filter_map(|s| {
+                requests.get(&s.partition()).filter(|ms| **ms > s.rebuild_request_ms()).map(|ms| (s.partition(), *ms))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        self.flush(shutdown);
+        for (p, ms) in due {
+            let mut tpl = TopicPartitionList::new();
+            for kind in FactKind::ALL {
+                let _ = tpl.add_partition(&self.topics.fact(kind), i32::from(p));
+            }
+            if let Err(e) = self.consumer.pause(&tpl) {
+                warn!(partition = p, error = %e, "pausing a partition to rebuild it");
+            }
+            info!(partition = p, requested_ms = ms, "rebuilding the partition's open days on request");
+            self.units.insert(p, Unit::Pending);
+            self.rebuild_requests.insert(p, ms);
+        }
+        self.next_rebuild = Instant::now();
     }
 
     fn heartbeat(&mut self) {
@@ -681,18 +671,38 @@ impl<S: ProcessorStore> Loop<S> {
     }
 }
 
-/// One batch holding the rows of several partitions' flushes.
-fn merge(batches: impl IntoIterator<Item = FlushBatch>) -> FlushBatch {
-    let mut out = FlushBatch::default();
-    for b in batches {
-        out.first_visits.extend(b.first_visits);
-        out.late.extend(b.late);
-        out.facts.extend(b.facts);
-        out.minute_visits.extend(b.minute_visits);
-        out.minute_live.extend(b.minute_live);
-        out.daily_totals.extend(b.daily_totals);
-        out.daily_marketing.extend(b.daily_marketing);
-        out.daily_sessions.extend(b.daily_sessions);
+/// [`Retry`] of the consumer loop: every failure is counted and logged, the loop waits with
+/// backoff (5 s for errors that retrying is unlikely to fix, such as a schema being migrated)
+/// and keeps staleness honest while it is blocked; it gives up only at shutdown.
+struct LoopRetry<'a> {
+    metrics: &'a ProcessorMetrics,
+    status: &'a ProcessorStatus,
+    shutdown: &'a CancellationToken,
+}
+
+impl Retry for LoopRetry<'_> {
+    async fn again(&self, error: &StoreError, attempt: u32) -> bool {
+        self.metrics.insert_errors.inc();
+        self.status.healthy.store(false, Ordering::SeqCst);
+        if self.shutdown.is_cancelled() {
+            return false;
+        }
+        let backoff = if error.is_retryable() {
+            warn!(error = %error, attempt, "ClickHouse request failed; retrying");
+            Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(5))
+        } else {
+            error!(error = %error, attempt, "ClickHouse rejected a request (not retryable); retrying in 5 s in case the schema is being migrated");
+            Duration::from_secs(5)
+        };
+        // The loop is blocked here: keep staleness honest while ClickHouse fails.
+        let wm = self.metrics.watermark_seconds.get();
+        if wm > 0.0 {
+            let now = Utc::now().timestamp_millis() as f64 / 1000.0;
+            self.metrics.staleness_seconds.set((now - wm).max(0.0));
+        }
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(backoff) => true,
+        }
     }
-    out
 }

@@ -1,15 +1,19 @@
-//! What the processor needs from ClickHouse, behind a trait so the consumer loop can be driven
-//! against an in-memory store in tests and against the real server in production.
+//! What the processor needs from ClickHouse, behind a trait so the flush protocol
+//! ([`crate::flush`]) runs unchanged against the real server and against the in-memory model of
+//! the property tests.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use eventflow_store::rows::{kind, Checkpoint, FactRow, ProgressRow};
+use eventflow_store::rows::{kind, Checkpoint, CopyRow, FactRow, NoticeRow, ProgressRow};
 use eventflow_store::{Store, StoreError};
 
-use crate::state::{FlushBatch, SessionRef};
+use crate::state::{FactRef, FlushBatch, SessionRef};
 
-/// The processor's storage operations. Every write is idempotent: retrying a failed flush with
-/// the same batch is always safe.
+/// A dedup key: `(client_id, kind code, uid)`.
+pub type UidKey = (String, i8, String);
+
+/// The processor's storage operations. Every write is idempotent: retrying a failed step with
+/// the same rows is always safe.
 pub trait ProcessorStore: Send + Sync + 'static {
     /// Latest checkpoint of each partition that has one.
     fn checkpoints(
@@ -17,12 +21,13 @@ pub trait ProcessorStore: Send + Sync + 'static {
         partitions: &[u16],
     ) -> impl std::future::Future<Output = Result<HashMap<u16, Checkpoint>, StoreError>> + Send;
 
-    /// Stored facts of `partitions` received since `received_since_ms`, one row per fact, in
-    /// `(kafka_partition, seq)` order.
+    /// Stored facts of `partitions` received since `received_since_ms` (on client days from
+    /// `from_day`), one row per fact, in `(kafka_partition, seq)` order.
     fn facts_since(
         &self,
         partitions: &[u16],
         received_since_ms: i64,
+        from_day: u16,
     ) -> impl std::future::Future<Output = Result<Vec<FactRow>, StoreError>> + Send;
 
     /// Earliest stored visit of each session (`None` when it has none).
@@ -31,9 +36,55 @@ pub trait ProcessorStore: Send + Sync + 'static {
         sessions: &[SessionRef],
     ) -> impl std::future::Future<Output = Result<Vec<(SessionRef, Option<i64>)>, StoreError>> + Send;
 
-    /// Writes a flush in the order of [`FlushBatch`]: first-visit and late markers, then the
-    /// facts with their checkpoints (one INSERT: the commit point), then the buckets.
+    /// Records copies of dedup keys (`fact_copies`).
+    fn write_copies(&self, rows: &[CopyRow]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+
+    /// The `per_key` first copies of each key, by [`eventflow_store::rows::CopyKey`] order.
+    fn first_copies(
+        &self,
+        keys: &[UidKey],
+        per_key: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<CopyRow>, StoreError>> + Send;
+
+    /// Partitions holding copies of each key: `(key, partition)` pairs.
+    fn copy_partitions(
+        &self,
+        keys: &[UidKey],
+    ) -> impl std::future::Future<Output = Result<Vec<(UidKey, u16)>, StoreError>> + Send;
+
+    /// Every copy of `keys` held by one of `partitions`.
+    fn copies_in(
+        &self,
+        keys: &[UidKey],
+        partitions: &[u16],
+    ) -> impl std::future::Future<Output = Result<Vec<CopyRow>, StoreError>> + Send;
+
+    /// Records dedup notices.
+    fn write_notices(&self, rows: &[NoticeRow]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+
+    /// Notices for `targets` whose `writer_seq` is above `cursor[writer_partition]` (above 0
+    /// for writers not in `cursor`).
+    fn notices_since(
+        &self,
+        targets: &[u16],
+        cursor: &BTreeMap<u16, u64>,
+    ) -> impl std::future::Future<Output = Result<Vec<NoticeRow>, StoreError>> + Send;
+
+    /// The stored rows of the facts named (those not stored are left out).
+    fn facts_by_ref(
+        &self,
+        refs: &[FactRef],
+    ) -> impl std::future::Future<Output = Result<Vec<FactRow>, StoreError>> + Send;
+
+    /// Writes a flush in the order of [`FlushBatch`]: first-visit, late and fact-day markers,
+    /// then the facts with their checkpoints (one INSERT: the commit point), then the buckets.
     fn write(&self, batch: &FlushBatch) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+
+    /// The latest rebuild request of each of `partitions` that has one (`requested_ms`).
+    fn rebuild_requests(
+        &self,
+        partitions: &[u16],
+    ) -> impl std::future::Future<Output = Result<HashMap<u16, i64>, StoreError>> + Send;
 
     /// Records partition ownership and watermarks for the reader API and operators.
     fn heartbeat(&self, rows: &[ProgressRow]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
@@ -48,8 +99,13 @@ impl ProcessorStore for Store {
         self.load_checkpoints(partitions).await
     }
 
-    async fn facts_since(&self, partitions: &[u16], received_since_ms: i64) -> Result<Vec<FactRow>, StoreError> {
-        self.partition_facts_since(partitions, received_since_ms).await
+    async fn facts_since(
+        &self,
+        partitions: &[u16],
+        received_since_ms: i64,
+        from_day: u16,
+    ) -> Result<Vec<FactRow>, StoreError> {
+        self.partition_facts_since(partitions, received_since_ms, from_day).await
     }
 
     async fn first_visits(&self, sessions: &[SessionRef]) -> Result<Vec<(SessionRef, Option<i64>)>, StoreError> {
@@ -62,11 +118,42 @@ impl ProcessorStore for Store {
             .collect())
     }
 
+    async fn write_copies(&self, rows: &[CopyRow]) -> Result<(), StoreError> {
+        self.insert("fact_copies", rows).await
+    }
+
+    async fn first_copies(&self, keys: &[UidKey], per_key: usize) -> Result<Vec<CopyRow>, StoreError> {
+        self.first_copies_of(keys, per_key).await
+    }
+
+    async fn copy_partitions(&self, keys: &[UidKey]) -> Result<Vec<(UidKey, u16)>, StoreError> {
+        self.copy_partitions_of(keys).await
+    }
+
+    async fn copies_in(&self, keys: &[UidKey], partitions: &[u16]) -> Result<Vec<CopyRow>, StoreError> {
+        self.copies_of_in(keys, partitions).await
+    }
+
+    async fn write_notices(&self, rows: &[NoticeRow]) -> Result<(), StoreError> {
+        self.insert("dedup_notices", rows).await
+    }
+
+    async fn notices_since(&self, targets: &[u16], cursor: &BTreeMap<u16, u64>) -> Result<Vec<NoticeRow>, StoreError> {
+        self.dedup_notices_since(targets, cursor).await
+    }
+
+    async fn facts_by_ref(&self, refs: &[FactRef]) -> Result<Vec<FactRow>, StoreError> {
+        let ids: Vec<(String, u16, i8, String)> =
+            refs.iter().map(|r| (r.client_id.clone(), r.day, r.kind, r.key.fact_id())).collect();
+        self.facts_by_id(&ids).await
+    }
+
     async fn write(&self, batch: &FlushBatch) -> Result<(), StoreError> {
         debug_assert!(batch.facts.len() <= MAX_FACT_ROWS_PER_INSERT);
         debug_assert!(batch.facts.iter().any(|r| r.kind == kind::CHECKPOINT));
         self.insert("session_first_visits", &batch.first_visits).await?;
         self.insert("late_facts", &batch.late).await?;
+        self.insert("fact_days", &batch.fact_days).await?;
         self.insert("facts", &batch.facts).await?;
         // After the commit point the aggregate tables are independent (each row is a versioned
         // full value, so any subset surviving a crash is overwritten by the rebuild): write them
@@ -76,9 +163,13 @@ impl ProcessorStore for Store {
             self.insert("minute_live", &batch.minute_live),
             self.insert("daily_totals", &batch.daily_totals),
             self.insert("daily_marketing", &batch.daily_marketing),
-            self.insert("daily_sessions", &batch.daily_sessions),
+            self.insert("day_sessions", &batch.day_sessions),
         )?;
         Ok(())
+    }
+
+    async fn rebuild_requests(&self, partitions: &[u16]) -> Result<HashMap<u16, i64>, StoreError> {
+        Store::rebuild_requests(self, partitions).await
     }
 
     async fn heartbeat(&self, rows: &[ProgressRow]) -> Result<(), StoreError> {

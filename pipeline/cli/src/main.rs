@@ -193,8 +193,8 @@ async fn run(command: Command, loaded: Loaded) -> anyhow::Result<std::process::E
             .await?;
             bar.finish();
             println!(
-                "backfilled {} client days: {} rows written ({} stale rows zeroed)",
-                report.client_days, report.rows_written, report.rows_zeroed
+                "backfilled {} client days: {} rows written ({} stale rows zeroed, {} facts re-attributed)",
+                report.client_days, report.rows_written, report.rows_zeroed, report.facts_reattributed
             );
         }
         Command::Reconcile { from, to, client } => return reconcile_cmd(&cfg, from, to, client).await,
@@ -399,6 +399,16 @@ async fn links(cfg: &Config, command: LinksCommand) -> anyhow::Result<()> {
                 }
                 eventflow_core::ClientId::parse(f[1])
                     .with_context(|| format!("{}:{}: client_id", file.display(), i + 1))?;
+                // `unresolved` is the label of facts whose link is unknown: a link of that name
+                // would make them indistinguishable.
+                if f[0].is_empty() || f[0] == eventflow_core::fact::UNRESOLVED {
+                    anyhow::bail!(
+                        "{}:{}: cid must be non-empty and not `{}`",
+                        file.display(),
+                        i + 1,
+                        eventflow_core::fact::UNRESOLVED
+                    );
+                }
                 let g = |k: usize| f.get(k).map(|s| (*s).to_owned()).unwrap_or_default();
                 rows.push(eventflow_store::rows::CampaignLinkRow {
                     cid: g(0),

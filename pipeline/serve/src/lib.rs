@@ -443,7 +443,7 @@ async fn live_series(
     };
     let (source, minutes) = match agg {
         Some(m) => (Source::Aggregated, m),
-        None => match store.raw_live_minutes(&client, &webinar, from, to).await {
+        None => match store.raw_live_minutes(&client, &webinar, from, to, tz).await {
             Ok(m) => {
                 st.metrics.fallback.with_label_values(&["live"]).inc();
                 (Source::Raw, m)

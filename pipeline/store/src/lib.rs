@@ -135,7 +135,7 @@ impl Store {
         Ok(self.client.query(sql))
     }
 
-    fn check_faults(&self, what: &str) -> Result<()> {
+    pub(crate) fn check_faults(&self, what: &str) -> Result<()> {
         if let Ok(faults) = self.faults.read() {
             if let Some(f) = faults.iter().find(|f| what.contains(f.as_str())) {
                 return Err(StoreError::Invalid(format!("injected fault: {f}")));

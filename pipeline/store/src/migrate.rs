@@ -18,6 +18,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { name: "001_facts", sql: include_str!("../../../sql/001_facts.sql") },
     Migration { name: "002_aggregates", sql: include_str!("../../../sql/002_aggregates.sql") },
     Migration { name: "003_operations", sql: include_str!("../../../sql/003_operations.sql") },
+    Migration { name: "004_exact_dedup", sql: include_str!("../../../sql/004_exact_dedup.sql") },
 ];
 
 /// The cluster variant (`sql/cluster/`), applied by `eventflow migrate --cluster NAME` after
@@ -26,6 +27,7 @@ pub const CLUSTER_MIGRATIONS: &[Migration] = &[
     Migration { name: "cluster/001_facts", sql: include_str!("../../../sql/cluster/001_facts.sql") },
     Migration { name: "cluster/002_aggregates", sql: include_str!("../../../sql/cluster/002_aggregates.sql") },
     Migration { name: "cluster/003_operations", sql: include_str!("../../../sql/cluster/003_operations.sql") },
+    Migration { name: "cluster/004_exact_dedup", sql: include_str!("../../../sql/cluster/004_exact_dedup.sql") },
 ];
 
 /// Splits a migration file into statements: `--` comment lines are dropped and statements end
@@ -96,6 +98,9 @@ pub async fn apply(config: &ClickHouseConfig) -> Result<Report> {
             continue;
         }
         for stmt in statements(migration.sql) {
+            if done_already(&client, db, &stmt).await.map_err(fail(migration.name))? {
+                continue;
+            }
             client.query(&stmt).execute().await.map_err(fail(migration.name))?;
         }
         client
@@ -109,8 +114,55 @@ pub async fn apply(config: &ClickHouseConfig) -> Result<Report> {
     Ok(report)
 }
 
+/// Whether `stmt` has nothing left to do: an `ALTER TABLE t ADD COLUMN c` whose column exists
+/// (18.16 has no `ADD COLUMN IF NOT EXISTS`), or an `INSERT ... SELECT ... FROM t` whose source
+/// table is gone (a data move whose source a later statement of the same file dropped). This
+/// makes every migration statement safe to run again after a partial failure.
+async fn done_already(
+    client: &clickhouse::Client,
+    database: &str,
+    stmt: &str,
+) -> Result<bool, clickhouse::error::Error> {
+    let words: Vec<&str> = stmt.split_whitespace().collect();
+    let table_of = |name: &str| -> (String, String) {
+        match name.split_once('.') {
+            Some((db, t)) => (db.to_owned(), t.to_owned()),
+            None => (database.to_owned(), name.to_owned()),
+        }
+    };
+    if words.len() > 2 && words[0] == "ALTER" && words[1] == "TABLE" {
+        if let Some(at) = words.windows(2).position(|w| w == ["ADD", "COLUMN"]) {
+            let (db, table) = table_of(words[2]);
+            let column = words.get(at + 2).copied().unwrap_or_default().trim_matches('`');
+            let n: u64 = client
+                .query("SELECT count() FROM system.columns WHERE database = ? AND table = ? AND name = ?")
+                .bind(db)
+                .bind(table)
+                .bind(column)
+                .fetch_one()
+                .await?;
+            return Ok(n > 0);
+        }
+    }
+    if words.first() == Some(&"INSERT") {
+        if let Some(at) = words.iter().rposition(|w| *w == "FROM") {
+            let (db, table) = table_of(words.get(at + 1).copied().unwrap_or_default());
+            let n: u64 = client
+                .query("SELECT count() FROM system.tables WHERE database = ? AND name = ?")
+                .bind(db)
+                .bind(table)
+                .fetch_one()
+                .await?;
+            return Ok(n == 0);
+        }
+    }
+    Ok(false)
+}
+
 /// Applies the cluster variant of the schema to `cluster` (every statement is
-/// `IF NOT EXISTS ... ON CLUSTER`, so re-running is harmless; nothing is recorded per host).
+/// `IF NOT EXISTS ... ON CLUSTER` or skipped when done, so re-running is harmless; nothing is
+/// recorded per host). A data move (`INSERT ... SELECT`) runs again on a second run while its
+/// source still exists; its target is a ReplacingMergeTree, so the copy is folded.
 pub async fn apply_cluster(config: &ClickHouseConfig, cluster: &str) -> Result<Report> {
     let valid = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if !valid(cluster) || !valid(&config.database) {
@@ -120,12 +172,12 @@ pub async fn apply_cluster(config: &ClickHouseConfig, cluster: &str) -> Result<R
     let mut report = Report::default();
     for migration in CLUSTER_MIGRATIONS {
         let sql = migration.sql.replace("{cluster}", cluster).replace("{database}", &config.database);
+        let fail = |source| StoreError::Migration { name: migration.name.to_owned(), source };
         for stmt in statements(&sql) {
-            client
-                .query(&stmt)
-                .execute()
-                .await
-                .map_err(|source| StoreError::Migration { name: migration.name.to_owned(), source })?;
+            if done_already(&client, &config.database, &stmt).await.map_err(fail)? {
+                continue;
+            }
+            client.query(&stmt).execute().await.map_err(fail)?;
         }
         report.applied.push(migration.name);
     }
@@ -172,7 +224,16 @@ mod tests {
             statements(sql),
             vec!["CREATE TABLE a\n(x UInt8)\nENGINE = Log", "CREATE TABLE b (y UInt8) ENGINE = Log"]
         );
-        let total: usize = MIGRATIONS.iter().map(|m| statements(m.sql).len()).sum();
-        assert_eq!(total, 11, "one CREATE TABLE per table");
+        let all: Vec<String> = MIGRATIONS.iter().flat_map(|m| statements(m.sql)).collect();
+        for stmt in &all {
+            assert!(
+                ["CREATE TABLE IF NOT EXISTS ", "ALTER TABLE ", "INSERT INTO ", "DROP TABLE IF EXISTS "]
+                    .iter()
+                    .any(|p| stmt.starts_with(p)),
+                "{stmt}"
+            );
+        }
+        let creates = all.iter().filter(|s| s.starts_with("CREATE TABLE")).count();
+        assert_eq!(creates, 16, "one CREATE TABLE per table ever created");
     }
 }

@@ -1,8 +1,9 @@
 //! Queries the stream processor runs: checkpoints, replay of stored facts, session lookups.
 
+use std::collections::BTreeMap;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::rows::{checkpoint_fact_id, Checkpoint, FactRow};
+use crate::rows::{checkpoint_fact_id, Checkpoint, CopyRow, FactRow, NoticeRow};
 use crate::{bind_all, in_placeholders, Result, Store, StoreError};
 
 #[derive(clickhouse::Row, serde::Deserialize)]
@@ -76,21 +77,160 @@ impl Store {
         .await
     }
 
-    /// Stored facts of `partitions` received since `received_since_ms`, one row per fact
-    /// (`FINAL`: a fact a fenced-off zombie also wrote comes once), in `(partition, seq)` order.
-    pub async fn partition_facts_since(&self, partitions: &[u16], received_since_ms: i64) -> Result<Vec<FactRow>> {
+    /// Stored facts of `partitions` received since `received_since_ms` on client days from
+    /// `from_day`, one row per fact (`FINAL`: a fact a fenced-off zombie also wrote comes once),
+    /// in `(partition, seq)` order. The day bound keeps the read to primary-key ranges.
+    pub async fn partition_facts_since(
+        &self,
+        partitions: &[u16],
+        received_since_ms: i64,
+        from_day: u16,
+    ) -> Result<Vec<FactRow>> {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
         let sql = format!(
-            "SELECT ?fields FROM facts FINAL WHERE kind != 'checkpoint' AND kafka_partition IN {} \
+            "SELECT ?fields FROM facts FINAL WHERE day >= ? AND kind != 'checkpoint' AND kafka_partition IN {} \
              AND received_at_ms >= ? ORDER BY kafka_partition, seq",
             in_placeholders(partitions.len())
         );
+        let from = eventflow_core::time::format_day(eventflow_core::time::day_from_number(from_day));
         self.timed(async {
-            Ok(bind_all(self.query(&sql)?, partitions).bind(received_since_ms).fetch_all::<FactRow>().await?)
+            Ok(bind_all(self.query(&sql)?.bind(from), partitions)
+                .bind(received_since_ms)
+                .fetch_all::<FactRow>()
+                .await?)
         })
         .await
+    }
+
+    /// Rows of `sql`, whose `{keys}` is replaced by a list of `(client_id, kind, uid)` tuples,
+    /// run once per chunk of `keys` (chunks keep each statement well below max_query_size,
+    /// 256 KiB on 18.16); `extra` binds the placeholders after the list.
+    async fn fetch_by_keys<T>(&self, sql: &str, keys: &[(String, i8, String)], extra: &[u16]) -> Result<Vec<T>>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        let mut out = Vec::new();
+        for chunk in keys.chunks(2000) {
+            let sql = sql.replace("{keys}", &vec!["(?, ?, ?)"; chunk.len()].join(", "));
+            let rows = self
+                .timed(async {
+                    let q = chunk.iter().fold(self.query(&sql)?, |q, (c, k, u)| {
+                        q.bind(c.as_str())
+                            .bind(if *k == crate::rows::kind::VISIT { "visit" } else { "entry" })
+                            .bind(u.as_str())
+                    });
+                    Ok(bind_all(q, extra).fetch_all::<T>().await?)
+                })
+                .await?;
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+
+    /// The `per_key` first copies of each `(client_id, kind, uid)` in `fact_copies`, by
+    /// `(received_at_ms, spool_id, spool_seq)`.
+    pub async fn first_copies_of(&self, keys: &[(String, i8, String)], per_key: usize) -> Result<Vec<CopyRow>> {
+        let sql = format!(
+            "SELECT client_id, kind, uid, received_at_ms, spool_id, spool_seq, \
+             any(kafka_partition) AS kafka_partition, any(day) AS day FROM fact_copies \
+             WHERE (client_id, kind, uid) IN ({{keys}}) \
+             GROUP BY client_id, kind, uid, received_at_ms, spool_id, spool_seq \
+             ORDER BY client_id, kind, uid, received_at_ms, spool_id, spool_seq LIMIT {per_key} BY client_id, kind, uid"
+        );
+        self.fetch_by_keys(&sql, keys, &[]).await
+    }
+
+    /// Partitions holding copies of each key.
+    pub async fn copy_partitions_of(&self, keys: &[(String, i8, String)]) -> Result<Vec<((String, i8, String), u16)>> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct KeyPartition {
+            client_id: String,
+            kind: i8,
+            uid: String,
+            kafka_partition: u16,
+        }
+        let sql = "SELECT DISTINCT client_id, kind, uid, kafka_partition FROM fact_copies WHERE (client_id, kind, uid) IN ({keys})";
+        let rows: Vec<KeyPartition> = self.fetch_by_keys(sql, keys, &[]).await?;
+        Ok(rows.into_iter().map(|r| ((r.client_id, r.kind, r.uid), r.kafka_partition)).collect())
+    }
+
+    /// Every copy of `keys` held by one of `partitions`.
+    pub async fn copies_of_in(&self, keys: &[(String, i8, String)], partitions: &[u16]) -> Result<Vec<CopyRow>> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT DISTINCT client_id, kind, uid, received_at_ms, spool_id, spool_seq, kafka_partition, day \
+             FROM fact_copies WHERE (client_id, kind, uid) IN ({{keys}}) AND kafka_partition IN {}",
+            in_placeholders(partitions.len())
+        );
+        self.fetch_by_keys(&sql, keys, partitions).await
+    }
+
+    /// Notices for `targets` with `writer_seq` above `cursor[writer_partition]` (above 0 for
+    /// writers not in `cursor`).
+    pub async fn dedup_notices_since(&self, targets: &[u16], cursor: &BTreeMap<u16, u64>) -> Result<Vec<NoticeRow>> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ranges: Vec<String> =
+            cursor.keys().map(|_| "(writer_partition = ? AND writer_seq > ?)".to_owned()).collect();
+        ranges.push(if cursor.is_empty() {
+            "1".to_owned()
+        } else {
+            format!("writer_partition NOT IN {}", in_placeholders(cursor.len()))
+        });
+        let sql = format!(
+            "SELECT ?fields FROM dedup_notices WHERE target_partition IN {} AND ({})",
+            in_placeholders(targets.len()),
+            ranges.join(" OR ")
+        );
+        self.timed(async {
+            let mut q = bind_all(self.query(&sql)?, targets);
+            for (w, seq) in cursor {
+                q = q.bind(*w).bind(*seq);
+            }
+            q = bind_all(q, cursor.keys());
+            Ok(q.fetch_all::<NoticeRow>().await?)
+        })
+        .await
+    }
+
+    /// Stored rows of the facts `(client_id, day, kind code, fact_id)` (one per fact, `FINAL`).
+    pub async fn facts_by_id(&self, ids: &[(String, u16, i8, String)]) -> Result<Vec<FactRow>> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(1000) {
+            let clients: BTreeSet<&str> = chunk.iter().map(|(c, ..)| c.as_str()).collect();
+            // The stored day of a fact can differ by one from the one a notice carries (a
+            // time-zone change between its copy and its fact): look one day around it.
+            let days: BTreeSet<String> = chunk
+                .iter()
+                .flat_map(|(_, d, ..)| [d.saturating_sub(1), *d, d.saturating_add(1)])
+                .map(|d| eventflow_core::time::format_day(eventflow_core::time::day_from_number(d)))
+                .collect();
+            let fact_ids: BTreeSet<&str> = chunk.iter().map(|(.., f)| f.as_str()).collect();
+            let wanted: HashSet<(&str, i8, &str)> =
+                chunk.iter().map(|(c, _, k, f)| (c.as_str(), *k, f.as_str())).collect();
+            let sql = format!(
+                "SELECT ?fields FROM facts FINAL WHERE client_id IN {} AND day IN {} AND kind IN ('visit', 'entry') AND fact_id IN {}",
+                in_placeholders(clients.len()),
+                in_placeholders(days.len()),
+                in_placeholders(fact_ids.len())
+            );
+            let rows = self
+                .timed(async {
+                    let q = bind_all(self.query(&sql)?, clients.iter().copied());
+                    let q = bind_all(q, days.iter().map(String::as_str));
+                    Ok(bind_all(q, fact_ids.iter().copied()).fetch_all::<FactRow>().await?)
+                })
+                .await?;
+            out.extend(
+                rows.into_iter().filter(|r| wanted.contains(&(r.client_id.as_str(), r.kind, r.fact_id.as_str()))),
+            );
+        }
+        Ok(out)
     }
 
     /// Earliest stored visit of each `(client_id, session_id)` that has one.
@@ -121,5 +261,51 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Asks the owners of `partitions` to rebuild their open windows from the stored facts.
+    pub async fn request_rebuild(&self, partitions: &[u16], reason: &str) -> Result<()> {
+        #[derive(clickhouse::Row, serde::Serialize)]
+        struct Request<'a> {
+            kafka_partition: u16,
+            requested_ms: i64,
+            reason: &'a str,
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        let rows: Vec<Request<'_>> =
+            partitions.iter().map(|p| Request { kafka_partition: *p, requested_ms: now, reason }).collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.check_faults("rebuild_requests")?;
+        self.timed(async {
+            let mut insert = self.client().insert::<Request<'_>>("rebuild_requests").await?;
+            for r in &rows {
+                insert.write(r).await?;
+            }
+            insert.end().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The latest rebuild request of each of `partitions` that has one.
+    pub async fn rebuild_requests(&self, partitions: &[u16]) -> Result<HashMap<u16, i64>> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Latest {
+            kafka_partition: u16,
+            requested_ms: i64,
+        }
+        if partitions.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let sql = format!(
+            "SELECT kafka_partition, max(requested_ms) AS requested_ms FROM rebuild_requests \
+             WHERE kafka_partition IN {} GROUP BY kafka_partition",
+            in_placeholders(partitions.len())
+        );
+        let rows =
+            self.timed(async { Ok(bind_all(self.query(&sql)?, partitions).fetch_all::<Latest>().await?) }).await?;
+        Ok(rows.into_iter().map(|r| (r.kafka_partition, r.requested_ms)).collect())
     }
 }

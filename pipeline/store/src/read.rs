@@ -223,15 +223,18 @@ impl Store {
     pub async fn sessions(&self, client: &str, from: NaiveDate, to: NaiveDate) -> Result<(BTreeMap<u16, u64>, u64)> {
         // Day 0 (1970-01-01) carries the range total; it is never inside a valid range. (Not
         // aliased `day`: ClickHouse aliases are visible in WHERE, which would then filter on it.)
+        // A session row's latest version decides (argMax, not FINAL: 18.16 may move a condition
+        // on `present` ahead of the FINAL merge).
+        const PRESENT: &str = "SELECT day, session_id FROM day_sessions WHERE client_id = ? AND day >= ? AND day <= ? \
+                               GROUP BY day, session_id, kafka_partition HAVING argMax(present, version) = 1";
+        let sql = format!(
+            "SELECT day, uniqExact(session_id) AS n FROM ({PRESENT}) GROUP BY day \
+             UNION ALL SELECT toDate('1970-01-01') AS range_total, uniqExact(session_id) AS n FROM ({PRESENT})"
+        );
         let rows = self
             .timed(async {
                 Ok(self
-                    .query(
-                        "SELECT day, uniqExact(session_id) AS n FROM daily_sessions \
-                         WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY day \
-                         UNION ALL SELECT toDate('1970-01-01') AS range_total, uniqExact(session_id) AS n FROM daily_sessions \
-                         WHERE client_id = ? AND day >= ? AND day <= ?",
-                    )?
+                    .query(&sql)?
                     .bind(client)
                     .bind(d(from))
                     .bind(d(to))
@@ -254,7 +257,9 @@ impl Store {
         Ok((days, range))
     }
 
-    /// Days of `[from, to]` with stored facts (read from the primary key only).
+    /// Days of `[from, to]` with stored facts (from the processor's `fact_days` markers, a
+    /// primary-key read; the overview never reads the raw facts when the aggregates are
+    /// complete).
     ///
     /// Each of them has a `daily_totals` row once the flush that stored the facts is written
     /// (zeros for a day of duplicates only; for a day with only late facts: once backfill folded
@@ -267,7 +272,7 @@ impl Store {
         }
         let rows = self
             .fetch_client_days::<Day>(
-                "SELECT DISTINCT day FROM facts WHERE client_id = ? AND day >= ? AND day <= ?",
+                "SELECT DISTINCT day FROM fact_days WHERE client_id = ? AND day >= ? AND day <= ?",
                 client,
                 from,
                 to,

@@ -1,15 +1,21 @@
 //! Recount of raw facts: the truth every aggregate is compared with.
 //!
 //! Used by the reader API's raw fallback, by `eventflow reconcile` and by `eventflow backfill`.
-//! The rules are the contract's (CONTRACT.md §1, §4) and the processor's (`state.rs`):
-//! - a visit counts once per `(client_id, event_uid)`: the copy processed first (lowest `seq`);
-//!   every visit without `event_uid` counts; `FINAL` folds a fact stored twice;
+//! The rules are the contract's (CONTRACT.md §1, §4) and the processor's (`state/mod.rs`); the
+//! one definition is in `docs/architecture.md` ("Counting rules"):
+//! - a visit counts once per `(client_id, event_uid)`: the first copy by `(received_at_ms,
+//!   spool_id, spool_seq)` over the client's whole stored history (`fact_copies` indexes every
+//!   copy by key); every visit without `event_uid` counts; `FINAL` folds a fact stored twice;
 //! - unique sessions are distinct sessions of counted visits;
-//! - an entry counts once per `(client_id, entry_id)` (lowest `seq`) and is linked when any visit
-//!   of its session is at or before its event time (computed in Rust: no JOIN on 18.16);
-//! - live viewers of a minute are distinct pinging sessions.
-//!
-//! Copies of one `event_uid` / `entry_id` are looked for within 31 days around the range.
+//! - an entry counts once per `(client_id, entry_id)`, the first copy likewise, and is linked
+//!   when a visit of its session is at or before its event time (`session_first_visits` holds
+//!   each session's earliest visit; computed in Rust: no JOIN on 18.16);
+//! - live viewers of a minute are distinct pinging sessions;
+//! - labels: an empty or literal `unknown` UTM field is `unknown` (a visit whose source is
+//!   `unknown` counts as UTM-missing); a campaign link id is itself when the collector resolved
+//!   it to a link of the client, else `unresolved`;
+//! - days are calendar days in the client's CURRENT time zone, computed from the event time (the
+//!   stored `day` column, in the zone of the time of processing, only narrows the read).
 //!
 //! With `by_partition`, every figure is also split by Kafka partition, which is what backfill
 //! writes (rows are per partition, see `sql/002_aggregates.sql`).
@@ -24,8 +30,9 @@ use eventflow_core::time;
 use crate::rows::{DayCounters, MarketingCounters, MarketingDims};
 use crate::{bind_all, in_placeholders, Result, Store};
 
-/// Days of copies considered around a range when deduplicating.
-const DEDUP_MARGIN_DAYS: i64 = 31;
+/// Days around a range read for facts whose stored day (zone at processing) differs from their
+/// day in the client's current zone: zone offsets differ by at most 26 hours.
+const ZONE_MARGIN_DAYS: i64 = 2;
 
 /// A client and an inclusive range of its days.
 #[derive(Debug, Clone)]
@@ -44,16 +51,43 @@ enum Arg {
     Str(String),
 }
 
+/// Labels of the marketing dimensions; the one definition (see the module documentation).
+const LABELS: &str = "if(cid_resolved = 1 AND cid != '', cid, 'unresolved') AS cid_label, \
+    if(utm_source = '', 'unknown', utm_source) AS src, if(utm_medium = '', 'unknown', utm_medium) AS med, \
+    if(utm_campaign = '', 'unknown', utm_campaign) AS camp";
+
 impl Scope {
     fn day(d: NaiveDate) -> String {
         time::format_day(d)
     }
 
-    fn margin(&self) -> (String, String) {
+    /// Stored days to read: the range widened by the zone margin.
+    fn stored_days(&self) -> (String, String) {
         (
-            Self::day(self.from - chrono::Duration::days(DEDUP_MARGIN_DAYS)),
-            Self::day(self.to + chrono::Duration::days(DEDUP_MARGIN_DAYS)),
+            Self::day(self.from - chrono::Duration::days(ZONE_MARGIN_DAYS)),
+            Self::day(self.to + chrono::Duration::days(ZONE_MARGIN_DAYS)),
         )
+    }
+
+    /// `client_id = ? AND <stored day margin> AND toDate(event_time, tz) in range` with its
+    /// arguments: the facts of the scope's client days.
+    fn facts_of_days(&self, args: &mut Vec<Arg>) -> &'static str {
+        let (lo, hi) = self.stored_days();
+        args.extend([
+            Arg::Str(self.client_id.clone()),
+            Arg::Str(lo),
+            Arg::Str(hi),
+            Arg::Str(self.tz.name().to_owned()),
+            Arg::Str(Self::day(self.from)),
+            Arg::Str(Self::day(self.to)),
+        ]);
+        "client_id = ? AND day >= ? AND day <= ? AND toDate(event_time, ?) BETWEEN toDate(?) AND toDate(?)"
+    }
+
+    /// `toDate(event_time, tz) AS cday` with its argument: a fact's day in the current zone.
+    fn client_day(&self, args: &mut Vec<Arg>) -> &'static str {
+        args.push(Arg::Str(self.tz.name().to_owned()));
+        "toDate(event_time, ?) AS cday"
     }
 
     fn cid_filter(&self, args: &mut Vec<Arg>) -> &'static str {
@@ -68,38 +102,36 @@ impl Scope {
         }
     }
 
-    /// Counted visits of the scope with the columns recounts need.
+    /// `AND (<uid column> = '' OR (<uid column>, copy key) IN (first copies))`: keeps a fact of
+    /// kind `kind` when it has no dedup key or is the first copy of its key. `GLOBAL IN`: on a
+    /// cluster the subqueries read Distributed tables and run once, not once per shard (a plain
+    /// IN over a Distributed table inside a Distributed query is refused).
+    fn first_copy_filter(&self, kind: &str, uid_col: &str, args: &mut Vec<Arg>) -> String {
+        let mut days = Vec::new();
+        let facts = self.facts_of_days(&mut days);
+        args.push(Arg::Str(self.client_id.clone()));
+        args.extend(days);
+        format!(
+            " AND ({uid_col} = '' OR ({uid_col}, received_at_ms, spool_id, spool_seq) GLOBAL IN \
+             (SELECT uid, tupleElement(m, 1), tupleElement(m, 2), tupleElement(m, 3) FROM \
+             (SELECT uid, min(tuple(received_at_ms, spool_id, spool_seq)) AS m FROM fact_copies \
+             WHERE client_id = ? AND kind = '{kind}' AND uid GLOBAL IN \
+             (SELECT {uid_col} FROM facts WHERE {facts} AND kind = '{kind}' AND {uid_col} != '') GROUP BY uid)))"
+        )
+    }
+
+    /// Counted visits of the scope, with `cday` (client day) and the columns recounts need.
     fn counted_visits(&self, args: &mut Vec<Arg>) -> String {
-        let cols = "day, kafka_partition, page, session_id, event_time, event_id, webinar_id, cid, cid_resolved, utm_source, utm_medium, utm_campaign";
-        let (lo, hi) = self.margin();
         let mut sql = format!(
-            "SELECT {cols} FROM facts FINAL WHERE client_id = ? AND kind = 'visit' AND event_uid = '' AND day >= ? AND day <= ?"
+            "SELECT {}, kafka_partition, page, session_id, event_time, event_id, webinar_id, cid, cid_resolved, \
+             utm_source, utm_medium, utm_campaign FROM facts FINAL WHERE ",
+            self.client_day(args)
         );
-        args.extend([Arg::Str(self.client_id.clone()), Arg::Str(Self::day(self.from)), Arg::Str(Self::day(self.to))]);
+        sql.push_str(self.facts_of_days(args));
+        sql.push_str(" AND kind = 'visit'");
         sql.push_str(self.cid_filter(args));
-        let picks: Vec<String> =
-            cols.split(", ").enumerate().map(|(i, c)| format!("tupleElement(w, {}) AS {c}", i + 1)).collect();
-        sql.push_str(&format!(
-            " UNION ALL SELECT {} FROM (SELECT argMin(tuple({cols}), seq) AS w FROM facts FINAL \
-             WHERE client_id = ? AND kind = 'visit' AND day >= ? AND day <= ? AND event_uid IN \
-             (SELECT event_uid FROM facts WHERE client_id = ? AND kind = 'visit' AND event_uid != '' AND day >= ? AND day <= ?) \
-             GROUP BY event_uid) WHERE day >= ? AND day <= ?",
-            picks.join(", ")
-        ));
-        args.extend([
-            Arg::Str(self.client_id.clone()),
-            Arg::Str(lo),
-            Arg::Str(hi),
-            Arg::Str(self.client_id.clone()),
-            Arg::Str(Self::day(self.from)),
-            Arg::Str(Self::day(self.to)),
-            Arg::Str(Self::day(self.from)),
-            Arg::Str(Self::day(self.to)),
-        ]);
-        if self.cid.is_some() {
-            // The winning copy decides the attribution.
-            sql.push_str(self.cid_filter(args));
-        }
+        let first = self.first_copy_filter("visit", "event_uid", args);
+        sql.push_str(&first);
         sql
     }
 }
@@ -186,10 +218,6 @@ struct SessionMin {
     first: i64,
 }
 
-const LABELS: &str = "if(cid_resolved = 1 AND cid != '', cid, 'unresolved') AS cid_label, \
-    if(utm_source = '', 'unknown', utm_source) AS src, if(utm_medium = '', 'unknown', utm_medium) AS med, \
-    if(utm_campaign = '', 'unknown', utm_campaign) AS camp";
-
 fn bind(q: clickhouse::query::Query, args: Vec<Arg>) -> clickhouse::query::Query {
     args.into_iter().fold(q, |q, a| match a {
         Arg::Str(s) => q.bind(s),
@@ -197,6 +225,13 @@ fn bind(q: clickhouse::query::Query, args: Vec<Arg>) -> clickhouse::query::Query
 }
 
 impl Store {
+    async fn fetch_args<T>(&self, sql: &str, args: Vec<Arg>) -> Result<Vec<T>>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        self.timed(async { Ok(bind(self.query(sql)?, args).fetch_all::<T>().await?) }).await
+    }
+
     /// Recounts `scope` from raw facts. With `by_partition` every figure is split by Kafka
     /// partition (what backfill writes); otherwise partition is 0 throughout.
     pub async fn recount(&self, scope: &Scope, by_partition: bool) -> Result<Recount> {
@@ -212,15 +247,15 @@ impl Store {
         };
         // Visits by day, page and marketing dimensions.
         let (groups_sql, groups_args) = visit_query(&format!(
-            "SELECT day, {part} AS kafka_partition, page, event_id, webinar_id, {LABELS}, count() AS visits, uniqExact(session_id) AS sessions \
+            "SELECT cday AS day, {part} AS kafka_partition, page, event_id, webinar_id, {LABELS}, count() AS visits, uniqExact(session_id) AS sessions \
              FROM ({{visits}}) GROUP BY day, kafka_partition, page, event_id, webinar_id, cid_label, src, med, camp"
         ));
         // Distinct sessions per day (and partition) and over the range.
         let (day_sql, day_args) = visit_query(&format!(
-            "SELECT day, {part} AS kafka_partition, uniqExact(session_id) AS sessions FROM ({{visits}}) GROUP BY day, kafka_partition"
+            "SELECT cday AS day, {part} AS kafka_partition, uniqExact(session_id) AS sessions FROM ({{visits}}) GROUP BY day, kafka_partition"
         ));
         let (all_day_sql, all_day_args) = visit_query(
-            "SELECT day, toUInt16(0) AS kafka_partition, uniqExact(session_id) AS sessions FROM ({visits}) GROUP BY day",
+            "SELECT cday AS day, toUInt16(0) AS kafka_partition, uniqExact(session_id) AS sessions FROM ({visits}) GROUP BY day",
         );
         let (range_sql, range_args) = visit_query("SELECT uniqExact(session_id) FROM ({visits})");
         // Visits per minute and page.
@@ -231,7 +266,7 @@ impl Store {
         // Marketing rows: unique sessions of a dims group over all pages needs its own distinct
         // count, so regroup without page.
         let (marketing_sql, marketing_args) = visit_query(&format!(
-            "SELECT day, {part} AS kafka_partition, toInt8(0) AS page, event_id, webinar_id, {LABELS}, count() AS visits, uniqExact(session_id) AS sessions \
+            "SELECT cday AS day, {part} AS kafka_partition, toInt8(0) AS page, event_id, webinar_id, {LABELS}, count() AS visits, uniqExact(session_id) AS sessions \
              FROM ({{visits}}) GROUP BY day, kafka_partition, event_id, webinar_id, cid_label, src, med, camp"
         ));
         let (
@@ -246,14 +281,12 @@ impl Store {
             live,
         ) = tokio::try_join!(
             self.fact_day_partitions(scope, part),
-            self.timed(async { Ok(bind(self.query(&groups_sql)?, groups_args).fetch_all::<VisitGroup>().await?) }),
-            self.timed(async { Ok(bind(self.query(&day_sql)?, day_args).fetch_all::<DaySessions>().await?) }),
-            self.timed(async { Ok(bind(self.query(&all_day_sql)?, all_day_args).fetch_all::<DaySessions>().await?) }),
+            self.fetch_args::<VisitGroup>(&groups_sql, groups_args),
+            self.fetch_args::<DaySessions>(&day_sql, day_args),
+            self.fetch_args::<DaySessions>(&all_day_sql, all_day_args),
             self.timed(async { Ok(bind(self.query(&range_sql)?, range_args).fetch_one::<u64>().await?) }),
-            self.timed(async { Ok(bind(self.query(&minutes_sql)?, minutes_args).fetch_all::<MinuteGroup>().await?) }),
-            self.timed(async {
-                Ok(bind(self.query(&marketing_sql)?, marketing_args).fetch_all::<VisitGroup>().await?)
-            }),
+            self.fetch_args::<MinuteGroup>(&minutes_sql, minutes_args),
+            self.fetch_args::<VisitGroup>(&marketing_sql, marketing_args),
             self.entries_with_first_visits(scope),
             self.live_groups(scope, part),
         )?;
@@ -329,32 +362,23 @@ impl Store {
         Ok(out)
     }
 
-    /// Counted entries of `scope` (lowest `seq` per `entry_id`) and the earliest visit of each of
-    /// their sessions (any day: a visit long before the range still links).
+    /// Counted entries of `scope` (the first copy of each `entry_id`) and the earliest visit of
+    /// each of their sessions (any day: a visit long before the range still links).
     async fn entries_with_first_visits(&self, scope: &Scope) -> Result<(Vec<EntryWinner>, HashMap<String, i64>)> {
-        let (lo, hi) = scope.margin();
-        let cols = "day, kafka_partition, session_id, event_time_ms, event_id, webinar_id, cid, cid_resolved, utm_source, utm_medium, utm_campaign";
-        let picks: Vec<String> =
-            cols.split(", ").enumerate().map(|(i, c)| format!("tupleElement(w, {}) AS {c}", i + 1)).collect();
-        let mut args = vec![
-            Arg::Str(scope.client_id.clone()),
-            Arg::Str(lo),
-            Arg::Str(hi),
-            Arg::Str(scope.client_id.clone()),
-            Arg::Str(Scope::day(scope.from)),
-            Arg::Str(Scope::day(scope.to)),
-        ];
+        let mut args = Vec::new();
         let mut sql = format!(
-            "SELECT day, kafka_partition, session_id, event_time_ms, event_id, webinar_id, {LABELS} FROM (\
-             SELECT {} FROM (SELECT argMin(tuple({cols}), seq) AS w FROM facts FINAL \
-             WHERE client_id = ? AND kind = 'entry' AND day >= ? AND day <= ? AND entry_id IN \
-             (SELECT entry_id FROM facts WHERE client_id = ? AND kind = 'entry' AND day >= ? AND day <= ?) GROUP BY entry_id)) \
-             WHERE day >= ? AND day <= ?",
-            picks.join(", ")
+            "SELECT cday AS day, kafka_partition, session_id, event_time_ms, event_id, webinar_id, {LABELS} FROM (\
+             SELECT {}, kafka_partition, session_id, event_time_ms, event_id, webinar_id, cid, cid_resolved, \
+             utm_source, utm_medium, utm_campaign FROM facts FINAL WHERE ",
+            scope.client_day(&mut args)
         );
-        args.extend([Arg::Str(Scope::day(scope.from)), Arg::Str(Scope::day(scope.to))]);
+        sql.push_str(scope.facts_of_days(&mut args));
+        sql.push_str(" AND kind = 'entry'");
         sql.push_str(scope.cid_filter(&mut args));
-        let entries = self.timed(async { Ok(bind(self.query(&sql)?, args).fetch_all::<EntryWinner>().await?) }).await?;
+        let first = scope.first_copy_filter("entry", "entry_id", &mut args);
+        sql.push_str(&first);
+        sql.push(')');
+        let entries: Vec<EntryWinner> = self.fetch_args(&sql, args).await?;
         let sessions: Vec<String> = {
             let mut s: Vec<String> = entries.iter().map(|e| e.session_id.clone()).collect();
             s.sort();
@@ -363,8 +387,11 @@ impl Store {
         };
         let mut first_visit: HashMap<String, i64> = HashMap::new();
         for chunk in sessions.chunks(1000) {
+            // The earliest visit of each session, kept by the processor (a primary-key read, not
+            // a scan of the client's history).
             let sql = format!(
-                "SELECT session_id, min(event_time_ms) AS first FROM facts WHERE client_id = ? AND kind = 'visit' AND session_id IN {} GROUP BY session_id",
+                "SELECT session_id, min(first_visit_ms) AS first FROM session_first_visits \
+                 WHERE client_id = ? AND session_id IN {} GROUP BY session_id",
                 in_placeholders(chunk.len())
             );
             let rows = self
@@ -383,15 +410,11 @@ impl Store {
         if scope.cid.is_some() {
             return Ok(Vec::new());
         }
-        self.fetch_client_days(
-            &format!(
-                "SELECT DISTINCT day, {part} AS kafka_partition FROM facts WHERE client_id = ? AND day >= ? AND day <= ?"
-            ),
-            &scope.client_id,
-            scope.from,
-            scope.to,
-        )
-        .await
+        let mut args = Vec::new();
+        let cday = scope.client_day(&mut args);
+        let facts = scope.facts_of_days(&mut args);
+        let sql = format!("SELECT DISTINCT cday AS day, {part} AS kafka_partition FROM (SELECT {cday}, kafka_partition FROM facts WHERE {facts} AND kind != 'checkpoint')");
+        self.fetch_args(&sql, args).await
     }
 
     /// Live viewers per (day, partition, webinar, minute). Pings carry no campaign: a
@@ -400,33 +423,98 @@ impl Store {
         if scope.cid.is_some() {
             return Ok(Vec::new());
         }
-        self.fetch_client_days(
-            &format!(
-                "SELECT day, {part} AS kafka_partition, webinar_id, toUInt32(toStartOfMinute(event_time)) AS minute, uniqExact(session_id) AS viewers \
-                 FROM facts WHERE client_id = ? AND kind = 'ping' AND day >= ? AND day <= ? GROUP BY day, kafka_partition, webinar_id, minute"
-            ),
-            &scope.client_id,
-            scope.from,
-            scope.to,
-        )
-        .await
+        let mut args = Vec::new();
+        let cday = scope.client_day(&mut args);
+        let facts = scope.facts_of_days(&mut args);
+        let sql = format!(
+            "SELECT cday AS day, {part} AS kafka_partition, webinar_id, toUInt32(toStartOfMinute(event_time)) AS minute, uniqExact(session_id) AS viewers \
+             FROM (SELECT {cday}, kafka_partition, webinar_id, event_time, session_id FROM facts WHERE {facts} AND kind = 'ping') \
+             GROUP BY day, kafka_partition, webinar_id, minute"
+        );
+        self.fetch_args(&sql, args).await
     }
 
-    /// Distinct sessions with a counted visit per day of `scope`, as `daily_sessions` rows
-    /// (used by backfill through `INSERT ... SELECT`, so the sessions never leave the server).
-    pub async fn backfill_daily_sessions(&self, scope: &Scope) -> Result<()> {
-        let mut args = Vec::new();
+    /// Rewrites the `day_sessions` rows of `scope` from the recount, server-side (the sessions
+    /// never leave ClickHouse): every session with a counted visit is present, every other
+    /// session the table holds for those days is taken out. `versions` are the processing
+    /// sequences to write per Kafka partition (see backfill).
+    pub async fn backfill_day_sessions(&self, scope: &Scope, versions: &BTreeMap<u16, u64>) -> Result<()> {
+        let parts: Vec<String> = versions.keys().map(u16::to_string).collect();
+        let seqs: Vec<String> = versions.values().map(u64::to_string).collect();
+        let version = format!("transform(kafka_partition, [{}], [{}], toUInt64(0))", parts.join(", "), seqs.join(", "));
+        let version = if versions.is_empty() { "toUInt64(0)".to_owned() } else { version };
+        let mut args = vec![Arg::Str(scope.client_id.clone())];
         let visits = scope.counted_visits(&mut args);
-        let sql = format!(
-            "INSERT INTO daily_sessions (client_id, day, session_id) SELECT ?, day, session_id FROM ({visits}) GROUP BY day, session_id"
+        let present = format!(
+            "INSERT INTO day_sessions (client_id, day, session_id, kafka_partition, version, present) \
+             SELECT ?, cday, session_id, kafka_partition, {version}, toUInt8(1) FROM ({visits}) \
+             GROUP BY cday, session_id, kafka_partition"
         );
-        let mut all = vec![Arg::Str(scope.client_id.clone())];
-        all.extend(args);
-        self.timed(async { Ok(bind(self.query(&sql)?, all).execute().await?) }).await
+        let mut absent_args =
+            vec![Arg::Str(scope.client_id.clone()), Arg::Str(Scope::day(scope.from)), Arg::Str(Scope::day(scope.to))];
+        let visits = scope.counted_visits(&mut absent_args);
+        // (The NOT IN sits in an outer WHERE: 18.16 cannot resolve it inside HAVING.)
+        let absent = format!(
+            "INSERT INTO day_sessions (client_id, day, session_id, kafka_partition, version, present) \
+             SELECT client_id, day, session_id, kafka_partition, {version}, toUInt8(0) FROM \
+             (SELECT client_id, day, session_id, kafka_partition FROM day_sessions \
+             WHERE client_id = ? AND day >= ? AND day <= ? GROUP BY client_id, day, session_id, kafka_partition \
+             HAVING argMax(present, version) = 1) \
+             WHERE (day, session_id, kafka_partition) GLOBAL NOT IN (SELECT cday, session_id, kafka_partition FROM ({visits}))"
+        );
+        // Absent first: a session both in the table and in the recount is written present last.
+        self.timed(async { Ok(bind(self.query(&absent)?, absent_args).execute().await?) }).await?;
+        self.timed(async { Ok(bind(self.query(&present)?, args).execute().await?) }).await
+    }
+
+    /// Rebuilds the dedup index (`fact_copies`), the earliest visits of sessions
+    /// (`session_first_visits`) and the fact-day markers (`fact_days`, in the client's current
+    /// zone) from the stored facts of `scope`'s days: the processor writes them ahead of the
+    /// facts, and recounts and readers rely on them.
+    pub async fn backfill_fact_indexes(&self, scope: &Scope) -> Result<()> {
+        let mut copy_args = Vec::new();
+        let facts = scope.facts_of_days(&mut copy_args);
+        let copies = format!(
+            "INSERT INTO fact_copies (client_id, kind, uid, received_at_ms, spool_id, spool_seq, kafka_partition, day) \
+             SELECT client_id, if(kind = 'visit', 'visit', 'entry'), if(kind = 'visit', event_uid, entry_id), \
+             received_at_ms, spool_id, spool_seq, kafka_partition, day FROM facts FINAL \
+             WHERE {facts} AND ((kind = 'visit' AND event_uid != '') OR kind = 'entry')"
+        );
+        let mut first_args = Vec::new();
+        let facts = scope.facts_of_days(&mut first_args);
+        let first = format!(
+            "INSERT INTO session_first_visits (client_id, session_id, first_visit_ms, version) \
+             SELECT client_id, session_id, min(event_time_ms) AS first, toUInt64(18446744073709551615) - toUInt64(greatest(first, 0)) \
+             FROM facts WHERE {facts} AND kind = 'visit' GROUP BY client_id, session_id"
+        );
+        let mut day_args = Vec::new();
+        let cday = scope.client_day(&mut day_args);
+        let facts = scope.facts_of_days(&mut day_args);
+        let days = format!(
+            "INSERT INTO fact_days (client_id, day, kafka_partition) \
+             SELECT DISTINCT client_id, cday, kafka_partition FROM (SELECT client_id, {cday}, kafka_partition FROM facts \
+             WHERE {facts} AND kind != 'checkpoint')"
+        );
+        self.timed(async { Ok(bind(self.query(&copies)?, copy_args).execute().await?) }).await?;
+        self.timed(async { Ok(bind(self.query(&first)?, first_args).execute().await?) }).await?;
+        self.timed(async { Ok(bind(self.query(&days)?, day_args).execute().await?) }).await
     }
 }
 
 impl Store {
+    /// Stored visits and entries of `scope`'s days that carry campaign link id `cid` but were
+    /// stored unresolved (the link did not exist, or was not known to the collector, when they
+    /// arrived).
+    pub async fn unresolved_facts_of_link(&self, scope: &Scope, cid: &str) -> Result<Vec<crate::rows::FactRow>> {
+        let mut args = Vec::new();
+        let facts = scope.facts_of_days(&mut args);
+        args.push(Arg::Str(cid.to_owned()));
+        let sql = format!(
+            "SELECT ?fields FROM facts FINAL WHERE {facts} AND kind IN ('visit', 'entry') AND cid = ? AND cid_resolved = 0"
+        );
+        self.fetch_args(&sql, args).await
+    }
+
     /// Viewers per minute of one webinar, recounted from raw pings of `[from, to]`.
     pub async fn raw_live_minutes(
         &self,
@@ -434,21 +522,17 @@ impl Store {
         webinar: &str,
         from: NaiveDate,
         to: NaiveDate,
+        tz: Tz,
     ) -> Result<Vec<crate::read::LiveMinute>> {
-        self.timed(async {
-            Ok(self
-                .query(
-                    "SELECT webinar_id, toUInt32(toStartOfMinute(event_time)) AS minute, uniqExact(session_id) AS viewers FROM facts \
-                     WHERE client_id = ? AND kind = 'ping' AND webinar_id = ? AND day >= ? AND day <= ? GROUP BY webinar_id, minute ORDER BY minute",
-                )?
-                .bind(client)
-                .bind(webinar)
-                .bind(Scope::day(from))
-                .bind(Scope::day(to))
-                .fetch_all::<crate::read::LiveMinute>()
-                .await?)
-        })
-        .await
+        let scope = Scope { client_id: client.to_owned(), from, to, tz, cid: None };
+        let mut args = Vec::new();
+        let facts = scope.facts_of_days(&mut args);
+        args.push(Arg::Str(webinar.to_owned()));
+        let sql = format!(
+            "SELECT webinar_id, toUInt32(toStartOfMinute(event_time)) AS minute, uniqExact(session_id) AS viewers FROM facts \
+             WHERE {facts} AND kind = 'ping' AND webinar_id = ? GROUP BY webinar_id, minute ORDER BY minute"
+        );
+        self.fetch_args(&sql, args).await
     }
 }
 

@@ -58,7 +58,7 @@ fn o(v: String) -> Option<String> {
 }
 
 /// A row of `facts`: one raw fact, or a processor checkpoint (`kind = checkpoint`).
-#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Row, Serialize, Deserialize)]
 pub struct FactRow {
     pub client_id: String,
     pub day: u16,
@@ -99,6 +99,18 @@ pub struct FactRow {
     pub first_touch_ms: i64,
     pub referrer: String,
     pub checkpoint: String,
+    /// What the processor decided when it stored the fact (`dedup` codes).
+    pub dedup: i8,
+}
+
+/// `facts.dedup` codes: the processor's decision about a fact when it stored it.
+pub mod dedup {
+    /// Stored before decisions were recorded, or not subject to dedup (pings, checkpoints).
+    pub const UNDECIDED: i8 = 0;
+    /// The first copy of its key (or a fact without one): counted.
+    pub const COUNTED: i8 = 1;
+    /// A copy of a key whose first copy is another fact.
+    pub const DUPLICATE: i8 = 2;
 }
 
 /// Where a fact was read from and what the processor decided about it.
@@ -152,6 +164,7 @@ impl FactRow {
             first_touch_ms: 0,
             referrer: String::new(),
             checkpoint: String::new(),
+            dedup: dedup::UNDECIDED,
         }
     }
 
@@ -241,6 +254,20 @@ impl FactRow {
         row.late = u8::from(at.late);
         row.client_id = header.client_id;
         row
+    }
+
+    /// Identity and dedup order of this fact.
+    pub fn copy_key(&self) -> CopyKey {
+        CopyKey { received_at_ms: self.received_at_ms, spool_id: self.spool_id, spool_seq: self.spool_seq }
+    }
+
+    /// The dedup key of this fact (`event_uid` of a visit, `entry_id` of an entry), if any.
+    pub fn dedup_uid(&self) -> Option<&str> {
+        match self.kind {
+            kind::VISIT if !self.event_uid.is_empty() => Some(&self.event_uid),
+            kind::ENTRY => Some(&self.entry_id),
+            _ => None,
+        }
     }
 
     /// Kind of a fact row (`None` for checkpoints).
@@ -392,6 +419,17 @@ pub struct Checkpoint {
     pub aggregates_watermark_ms: i64,
     /// Redelivery high-water marks per collector spool.
     pub spools: Vec<SpoolMark>,
+    /// Event time up to which this partition's facts are in the aggregates: the latest event
+    /// time of a written fact, never ahead of the receive-time watermark (a client clock
+    /// running ahead cannot advance it).
+    #[serde(default)]
+    pub event_watermark_ms: i64,
+    /// The latest `rebuild_requests.requested_ms` this partition's state was rebuilt for.
+    #[serde(default)]
+    pub rebuild_request_ms: i64,
+    /// Highest `dedup_notices.writer_seq` read for this partition, per writer partition.
+    #[serde(default)]
+    pub notice_cursor: std::collections::BTreeMap<u16, u64>,
 }
 
 /// `minute_visits` row.
@@ -591,12 +629,80 @@ impl DailyMarketingRow {
     }
 }
 
-/// `daily_sessions` row.
+/// `day_sessions` row: whether a session has a counted visit on a client day, at `version`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Row, Serialize, Deserialize)]
-pub struct DailySessionRow {
+pub struct DaySessionRow {
     pub client_id: String,
     pub day: u16,
     pub session_id: String,
+    pub kafka_partition: u16,
+    pub version: u64,
+    pub present: u8,
+}
+
+/// Order of the copies of one dedup key: the first copy counts (CONTRACT.md §1, ADR 0003).
+/// Receive time first, then the fact's identity in the collector spool that acknowledged it,
+/// so every component (stream, recount, backfill, reconcile) picks the same copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct CopyKey {
+    pub received_at_ms: i64,
+    pub spool_id: u64,
+    pub spool_seq: u64,
+}
+
+impl CopyKey {
+    pub fn of(header: &FactHeader) -> Self {
+        CopyKey { received_at_ms: header.received_at_ms, spool_id: header.spool_id, spool_seq: header.spool_seq }
+    }
+
+    /// `facts.fact_id` of the fact with this identity.
+    pub fn fact_id(&self) -> String {
+        format!("{:016x}-{}", self.spool_id, self.spool_seq)
+    }
+}
+
+/// `fact_copies` row: one stored copy of a dedup key (`kind` is a `facts.kind` code).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Row, Serialize, Deserialize)]
+pub struct CopyRow {
+    pub client_id: String,
+    pub kind: i8,
+    pub uid: String,
+    pub received_at_ms: i64,
+    pub spool_id: u64,
+    pub spool_seq: u64,
+    pub kafka_partition: u16,
+    pub day: u16,
+}
+
+impl CopyRow {
+    pub fn key(&self) -> CopyKey {
+        CopyKey { received_at_ms: self.received_at_ms, spool_id: self.spool_id, spool_seq: self.spool_seq }
+    }
+}
+
+/// `dedup_notices` row: `winner` (held by `writer_partition`) is the first copy of the key;
+/// any copy of the key with a later [`CopyKey`] that `target_partition` counted must go.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Row, Serialize, Deserialize)]
+pub struct NoticeRow {
+    pub writer_partition: u16,
+    pub writer_seq: u64,
+    pub target_partition: u16,
+    pub client_id: String,
+    pub kind: i8,
+    pub uid: String,
+    pub winner_received_at_ms: i64,
+    pub winner_spool_id: u64,
+    pub winner_spool_seq: u64,
+}
+
+impl NoticeRow {
+    pub fn winner(&self) -> CopyKey {
+        CopyKey {
+            received_at_ms: self.winner_received_at_ms,
+            spool_id: self.winner_spool_id,
+            spool_seq: self.winner_spool_seq,
+        }
+    }
 }
 
 /// `session_first_visits` row.
@@ -614,6 +720,14 @@ impl SessionFirstVisitRow {
         let version = u64::MAX - u64::try_from(first_visit_ms.max(0)).unwrap_or(0);
         SessionFirstVisitRow { client_id, session_id, first_visit_ms, version }
     }
+}
+
+/// `fact_days` row: the client day has stored facts in the partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Row, Serialize, Deserialize)]
+pub struct FactDayRow {
+    pub client_id: String,
+    pub day: u16,
+    pub kafka_partition: u16,
 }
 
 /// `late_facts` row.

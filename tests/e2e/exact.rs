@@ -1,0 +1,317 @@
+//! Counting rules that hold whatever path a fact takes (issue: "numbers that hold under real
+//! traffic"), on the real binaries, tansu with 6 partitions and ClickHouse 18.16:
+//! - copies of one visit and one registration sent from 8 sessions count once, the first copy
+//!   by receive time wins (so its session is the unique session and its linkage counts);
+//! - a literal `"unknown"` UTM source counts as missing, in the stream and in the recount;
+//! - a copy stored a week earlier still makes a new copy a duplicate (no dedup horizon);
+//! - `eventflow backfill` repairs every aggregate table, the session sets included, and
+//!   re-buckets days in the client's current time zone.
+//!
+//! Every expected number is worked out below from what was sent.
+
+use std::time::Duration;
+
+use chrono::{NaiveDate, Utc};
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+async fn post(url: &str, body: Value) -> Value {
+    let resp = http()
+        .post(format!("{url}/v1/collect"))
+        .header("content-type", "text/plain;charset=UTF-8")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("POST /v1/collect");
+    assert_eq!(resp.status().as_u16(), 202);
+    resp.json().await.expect("json")
+}
+
+fn seoul_today() -> NaiveDate {
+    Utc::now().with_timezone(&chrono_tz::Asia::Seoul).date_naive()
+}
+
+async fn overview(d: &Deployment, from: &str, to: &str) -> Value {
+    let url = format!("{}/v1/clients/acme/statistics/overview?from={from}&to={to}", d.api_url());
+    let (status, o) = get_json(&url, Some(ACME_TOKEN)).await;
+    assert_eq!(status, 200, "{o}");
+    o
+}
+
+fn all_aggregated(o: &Value) -> bool {
+    o["meta"]["data_sources"].as_object().is_some_and(|m| m.values().all(|v| v == "aggregated"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_from_other_sessions_count_once_and_backfill_repairs_every_table() {
+    let dir = TestDir::new("exact");
+    let ch = ClickHouse::start(&dir);
+    let broker = Tansu::start(&dir);
+    let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 6, "");
+    d.migrate();
+    let _collector = d.start("collector");
+    let _processor = d.start("processor");
+    let _api = d.start("api");
+    let c = d.collector_url();
+
+    // One page view sent 8 times from 8 sessions (a cookieless retry, a server-side relay, a
+    // second tab...), one request each, so receive times are in sending order: s1's copy is
+    // first. Then the same registration from the same 8 sessions: s1's copy is first, and s1
+    // visited before registering, so it is linked.
+    for i in 1..=8 {
+        let v = json!({"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit",
+                       "session_id": format!("s{i}"), "event_uid": "shared-view"});
+        assert_eq!(post(&c, v).await["accepted"], 1);
+    }
+    for i in 1..=8 {
+        let e = json!({"type": "entry", "client_id": "acme", "entry_id": "shared-entry", "webinar_id": "w1",
+                       "session_id": format!("s{i}")});
+        assert_eq!(post(&c, e).await["accepted"], 1);
+    }
+    // Three more visits: a literal "unknown" source, a missing one, a real one.
+    let others = json!([
+        {"type": "visit", "client_id": "acme", "page": "webinar", "webinar_id": "w1", "session_id": "t1",
+         "utm": {"source": "unknown", "medium": "email"}},
+        {"type": "visit", "client_id": "acme", "page": "webinar", "webinar_id": "w1", "session_id": "t2"},
+        {"type": "visit", "client_id": "acme", "page": "webinar", "webinar_id": "w1", "session_id": "t3",
+         "utm": {"source": "newsletter"}},
+    ]);
+    assert_eq!(post(&c, others).await["accepted"], 3);
+    wait_processed(&d, 19, Duration::from_secs(90)).await;
+
+    // The copies really are spread over partitions (otherwise this proves nothing new).
+    let partitions =
+        ch.number("SELECT uniqExact(kafka_partition) FROM eventflow.facts WHERE event_uid = 'shared-view'");
+    assert!(partitions >= 2, "the 8 sessions landed in {partitions} partition(s)");
+
+    let today = seoul_today().to_string();
+    // Visits: 1 (shared) + 3; sessions: s1 (the first copy's) + t1..t3; entries 1, linked 1.
+    // UTM missing: the shared visit (none), t1 (literal unknown), t2 (none) = 3 of 4.
+    let want_totals =
+        json!({"visits": 4, "unique_sessions": 4, "entries": 1, "linked_entries": 1, "conversion_rate": 0.25});
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let o = loop {
+        let o = overview(&d, &today, &today).await;
+        if (o["totals"] == want_totals && all_aggregated(&o)) || std::time::Instant::now() > deadline {
+            break o;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(o["totals"], want_totals, "each copy counts once: {o}");
+    assert!(all_aggregated(&o), "{o}");
+    assert_eq!(o["quality"]["utm_missing_ratio"], json!(0.75), "{o}");
+    assert_eq!(o["quality"]["session_link_rate"], json!(1.0), "{o}");
+    // The winning copies are s1's, in the stored decisions too.
+    assert_eq!(
+        ch.query("SELECT session_id FROM eventflow.facts FINAL WHERE event_uid = 'shared-view' AND dedup = 'counted'")
+            .unwrap()
+            .trim(),
+        "s1"
+    );
+    let (code, out) = d.run(&["reconcile", "--from", &today, "--to", &today]);
+    assert_eq!(code, 0, "reconcile after the copies: {out}");
+
+    // ---- Repair: damage the session set and the totals, as a bug or a bad manual edit would.
+    ch.query(&format!(
+        "INSERT INTO eventflow.day_sessions (client_id, day, session_id, kafka_partition, version, present) \
+         VALUES ('acme', '{today}', 'ghost', 0, 1, 1)"
+    ))
+    .unwrap();
+    ch.query(&format!(
+        "INSERT INTO eventflow.daily_totals (client_id, day, kafka_partition, version, visits, visits_landing, unique_sessions) \
+         VALUES ('acme', '{today}', 0, 1, 500, 500, 7)"
+    ))
+    .unwrap();
+    let (code, out) = d.run(&["reconcile", "--from", &today, "--to", &today]);
+    assert_eq!(code, 1, "reconcile sees the damage: {out}");
+    assert!(out.contains("sessions"), "{out}");
+    let (code, out) = d.run(&["backfill", "--from", &today, "--to", &today, "--client", "acme"]);
+    assert_eq!(code, 0, "backfill: {out}");
+    let (code, out) = d.run(&["reconcile", "--from", &today, "--to", &today]);
+    assert_eq!(code, 0, "reconcile after backfill: {out}");
+    let o = overview(&d, &today, &today).await;
+    assert_eq!(o["totals"], want_totals, "{o}");
+    assert!(all_aggregated(&o), "{o}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_a_week_after_the_first_is_still_a_duplicate() {
+    let dir = TestDir::new("exact-horizon");
+    let ch = ClickHouse::start(&dir);
+    let broker = Tansu::start(&dir);
+    let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "");
+    d.migrate();
+    // The first copy, stored by a processor a week ago (received then): its fact and its
+    // dedup-index row, as the processor writes them.
+    let week_ago = Utc::now() - chrono::Duration::days(7);
+    let ms = week_ago.timestamp_millis();
+    let day = week_ago.with_timezone(&chrono_tz::Asia::Seoul).date_naive();
+    ch.query(&format!(
+        "INSERT INTO eventflow.facts (client_id, day, kind, fact_id, seq, kafka_partition, spool_id, spool_seq, \
+         event_time, event_time_ms, received_at_ms, session_id, page, event_id, event_uid, dedup) VALUES \
+         ('acme', '{day}', 'visit', '{:016x}-1', 1, 0, 77, 1, {}, {ms}, {ms}, 'old', 'landing', 'summit', 'kept-view', 'counted')",
+        77,
+        ms / 1000
+    ))
+    .unwrap();
+    ch.query(&format!(
+        "INSERT INTO eventflow.fact_copies VALUES ('acme', 'visit', 'kept-view', {ms}, 77, 1, 0, '{day}')"
+    ))
+    .unwrap();
+    let _collector = d.start("collector");
+    let _processor = d.start("processor");
+    let _api = d.start("api");
+    let c = d.collector_url();
+    let v = json!([
+        {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "new", "event_uid": "kept-view"},
+        {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "new", "event_uid": "fresh-view"},
+    ]);
+    assert_eq!(post(&c, v).await["accepted"], 2);
+    wait_processed(&d, 2, Duration::from_secs(60)).await;
+    let today = seoul_today().to_string();
+    let o = overview(&d, &today, &today).await;
+    assert_eq!(o["totals"]["visits"], 1, "only the fresh view counts today: {o}");
+    assert_eq!(
+        ch.query("SELECT dedup FROM eventflow.facts FINAL WHERE event_uid = 'kept-view' AND session_id = 'new'")
+            .unwrap()
+            .trim(),
+        "duplicate"
+    );
+    let (code, out) = d.run(&["reconcile", "--from", &today, "--to", &today]);
+    assert_eq!(code, 0, "the recount applies the same rule: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_rebuckets_days_in_the_current_time_zone() {
+    let dir = TestDir::new("exact-tz");
+    let ch = ClickHouse::start(&dir);
+    let broker = Tansu::start(&dir);
+    let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "");
+    d.migrate();
+    let mut collector = d.start("collector");
+    let mut processor = d.start("processor");
+    // Around the most recent Seoul midnight M at least 45 minutes ago (15:00 UTC): one visit
+    // 10 minutes before it (Seoul day D0), two 20 and 40 minutes after (Seoul day D1). In UTC
+    // all three are on one day, the UTC date of M.
+    let mut seoul_d1 = seoul_today();
+    let midnight = loop {
+        let m = chrono::TimeZone::from_local_datetime(&chrono_tz::Asia::Seoul, &seoul_d1.and_hms_opt(0, 0, 0).unwrap())
+            .unwrap()
+            .with_timezone(&Utc);
+        if Utc::now() - m >= chrono::Duration::minutes(45) {
+            break m;
+        }
+        seoul_d1 -= chrono::Duration::days(1);
+    };
+    let at = |min: i64| (midnight + chrono::Duration::minutes(min)).to_rfc3339();
+    let v = json!([
+        {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "e", "session_id": "a", "ts": at(-10)},
+        {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "e", "session_id": "b", "ts": at(20)},
+        {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "e", "session_id": "c", "ts": at(40)},
+    ]);
+    assert_eq!(post(&d.collector_url(), v).await["accepted"], 3);
+    wait_processed(&d, 3, Duration::from_secs(60)).await;
+    let utc_day = midnight.date_naive();
+    let (from, to) = ((utc_day - chrono::Duration::days(1)).to_string(), seoul_d1.to_string());
+    let count_in = |day: NaiveDate| {
+        ch.number(&format!(
+            "SELECT sum(visits) FROM (SELECT visits FROM eventflow.daily_totals FINAL WHERE client_id = 'acme' AND day = '{day}')"
+        ))
+    };
+    assert_eq!((count_in(seoul_d1 - chrono::Duration::days(1)), count_in(seoul_d1)), (1, 2), "Seoul days");
+
+    // The client moves to UTC: the services restart with the new zone, and backfill re-buckets.
+    collector.stop(Duration::from_secs(10));
+    processor.stop(Duration::from_secs(10));
+    let config = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace("[clients.acme]\ntimezone = \"Asia/Seoul\"", "[clients.acme]\ntimezone = \"UTC\"");
+    std::fs::write(&d.config, config).unwrap();
+    let _processor = d.start("processor");
+    let _api = d.start("api");
+    let (code, out) = d.run(&["backfill", "--from", &from, "--to", &to, "--client", "acme"]);
+    assert_eq!(code, 0, "backfill: {out}");
+    // In UTC all three are on the UTC day of the Seoul midnight, and no other day has any.
+    assert_eq!(count_in(utc_day), 3, "UTC day after backfill");
+    assert_eq!(count_in(seoul_d1), 0, "the Seoul-only day is emptied");
+    let (code, out) = d.run(&["reconcile", "--from", &from, "--to", &to]);
+    assert_eq!(code, 0, "reconcile in the new zone: {out}");
+    let o = overview(&d, &from, &to).await;
+    assert_eq!(o["timezone"], "UTC");
+    assert_eq!(o["totals"]["visits"], 3, "{o}");
+    let by_day: Vec<(String, u64)> = o["by_day"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["date"].as_str().unwrap().to_owned(), r["visits"].as_u64().unwrap()))
+        .collect();
+    assert!(by_day.contains(&(utc_day.to_string(), 3)), "{by_day:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_cid_moves_visits_stored_before_the_link_was_imported() {
+    let dir = TestDir::new("exact-cid");
+    let ch = ClickHouse::start(&dir);
+    let broker = Tansu::start(&dir);
+    let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "");
+    d.migrate();
+    let _collector = d.start("collector");
+    let _processor = d.start("processor");
+    let _api = d.start("api");
+    let c = d.collector_url();
+    // The campaign went out before its link was imported: 5 visits and 2 registrations carry
+    // cid "spring", which resolves to nothing yet.
+    let mut facts = Vec::new();
+    for i in 0..5 {
+        facts.push(json!({"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit",
+                          "session_id": format!("p{i}"), "cid": "spring"}));
+    }
+    for i in 0..2 {
+        facts.push(json!({"type": "entry", "client_id": "acme", "entry_id": format!("r{i}"), "event_id": "summit",
+                          "session_id": format!("p{i}"), "cid": "spring"}));
+    }
+    assert_eq!(post(&c, Value::Array(facts)).await["accepted"], 7);
+    wait_processed(&d, 7, Duration::from_secs(60)).await;
+    let today = seoul_today().to_string();
+    let campaign = |o: &Value, cid: &str| -> (u64, u64) {
+        o["campaigns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["cid"] == cid)
+            .fold((0, 0), |(v, e), r| (v + r["visits"].as_u64().unwrap(), e + r["entries"].as_u64().unwrap()))
+    };
+    let o = overview(&d, &today, &today).await;
+    assert_eq!((campaign(&o, "unresolved"), campaign(&o, "spring")), ((5, 2), (0, 0)), "{o}");
+    assert_eq!(o["quality"]["unresolved_cid_ratio"], json!(1.0), "{o}");
+
+    let links = dir.join("links.csv");
+    std::fs::write(&links, "cid,client_id,destination,utm_source,utm_medium,utm_campaign\nspring,acme,https://acme.test/event/summit,mail,email,spring\n").unwrap();
+    let (code, out) = d.run(&["links", "import", links.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = d.run(&["backfill", "--from", &today, "--to", &today, "--cid", "spring"]);
+    assert_eq!(code, 0, "backfill --cid: {out}");
+    assert!(out.contains("7 facts re-attributed"), "{out}");
+    let o = overview(&d, &today, &today).await;
+    assert_eq!((campaign(&o, "unresolved"), campaign(&o, "spring")), ((0, 0), (5, 2)), "{o}");
+    assert_eq!(o["quality"]["unresolved_cid_ratio"], json!(0.0), "{o}");
+
+    // The stream follows: one more visit without a campaign makes the day's unresolved bucket
+    // change, and the processor (rebuilt on backfill's request) writes 1 there, not 6.
+    let v = json!({"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "q"});
+    assert_eq!(post(&c, v).await["accepted"], 1);
+    wait_processed(&d, 8, Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let o = loop {
+        let o = overview(&d, &today, &today).await;
+        if campaign(&o, "unresolved") == (1, 0) || std::time::Instant::now() > deadline {
+            break o;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!((campaign(&o, "unresolved"), campaign(&o, "spring")), ((1, 0), (5, 2)), "{o}");
+    assert!(all_aggregated(&o), "{o}");
+    let (code, out) = d.run(&["reconcile", "--from", &today, "--to", &today]);
+    assert_eq!(code, 0, "reconcile: {out}");
+}
