@@ -222,3 +222,156 @@ async fn rate_limits_answer_429() {
     assert_eq!(v["error"].as_str(), Some("rate_limited"), "{v}");
     assert!(h.contains_key("retry-after"));
 }
+
+// -------------------------------------------------------------------------------------------
+// Attribution of facts that name their session
+
+/// `Set-Cookie` values of a response by cookie name (value only, attributes dropped).
+fn set_cookies(h: &reqwest::header::HeaderMap) -> std::collections::BTreeMap<String, String> {
+    h.get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| {
+            let (name, rest) = v.split_once('=')?;
+            Some((name.to_owned(), rest.split(';').next().unwrap_or("").to_owned()))
+        })
+        .collect()
+}
+
+/// `POST /v1/collect` with a `Cookie` header (a browser's cookies, set by hand).
+async fn post_with_cookie(url: &str, body: Value, cookie: Option<&str>) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut req = http().post(format!("{url}/v1/collect")).header("content-type", "text/plain").body(body.to_string());
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    let resp = req.send().await.expect("POST");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, resp.json().await.unwrap_or(Value::Null), headers)
+}
+
+/// `GET /r/{cid}`: (status, Location, Set-Cookie values).
+async fn click(
+    url: &str,
+    cid: &str,
+    cookie: Option<&str>,
+) -> (u16, String, std::collections::BTreeMap<String, String>) {
+    let mut req = http().get(format!("{url}/r/{cid}"));
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    let resp = req.send().await.expect("GET /r/{cid}");
+    let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    (resp.status().as_u16(), location, set_cookies(resp.headers()))
+}
+
+/// Loads campaign links with the real `eventflow links import` (CSV rows without the header).
+fn import_links(d: &Deployment, dir: &TestDir, file: &str, rows: &str) {
+    let csv = dir.join(file);
+    std::fs::write(
+        &csv,
+        format!("cid,client_id,destination,utm_source,utm_medium,utm_campaign,utm_term,utm_content\n{rows}"),
+    )
+    .unwrap();
+    let (code, out) = d.run(&["links", "import", csv.to_str().unwrap()]);
+    assert_eq!(code, 0, "links import: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn facts_naming_their_session_get_cookie_attribution() {
+    let dir = TestDir::new("collector-body-utm");
+    let ch = ClickHouse::start(&dir);
+    let broker = Tansu::start(&dir);
+    let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "");
+    d.migrate();
+    import_links(&d, &dir, "links.csv", "spring,acme,https://site.test/event/summit,newsletter,email,spring-sale,,\n");
+    let _collector = d.start("collector");
+    let _processor = d.start("processor");
+    let c = d.collector_url();
+    eventually(Duration::from_secs(20), "the collector knows link spring", || async {
+        click(&c, "spring", None).await.0 == 302
+    })
+    .await;
+
+    // First touch: a browser arrives from an ad (no cookie yet): the collector sets ef_utm.
+    let (s, v, h) = post_with_cookie(
+        &c,
+        json!({"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "event_uid": "v-ad",
+               "utm": {"source": "google", "medium": "cpc", "campaign": "brand"}}),
+        None,
+    )
+    .await;
+    assert_eq!((s, v["accepted"].as_u64()), (202, Some(1)), "{v}");
+    let utm1 = set_cookies(&h).get("ef_utm").cloned().expect("ef_utm after a touch");
+    // Last touch: the same browser clicks the newsletter's tracked link.
+    let (status, _, cookies) = click(&c, "spring", Some(&format!("ef_utm={utm1}"))).await;
+    assert_eq!(status, 302);
+    let utm2 = cookies.get("ef_utm").cloned().expect("ef_utm after the click");
+    // The page then sends facts that name their session in the body (the tracker's
+    // eventflow.entry({session_id}) path, or a page whose ef_sid expired).
+    let cookie = format!("ef_utm={utm2}");
+    let (s, v, _) = post_with_cookie(
+        &c,
+        json!({"type": "entry", "client_id": "acme", "entry_id": "e-body", "event_id": "summit",
+               "session_id": "page-session-1"}),
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!((s, v["accepted"].as_u64()), (202, Some(1)), "{v}");
+    let (s, v, _) =
+        post_with_cookie(&c, visit(json!({"session_id": "page-session-1", "event_uid": "v-body"})), Some(&cookie))
+            .await;
+    assert_eq!((s, v["accepted"].as_u64()), (202, Some(1)), "{v}");
+
+    // A server-side batch (no cookies) for two sessions: facts that name their session are
+    // attributed by their own fields only, as if each had come alone.
+    let (s, v, _) = post_with_cookie(
+        &c,
+        json!([
+            visit(json!({"session_id": "srv-a", "event_uid": "v-srv-a", "utm": {"source": "ads"}})),
+            {"type": "entry", "client_id": "acme", "entry_id": "e-srv-b", "event_id": "summit", "session_id": "srv-b"},
+            {"type": "entry", "client_id": "acme", "entry_id": "e-srv-a", "event_id": "summit", "session_id": "srv-a"},
+        ]),
+        None,
+    )
+    .await;
+    assert_eq!((s, v["accepted"].as_u64()), (202, Some(3)), "{v}");
+
+    eventually(Duration::from_secs(60), "six facts stored", || async {
+        ch.number("SELECT count() FROM eventflow.facts FINAL WHERE client_id = 'acme' AND kind != 'checkpoint'") == 6
+    })
+    .await;
+    let rows = ch.json_rows(
+        "SELECT if(kind = 'entry', entry_id, event_uid) AS id, session_origin, cid, cid_resolved, utm_source, \
+         utm_medium, utm_campaign, utm_inherited, first_utm_source, first_utm_medium, first_utm_campaign, \
+         first_touch_ms, event_time_ms \
+         FROM eventflow.facts FINAL WHERE client_id = 'acme' AND kind != 'checkpoint' ORDER BY id",
+    );
+    let by_id = |id: &str| rows.iter().find(|r| col(r, "id") == id).unwrap_or_else(|| panic!("{id} in {rows:?}"));
+    let ad = by_id("v-ad");
+    let entry = by_id("e-body");
+    // Last touch (the click) with the link's cid and UTM, inherited from ef_utm.
+    let last = |r: &Value| {
+        (col(r, "cid"), col(r, "cid_resolved"), col(r, "utm_source"), col(r, "utm_medium"), col(r, "utm_campaign"))
+    };
+    let spring = ("spring".to_owned(), "1".to_owned(), "newsletter".into(), "email".into(), "spring-sale".into());
+    assert_eq!(last(entry), spring, "the entry's last touch: {entry}");
+    assert_eq!((col(entry, "session_origin"), col(entry, "utm_inherited")), ("body".into(), "1".into()));
+    assert_eq!(last(by_id("v-body")), spring, "a visit naming its session inherits the last touch too");
+    // First touch (the ad), with its time.
+    assert_eq!(
+        (col(entry, "first_utm_source"), col(entry, "first_utm_medium"), col(entry, "first_utm_campaign")),
+        ("google".into(), "cpc".into(), "brand".into()),
+        "the entry's first touch: {entry}"
+    );
+    let first_touch: i64 = col(entry, "first_touch_ms").parse().unwrap();
+    let ad_time: i64 = col(ad, "event_time_ms").parse().unwrap();
+    assert!((first_touch - ad_time).abs() < 5_000, "first touch at {first_touch}, the ad visit at {ad_time}");
+    // The server batch: no cookie, so a fact without UTM has no attribution, in either session.
+    let none = (String::new(), String::new(), "0".to_owned());
+    for id in ["e-srv-b", "e-srv-a"] {
+        let e = by_id(id);
+        assert_eq!((col(e, "utm_source"), col(e, "first_utm_source"), col(e, "utm_inherited")), none, "{e}");
+    }
+    assert_eq!(col(by_id("v-srv-a"), "utm_source"), "ads");
+}

@@ -252,14 +252,17 @@ async fn collect_inner(
     let cookie_sid = session::cookie(cookie_header, session::SESSION_COOKIE)
         .filter(|s| session::valid_session_id(s))
         .map(str::to_owned);
-    let mut attribution =
+    let cookie_attribution =
         session::cookie(cookie_header, session::UTM_COOKIE).map(Attribution::decode).unwrap_or_default();
-    let attribution_before = attribution.clone();
     // A visit without a session creates one for the whole request (one browser), so an entry or
     // ping sent in the same batch by a browser without a cookie yet shares it.
     let creates_session =
         cookie_sid.is_none() && valid.iter().any(|f| matches!(&f.body, Body::Visit(v) if v.session_id.is_none()));
     let created_sid: Option<String> = creates_session.then(session::new_session_id);
+    // A request with an EventFlow cookie comes from a browser (see `Touches`).
+    let from_browser = session::cookie(cookie_header, session::SESSION_COOKIE).is_some()
+        || session::cookie(cookie_header, session::UTM_COOKIE).is_some();
+    let mut touches = Touches::new(cookie_attribution, from_browser);
     let received_ms = chrono::Utc::now().timestamp_millis();
     let mut facts: Vec<(usize, Fact)> = Vec::with_capacity(valid.len());
     for f in valid {
@@ -294,13 +297,9 @@ async fn collect_inner(
             }
         };
         let client = f.client_id.to_string();
-        // Cookie attribution belongs to the browser's own session; a fact naming its session
-        // in the body (a server-side integration) is attributed by its own fields only.
-        let mut no_cookie = Attribution::default();
-        let fact_attribution = if origin == SessionOrigin::Body { &mut no_cookie } else { &mut attribution };
         let fact = match f.body {
             Body::Visit(v) => {
-                let (cid, utm, inherited) = attribute(fact_attribution, v.cid, v.utm, event_ms);
+                let (cid, utm, inherited, _) = touches.attribute(origin, v.cid, v.utm, event_ms);
                 let cid_resolved = cid.as_deref().is_some_and(|c| st.links.resolves(&client, c));
                 Fact::Visit(Visit {
                     header,
@@ -319,9 +318,8 @@ async fn collect_inner(
                 })
             }
             Body::Entry(e) => {
-                let (cid, utm, inherited) = attribute(fact_attribution, e.cid, e.utm, event_ms);
+                let (cid, utm, inherited, first) = touches.attribute(origin, e.cid, e.utm, event_ms);
                 let cid_resolved = cid.as_deref().is_some_and(|c| st.links.resolves(&client, c));
-                let first = fact_attribution.first.clone();
                 Fact::Entry(Entry {
                     header,
                     entry_id: e.entry_id,
@@ -396,12 +394,59 @@ async fn collect_inner(
             h.append(header::SET_COOKIE, v);
         }
     }
-    if attribution != attribution_before {
-        if let Ok(v) = HeaderValue::from_str(&st.cookies.attribution(&attribution)) {
+    if let Some(a) = touches.changed_cookie() {
+        if let Ok(v) = HeaderValue::from_str(&st.cookies.attribution(a)) {
             h.append(header::SET_COOKIE, v);
         }
     }
     response
+}
+
+/// Attribution state of one request (docs/policies/attribution.md).
+///
+/// `ef_utm` describes the browser that sent the request. When the request carries an EventFlow
+/// cookie it comes from a browser, so every fact is attributed from `ef_utm` and the touches of
+/// the request's earlier facts, whatever named its session (the cookie, the body or a new one):
+/// the same as if each fact had come alone with the cookie the previous answer set. A request
+/// without cookies may be a server-side integration batching several visitors' facts: a fact
+/// that names its session in the body is then attributed by its own fields only, so no visitor's
+/// campaign passes to another (facts whose session the collector created for the request are one
+/// new browser's and share the state). The answer's `ef_utm` records every touch of the request,
+/// in order.
+#[derive(Debug)]
+struct Touches {
+    /// `ef_utm` as the request sent it.
+    before: Attribution,
+    /// What the browser's facts are attributed from.
+    browser: Attribution,
+    /// `ef_utm` for the answer.
+    answer: Attribution,
+    from_browser: bool,
+}
+
+/// `(cid, utm, inherited, first touch)` of a fact.
+type Attributed = (Option<String>, Utm, bool, Option<Touch>);
+
+impl Touches {
+    fn new(cookie: Attribution, from_browser: bool) -> Self {
+        Self { before: cookie.clone(), browser: cookie.clone(), answer: cookie, from_browser }
+    }
+
+    /// Attribution of a fact whose session has `origin` (see [`attribute`]).
+    fn attribute(&mut self, origin: SessionOrigin, cid: Option<String>, utm: Utm, at_ms: i64) -> Attributed {
+        if let Some(touch) = Touch::of(&cid, &utm, at_ms) {
+            self.answer.touch(touch);
+        }
+        let mut own = Attribution::default();
+        let state = if self.from_browser || origin != SessionOrigin::Body { &mut self.browser } else { &mut own };
+        let (cid, utm, inherited) = attribute(state, cid, utm, at_ms);
+        (cid, utm, inherited, state.first.clone())
+    }
+
+    /// The new `ef_utm`, when the request touched a campaign.
+    fn changed_cookie(&self) -> Option<&Attribution> {
+        (self.answer != self.before).then_some(&self.answer)
+    }
 }
 
 /// Attribution of one fact: a fact with its own `cid` or UTM is a touch; one without inherits
@@ -538,6 +583,37 @@ mod tests {
             with_utm("https://x.test/e?lang=ko#top", "c1", &Utm::default()),
             "https://x.test/e?lang=ko&cid=c1#top"
         );
+    }
+
+    #[test]
+    fn every_fact_of_a_browser_is_attributed_from_its_cookie() {
+        let news = Utm { source: Some("news".into()), ..Utm::default() };
+        let ads = Utm { source: Some("ads".into()), ..Utm::default() };
+        let mut cookie = Attribution::default();
+        cookie.touch(Touch { cid: None, utm: ads.clone(), at_ms: 1 });
+        cookie.touch(Touch { cid: Some("spring".into()), utm: news.clone(), at_ms: 2 });
+        let mut t = Touches::new(cookie, true);
+        // A fact naming its own session (body) inherits the browser's last touch and carries its
+        // first touch, like a cookie-session fact.
+        let (cid, utm, inherited, first) = t.attribute(SessionOrigin::Body, None, Utm::default(), 3);
+        assert_eq!((cid, utm, inherited), (Some("spring".into()), news.clone(), true));
+        assert_eq!(first.map(|f| (f.utm, f.at_ms)), Some((ads.clone(), 1)));
+        assert_eq!(t.changed_cookie(), None, "no touch, no new ef_utm");
+
+        // No cookie (a server-side batch of several visitors): a fact naming its session is
+        // attributed by its own fields only, as if it had come alone.
+        let mut t = Touches::new(Attribution::default(), false);
+        assert_eq!(t.attribute(SessionOrigin::Body, None, ads.clone(), 1).1, ads);
+        assert_eq!(t.attribute(SessionOrigin::Body, None, Utm::default(), 2), (None, Utm::default(), false, None));
+        // ... while facts of the session the collector created for the request are one new
+        // browser's and share its touches.
+        t.attribute(SessionOrigin::Created, None, news.clone(), 3);
+        let (_, utm, inherited, _) = t.attribute(SessionOrigin::Created, None, Utm::default(), 4);
+        assert_eq!((utm, inherited), (news.clone(), true));
+        // The answer's ef_utm records every touch of the request, in order.
+        let cookie = t.changed_cookie().expect("touched");
+        assert_eq!(cookie.first.as_ref().map(|f| &f.utm), Some(&ads));
+        assert_eq!(cookie.last.as_ref().map(|l| &l.utm), Some(&news));
     }
 
     #[test]
