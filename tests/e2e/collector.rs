@@ -224,7 +224,7 @@ async fn rate_limits_answer_429() {
 }
 
 // -------------------------------------------------------------------------------------------
-// Attribution of facts that name their session
+// Campaign links and attribution (tests share these helpers)
 
 /// `Set-Cookie` values of a response by cookie name (value only, attributes dropped).
 fn set_cookies(h: &reqwest::header::HeaderMap) -> std::collections::BTreeMap<String, String> {
@@ -275,6 +275,156 @@ fn import_links(d: &Deployment, dir: &TestDir, file: &str, rows: &str) {
     .unwrap();
     let (code, out) = d.run(&["links", "import", csv.to_str().unwrap()]);
     assert_eq!(code, 0, "links import: {out}");
+}
+
+/// A cid nobody imported.
+fn random_cid(tag: &str) -> String {
+    format!("{tag}-{:016x}", rand::random::<u64>())
+}
+
+/// `eventflow_collector_link_lookups_total{outcome}` of a metrics page.
+fn lookups(page: &str, outcome: &str) -> f64 {
+    metric_value(page, "eventflow_collector_link_lookups_total", &[("outcome", outcome)]).unwrap_or(0.0)
+}
+
+/// Lookups that reached ClickHouse.
+fn queries(page: &str) -> f64 {
+    ["found", "not_found", "error"].iter().map(|o| lookups(page, o)).sum()
+}
+
+/// SELECT queries ClickHouse has run since it started (its own `SelectQuery` profile event;
+/// the reading query counts itself).
+fn clickhouse_selects(ch: &ClickHouse) -> u64 {
+    ch.number("SELECT sum(value) FROM system.events WHERE event = 'SelectQuery'")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn campaign_links_resolve_as_soon_as_imported() {
+    let dir = TestDir::new("collector-links");
+    let ch = ClickHouse::start(&dir);
+    let broker = Tansu::start(&dir);
+    let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "");
+    d.migrate();
+    // A link imported before the collector starts is in its first cache refresh. The cache is
+    // not refreshed again during the test (1 h), so every later link can only be found by
+    // reading through to ClickHouse.
+    import_links(&d, &dir, "old.csv", "old,acme,https://site.test/event/old,,,,,\n");
+    let _collector = d.start_with(
+        "collector",
+        &[
+            ("EVENTFLOW__COLLECTOR__LINKS_REFRESH", "1h".into()),
+            // Generous for a loaded test machine: a lookup that times out would count as an
+            // error, not as the found / not-found this test expects.
+            ("EVENTFLOW__COLLECTOR__LINKS_LOOKUP_TIMEOUT", "10s".into()),
+            ("EVENTFLOW__COLLECTOR__LINKS_LOOKUP_RATE__PER_SECOND", "5".into()),
+            ("EVENTFLOW__COLLECTOR__LINKS_LOOKUP_RATE__BURST", "10".into()),
+        ],
+    );
+    let c = d.collector_url();
+    let metrics_url = format!("{c}/metrics");
+    eventually(Duration::from_secs(20), "the collector knows link old", || async {
+        click(&c, "old", None).await.0 == 302
+    })
+    .await;
+    let base = get_text(&metrics_url).await;
+
+    // Imported now, clicked right after the command returned.
+    import_links(
+        &d,
+        &dir,
+        "new.csv",
+        "spring,acme,https://site.test/event/summit?lang=ko,newsletter,email,spring-sale,,\n\
+         fall,globex,https://globex.test/e,,,,,\n",
+    );
+    let (status, location, cookies) = click(&c, "spring", None).await;
+    assert_eq!(status, 302, "a just-imported link redirects");
+    assert_eq!(
+        location,
+        "https://site.test/event/summit?lang=ko&cid=spring&utm_source=newsletter&utm_medium=email&utm_campaign=spring-sale"
+    );
+    assert!(cookies.contains_key("ef_utm"), "{cookies:?}");
+    let m = get_text(&metrics_url).await;
+    let found = lookups(&base, "found");
+    assert_eq!((lookups(&m, "found") - found, queries(&m) - queries(&base)), (1.0, 1.0), "one read-through found it");
+    // Now it is cached: no second lookup.
+    assert_eq!(click(&c, "spring", None).await.0, 302);
+    assert_eq!(queries(&get_text(&metrics_url).await) - queries(&base), 1.0);
+
+    // The same unknown cid, again and again: one ClickHouse query, then the negative cache.
+    let selects_before = clickhouse_selects(&ch);
+    let unknown = random_cid("nope");
+    for _ in 0..30 {
+        assert_eq!(click(&c, &unknown, None).await.0, 404);
+    }
+    let m = get_text(&metrics_url).await;
+    let not_found = lookups(&base, "not_found");
+    assert_eq!((lookups(&m, "not_found") - not_found, lookups(&m, "negative")), (1.0, 29.0));
+    // The same unknown cid from 50 requests at once: still one query.
+    let unknown2 = random_cid("burst");
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (c, cid) = (c.clone(), unknown2.clone());
+            tokio::spawn(async move { click(&c, &cid, None).await.0 })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 404);
+    }
+    let m = get_text(&metrics_url).await;
+    assert_eq!(lookups(&m, "not_found") - not_found, 2.0, "concurrent misses of one cid share one query");
+    assert_eq!(lookups(&m, "shared") + lookups(&m, "negative"), 29.0 + 49.0);
+    // ClickHouse saw exactly those two lookups (plus the two reads of its counter).
+    assert_eq!(clickhouse_selects(&ch) - selects_before, 2 + 1, "ClickHouse queries for 80 unknown-link clicks");
+
+    // 100 different random cids at once (hostile traffic): the lookups are bounded by the rate
+    // (burst 10, 5 per second) and the concurrency (4); the rest are answered without a query.
+    let before = get_text(&metrics_url).await;
+    let selects_before = clickhouse_selects(&ch);
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { click(&c, &random_cid("hostile"), None).await.0 })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for t in tasks {
+        *statuses.entry(t.await.unwrap()).or_insert(0u32) += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = get_text(&metrics_url).await;
+    let ran = queries(&after) - queries(&before);
+    let delta = |outcome: &str| lookups(&after, outcome) - lookups(&before, outcome);
+    let status_count = |code: u16| f64::from(statuses.get(&code).copied().unwrap_or(0));
+    eprintln!("100 random cids in {elapsed:.2} s: statuses {statuses:?}, {ran} lookups, {} limited", delta("limited"));
+    assert!(ran >= 1.0 && ran <= 10.0 + 5.0 * elapsed.ceil(), "{ran} lookups in {elapsed:.2} s");
+    assert_eq!(ran + delta("limited"), 100.0, "every miss either queried or was limited");
+    assert_eq!(status_count(404), delta("not_found"), "{statuses:?}");
+    assert_eq!(status_count(503), delta("limited") + delta("error"), "{statuses:?}");
+    assert_eq!(clickhouse_selects(&ch) - selects_before, ran as u64 + 1, "ClickHouse queries for 100 random cids");
+
+    // POST /v1/collect resolves a just-imported cid too (the fact is stored with cid_resolved).
+    let _processor = d.start("processor");
+    tokio::time::sleep(Duration::from_millis(1200)).await; // the lookup budget refills
+    import_links(&d, &dir, "summer.csv", "summer,acme,https://site.test/event/summer,ads,cpc,summer,,\n");
+    let batch = json!([
+        visit(json!({"session_id": "s-links", "event_uid": "v-summer", "cid": "summer"})),
+        visit(json!({"session_id": "s-links", "event_uid": "v-fall", "cid": "fall"})),
+        visit(json!({"session_id": "s-links", "event_uid": "v-random", "cid": random_cid("nope")})),
+    ]);
+    let (s, v) = post(&c, batch).await;
+    assert_eq!((s, v["accepted"].as_u64()), (202, Some(3)), "{v}");
+    eventually(Duration::from_secs(60), "the three visits stored", || async {
+        ch.number("SELECT count() FROM eventflow.facts FINAL WHERE session_id = 's-links'") == 3
+    })
+    .await;
+    let rows = ch.json_rows(
+        "SELECT event_uid, cid_resolved FROM eventflow.facts FINAL WHERE session_id = 's-links' ORDER BY event_uid",
+    );
+    let got: Vec<(String, String)> = rows.iter().map(|r| (col(r, "event_uid"), col(r, "cid_resolved"))).collect();
+    let want = |u: &str, r: &str| (u.to_owned(), r.to_owned());
+    // fall is a link of globex, not acme; the random cid is nobody's.
+    assert_eq!(got, vec![want("v-fall", "0"), want("v-random", "0"), want("v-summer", "1")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

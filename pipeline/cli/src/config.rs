@@ -125,7 +125,14 @@ mod tests {
         let (c, d) = (&loaded.config.collector, eventflow_collect::CollectorConfig::default());
         assert_eq!(c.session_lifetime, d.session_lifetime);
         assert_eq!(c.session_lifetime.get(), std::time::Duration::from_secs(30 * 60));
-        assert_eq!(c.links_refresh, d.links_refresh);
+        assert_eq!(
+            (c.links_refresh, c.links_lookup_timeout, c.links_negative_ttl),
+            (d.links_refresh, d.links_lookup_timeout, d.links_negative_ttl)
+        );
+        assert_eq!(
+            (c.links_lookup_concurrency, c.links_lookup_rate, c.links_negative_entries),
+            (d.links_lookup_concurrency, d.links_lookup_rate, d.links_negative_entries)
+        );
         assert_eq!(c.shutdown_grace, d.shutdown_grace);
     }
 

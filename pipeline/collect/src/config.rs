@@ -53,6 +53,25 @@ pub struct CollectorConfig {
     /// How often the campaign-link cache is refreshed from ClickHouse (`60s`).
     #[serde(default = "default_links_refresh")]
     pub links_refresh: ConfigDuration,
+    /// A `cid` missing from the cache is looked up in ClickHouse before it is called unknown;
+    /// this long at most (`1s`), after which it is treated as unknown for this request.
+    #[serde(default = "default_links_lookup_timeout")]
+    pub links_lookup_timeout: ConfigDuration,
+    /// Lookups of missing `cid`s running at once, over all requests (`4`; `0` turns lookups off:
+    /// only the refreshed cache is used).
+    #[serde(default = "default_links_lookup_concurrency")]
+    pub links_lookup_concurrency: usize,
+    /// Lookups started per second, over all requests (`20`, burst `50`): random `cid`s cannot
+    /// turn every request into a ClickHouse query.
+    #[serde(default = "default_links_lookup_rate")]
+    pub links_lookup_rate: Limit,
+    /// How long a `cid` that ClickHouse did not know is answered as unknown without asking again
+    /// (`5s`).
+    #[serde(default = "default_links_negative_ttl")]
+    pub links_negative_ttl: ConfigDuration,
+    /// Most `cid`s remembered as unknown (`10000`); the oldest is forgotten first.
+    #[serde(default = "default_links_negative_entries")]
+    pub links_negative_entries: usize,
     /// On shutdown, how long in-flight facts may take to reach Kafka before the collector exits
     /// (the rest stays in the spool).
     #[serde(default = "default_grace")]
@@ -86,6 +105,21 @@ fn default_client_limit() -> Limit {
 fn default_links_refresh() -> ConfigDuration {
     ConfigDuration::from_secs(60)
 }
+fn default_links_lookup_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(1)
+}
+fn default_links_lookup_concurrency() -> usize {
+    4
+}
+fn default_links_lookup_rate() -> Limit {
+    Limit { per_second: 20.0, burst: 50.0 }
+}
+fn default_links_negative_ttl() -> ConfigDuration {
+    ConfigDuration::from_secs(5)
+}
+fn default_links_negative_entries() -> usize {
+    10_000
+}
 fn default_grace() -> ConfigDuration {
     ConfigDuration::from_secs(5)
 }
@@ -105,6 +139,11 @@ impl Default for CollectorConfig {
             rate_limit_per_client: default_client_limit(),
             trust_forwarded_for: false,
             links_refresh: default_links_refresh(),
+            links_lookup_timeout: default_links_lookup_timeout(),
+            links_lookup_concurrency: default_links_lookup_concurrency(),
+            links_lookup_rate: default_links_lookup_rate(),
+            links_negative_ttl: default_links_negative_ttl(),
+            links_negative_entries: default_links_negative_entries(),
             shutdown_grace: default_grace(),
         }
     }

@@ -25,7 +25,7 @@ use eventflow_core::fact::{Entry, Fact, FactHeader, FactKind, Ping, SessionOrigi
 use eventflow_core::{time, ClientDirectory};
 
 use crate::intake::{self, Body, FactIn, Reason, Rejection};
-use crate::links::Links;
+use crate::links::{Links, Resolved};
 use crate::metrics::CollectorMetrics;
 use crate::ratelimit::RateLimiter;
 use crate::session::{self, Attribution, CookiePolicy, Touch};
@@ -296,11 +296,10 @@ async fn collect_inner(
                 continue;
             }
         };
-        let client = f.client_id.to_string();
+        // `cid_resolved` is set below, once the final `cid`s (own or inherited) are known.
         let fact = match f.body {
             Body::Visit(v) => {
                 let (cid, utm, inherited, _) = touches.attribute(origin, v.cid, v.utm, event_ms);
-                let cid_resolved = cid.as_deref().is_some_and(|c| st.links.resolves(&client, c));
                 Fact::Visit(Visit {
                     header,
                     session_id,
@@ -311,7 +310,7 @@ async fn collect_inner(
                     event_uid: v.event_uid,
                     path: v.path,
                     cid,
-                    cid_resolved,
+                    cid_resolved: false,
                     utm,
                     utm_inherited: inherited,
                     referrer: v.referrer,
@@ -319,7 +318,6 @@ async fn collect_inner(
             }
             Body::Entry(e) => {
                 let (cid, utm, inherited, first) = touches.attribute(origin, e.cid, e.utm, event_ms);
-                let cid_resolved = cid.as_deref().is_some_and(|c| st.links.resolves(&client, c));
                 Fact::Entry(Entry {
                     header,
                     entry_id: e.entry_id,
@@ -328,7 +326,7 @@ async fn collect_inner(
                     event_id: e.event_id,
                     webinar_id: e.webinar_id,
                     cid,
-                    cid_resolved,
+                    cid_resolved: false,
                     utm,
                     utm_inherited: inherited,
                     first_touch_utm: first.as_ref().map(|t| t.utm.clone()),
@@ -339,6 +337,7 @@ async fn collect_inner(
         };
         facts.push((f.index, fact));
     }
+    resolve_cids(st, &mut facts).await;
 
     let accepted = facts.len();
     let mut status = StatusCode::ACCEPTED;
@@ -400,6 +399,34 @@ async fn collect_inner(
         }
     }
     response
+}
+
+/// Sets `cid_resolved` of every fact: whether its `cid` (own or inherited) names a link of its
+/// client. Missing links are looked up in ClickHouse (bounded, see [`crate::links`]), all of
+/// the request's at once.
+async fn resolve_cids(st: &AppState, facts: &mut [(usize, Fact)]) {
+    let cid_of = |f: &Fact| match f {
+        Fact::Visit(v) => v.cid.clone(),
+        Fact::Entry(e) => e.cid.clone(),
+        Fact::Ping(_) => None,
+    };
+    let mut cids: Vec<String> = facts.iter().filter_map(|(_, f)| cid_of(f)).collect();
+    if cids.is_empty() {
+        return;
+    }
+    cids.sort_unstable();
+    cids.dedup();
+    let resolved = st.links.resolve_all(cids.iter().map(String::as_str)).await;
+    for (_, fact) in facts.iter_mut() {
+        let client = fact.header().client_id.clone();
+        let is_link =
+            |cid: &Option<String>| cid.as_ref().and_then(|c| resolved.get(c)).is_some_and(|r| r.belongs_to(&client));
+        match fact {
+            Fact::Visit(v) => v.cid_resolved = is_link(&v.cid),
+            Fact::Entry(e) => e.cid_resolved = is_link(&e.cid),
+            Fact::Ping(_) => {}
+        }
+    }
 }
 
 /// Attribution state of one request (docs/policies/attribution.md).
@@ -464,10 +491,29 @@ fn attribute(attribution: &mut Attribution, cid: Option<String>, utm: Utm, at_ms
 
 /// `GET /r/{cid}`: a tracked campaign link.
 async fn redirect(State(st): State<Arc<AppState>>, Path(cid): Path<String>, headers: HeaderMap) -> Response {
-    let Some(link) = st.links.get(&cid) else {
-        st.metrics.link_clicks.with_label_values(&["unknown"]).inc();
-        warn!(event = "VisitTrackFail", reason = "unknown_link", client_id = "", cid = %cid, "click on an unknown campaign link");
-        return error(StatusCode::NOT_FOUND, "unknown_link", "no campaign link with this id");
+    // An id no import could have written is not worth a lookup.
+    let plausible = cid.chars().count() <= intake::MAX_ID_CHARS && !cid.chars().any(char::is_control);
+    let resolved = if plausible { st.links.resolve(&cid).await } else { Resolved::Unknown };
+    let link = match resolved {
+        Resolved::Link(link) => link,
+        Resolved::Unknown => {
+            st.metrics.link_clicks.with_label_values(&["unknown"]).inc();
+            warn!(event = "VisitTrackFail", reason = "unknown_link", client_id = "", cid = %cid, "click on an unknown campaign link");
+            return error(StatusCode::NOT_FOUND, "unknown_link", "no campaign link with this id");
+        }
+        Resolved::Unavailable => {
+            // Not in the cache and not looked up (lookup limits, ClickHouse failing): the link
+            // may exist, so this is not a 404.
+            st.metrics.link_clicks.with_label_values(&["unavailable"]).inc();
+            warn!(event = "VisitTrackFail", reason = "link_lookup_unavailable", client_id = "", cid = %cid, "campaign link could not be looked up");
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "link_lookup_unavailable",
+                "the campaign link could not be looked up; retry later",
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
     };
     st.metrics.link_clicks.with_label_values(&["redirected"]).inc();
     let cookie_header = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());

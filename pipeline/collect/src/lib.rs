@@ -35,7 +35,7 @@ pub use config::CollectorConfig;
 pub use metrics::CollectorMetrics;
 
 use crate::http::AppState;
-use crate::links::Links;
+use crate::links::{LinkMetrics, LinkSource, Links, LookupLimits};
 use crate::ratelimit::RateLimiter;
 use crate::session::CookiePolicy;
 use crate::spool::{Spool, SpoolOptions};
@@ -105,10 +105,19 @@ pub async fn serve(
         grace,
     }
     .spawn()?;
-    let links = Links::default();
+    let link_metrics = LinkMetrics { lookups: metrics.link_lookups.clone(), cached: metrics.links_cached.clone() };
+    let source = deps.store.clone().map(|s| Arc::new(s) as Arc<dyn LinkSource>);
+    let limits = LookupLimits {
+        timeout: c.links_lookup_timeout.get(),
+        concurrency: c.links_lookup_concurrency,
+        rate: c.links_lookup_rate,
+        negative_ttl: c.links_negative_ttl.get(),
+        negative_entries: c.links_negative_entries,
+    };
+    let links = Links::new(source.clone().map(|s| (s, limits)), Some(link_metrics));
     let background = CancellationToken::new();
-    if let Some(store) = deps.store.clone() {
-        tokio::spawn(links.clone().refresh_loop(store, links_refresh, background.clone()));
+    if let Some(source) = source {
+        tokio::spawn(links.clone().refresh_loop(source, links_refresh, background.clone()));
     }
     let state = Arc::new(AppState {
         spool,
