@@ -37,8 +37,8 @@ pub struct CollectorConfig {
     /// Add `Secure` to cookies (set this when the collector is served over HTTPS).
     #[serde(default)]
     pub cookie_secure: bool,
-    /// Session lifetime (`30m`, CONTRACT.md §2): `Max-Age` of the sliding `ef_sid` cookie (at
-    /// least `1s`).
+    /// Session lifetime (`30m`, CONTRACT.md §2): `Max-Age` of the sliding `ef_sid` cookie, and how
+    /// long the tracker keeps a tab's session between two tracked pages (at least `1s`).
     #[serde(default = "default_session_lifetime")]
     pub session_lifetime: ConfigDuration,
     /// Requests per second per client IP.

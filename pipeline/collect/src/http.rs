@@ -2,8 +2,10 @@
 //!
 //! `POST /v1/collect` turns a body into facts: parse and validate ([`crate::intake`]), apply
 //! tenancy and rate limits, enrich (session, attribution, campaign link, event time), append to
-//! the spool and answer `202` once the spool has fsynced them. Failures never reach the page as
-//! anything but a status code: the tracker ignores responses.
+//! the spool and answer `202` once the spool has fsynced them; the answer names the session the
+//! request used (`session_id`), which the tracker keeps for the page's later facts. Failures
+//! never reach the page as anything but a status code: the tracker reads nothing else from
+//! responses.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -247,7 +249,8 @@ async fn collect_inner(
         }
     });
 
-    // Enrichment: one session and one attribution cookie per request (one browser).
+    // Enrichment. The cookies describe one browser: its session (`ef_sid`) and its touches
+    // (`ef_utm`).
     let cookie_header = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
     let cookie_sid = session::cookie(cookie_header, session::SESSION_COOKIE)
         .filter(|s| session::valid_session_id(s))
@@ -340,6 +343,7 @@ async fn collect_inner(
     resolve_cids(st, &mut facts).await;
 
     let accepted = facts.len();
+    let used_sid = answer_session(facts.iter().map(|(_, f)| f));
     let mut status = StatusCode::ACCEPTED;
     let mut retry_after = None;
     if !facts.is_empty() {
@@ -379,16 +383,21 @@ async fn collect_inner(
         record_rejection(st, r);
     }
     rejected.sort_by_key(|r| r.index);
-    let body = json!({
+    let mut body = json!({
         "accepted": if status == StatusCode::ACCEPTED { accepted } else { 0 },
         "rejected": rejected.iter().map(rejection_json).collect::<Vec<_>>(),
     });
+    if let Some(sid) = &used_sid {
+        // The tracker keeps this session for the page's later facts (see `answer_session`).
+        body["session_id"] = json!(sid);
+        body["session_ttl_ms"] = json!(st.cookies.session_max_age_secs.saturating_mul(1000));
+    }
     let mut response = (status, Json(body)).into_response();
     let h = response.headers_mut();
     if let Some(ra) = retry_after {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static(ra));
     }
-    if let Some(sid) = created_sid.as_ref().or(cookie_sid.as_ref()) {
+    if let Some(sid) = cookie_session(cookie_sid.as_deref(), created_sid.as_deref(), used_sid.as_deref()) {
         if let Ok(v) = HeaderValue::from_str(&st.cookies.session(sid)) {
             h.append(header::SET_COOKIE, v);
         }
@@ -399,6 +408,23 @@ async fn collect_inner(
         }
     }
     response
+}
+
+/// The session all accepted facts of a request used, if they used one (a browser's beacon
+/// always does). It is answered as `session_id`, so the tracker can name it in the body of the
+/// page's later facts and keep the page's session after `ef_sid` has expired.
+fn answer_session<'a>(facts: impl IntoIterator<Item = &'a Fact>) -> Option<String> {
+    let mut sessions = facts.into_iter().map(Fact::session_id);
+    let first = sessions.next()?;
+    sessions.all(|s| s == first).then(|| first.to_owned())
+}
+
+/// The session `ef_sid` is set to: a valid cookie's own session is kept alive (sliding expiry);
+/// without one, the session created for this request, else the session the request used (a
+/// page that named its session after its cookie expired renews the cookie with it, so later
+/// beacons of the browser, cookie-only ones included, continue that session).
+fn cookie_session<'a>(cookie: Option<&'a str>, created: Option<&'a str>, used: Option<&'a str>) -> Option<&'a str> {
+    cookie.or(created).or(used.filter(|s| session::valid_session_id(s)))
 }
 
 /// Sets `cid_resolved` of every fact: whether its `cid` (own or inherited) names a link of its
@@ -660,6 +686,35 @@ mod tests {
         let cookie = t.changed_cookie().expect("touched");
         assert_eq!(cookie.first.as_ref().map(|f| &f.utm), Some(&ads));
         assert_eq!(cookie.last.as_ref().map(|l| &l.utm), Some(&news));
+    }
+
+    #[test]
+    fn the_answer_names_the_session_and_renews_the_cookie() {
+        let ping = |sid: &str| {
+            Fact::Ping(Ping {
+                header: FactHeader {
+                    spool_id: 0,
+                    spool_seq: 0,
+                    client_id: "acme".into(),
+                    received_at_ms: 0,
+                    event_time_ms: 0,
+                    client_ts: None,
+                    clock_skew: false,
+                },
+                webinar_id: "w1".into(),
+                session_id: sid.into(),
+                session_origin: SessionOrigin::Body,
+            })
+        };
+        assert_eq!(answer_session(&[ping("s1"), ping("s1")]), Some("s1".into()));
+        assert_eq!(answer_session(&[ping("s1"), ping("s2")]), None, "a server batch of several sessions");
+        assert_eq!(answer_session(&[]), None);
+        // A live cookie keeps its session; without one, the created or the used session.
+        assert_eq!(cookie_session(Some("c"), None, Some("s1")), Some("c"));
+        assert_eq!(cookie_session(None, Some("new"), Some("new")), Some("new"));
+        assert_eq!(cookie_session(None, None, Some("s1")), Some("s1"), "an expired cookie is renewed");
+        assert_eq!(cookie_session(None, None, Some("not a cookie value")), None);
+        assert_eq!(cookie_session(None, None, None), None);
     }
 
     #[test]
