@@ -232,6 +232,16 @@ impl ClickHouse {
         }
     }
 
+    /// Rows of `sql` as JSON objects (`FORMAT JSONEachRow` is appended). ClickHouse quotes
+    /// 64-bit integers in JSON; [`col`] reads any column as text.
+    pub fn json_rows(&self, sql: &str) -> Vec<Value> {
+        let text = self.query(&format!("{sql} FORMAT JSONEachRow")).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect()
+    }
+
     /// One number from a query.
     pub fn number(&self, sql: &str) -> u64 {
         let r = self.query(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -508,6 +518,15 @@ pub fn metric_value(page: &str, metric: &str, labels: &[(&str, &str)]) -> Option
             None
         }
     })
+}
+
+/// A column of a [`ClickHouse::json_rows`] row as text (numbers included).
+pub fn col(row: &Value, name: &str) -> String {
+    match &row[name] {
+        Value::String(s) => s.clone(),
+        Value::Null => panic!("no column {name} in {row}"),
+        v => v.to_string(),
+    }
 }
 
 /// An async HTTP client for tests.

@@ -36,12 +36,17 @@ struct Stack {
 }
 
 fn start_stack(name: &str) -> Stack {
+    start_stack_with(name, &[])
+}
+
+/// The pipeline with environment overrides for the collector.
+fn start_stack_with(name: &str, collector_env: &[(&str, String)]) -> Stack {
     let dir = TestDir::new(name);
     let ch = ClickHouse::start(&dir);
     let broker = Tansu::start(&dir);
     let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "");
     d.migrate();
-    let collector = d.start("collector");
+    let collector = d.start_with("collector", collector_env);
     let processor = d.start("processor");
     let api = d.start("api");
     Stack { _api: api, _processor: processor, collector, _broker: broker, ch, d, dir }
@@ -359,22 +364,25 @@ async fn tracker_records_each_page_kind_in_one_session() {
         .map(|v| (s(v, "page"), s(v, "event_id"), s(v, "webinar_id"), s(v, "path"), s(v, "session_origin")))
         .collect();
     let row = |p: &str, e: &str, w: &str, path: &str, o: &str| (p.into(), e.into(), w.into(), path.into(), o.into());
+    // The first page's visit creates the session; the next pages of the tab name it in the body
+    // (the tracker keeps the session the collector answered, in sessionStorage).
     assert_eq!(
         got,
         vec![
             row("landing", "summit", "", "/event/summit", "created"),
-            row("webinar", "", "w1", "/webinar/w1", "cookie"),
-            row("live", "", "w1", "/webinar/w1/live", "cookie"),
+            row("webinar", "", "w1", "/webinar/w1", "body"),
+            row("live", "", "w1", "/webinar/w1/live", "body"),
         ]
     );
     for v in &visits {
-        assert_eq!(s(v, "session_id"), sid, "one session (the ef_sid cookie): {v}");
+        assert_eq!(s(v, "session_id"), sid, "one session (the ef_sid cookie's): {v}");
     }
     assert_eq!(s(&visits[0], "referrer"), "");
     assert_eq!(s(&visits[1], "referrer"), format!("{origin}/event/summit"));
     assert_eq!(s(&visits[2], "referrer"), format!("{origin}/webinar/w1"));
 
-    // The queued registration: the event from the page, the session from the cookie.
+    // The queued registration: the event from the page, the session the collector answered for
+    // the page's visit (named in the body).
     let entries = rows(&st.ch, &facts_sql("entry"));
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(
@@ -384,7 +392,7 @@ async fn tracker_records_each_page_kind_in_one_session() {
             s(&entries[0], "session_id"),
             s(&entries[0], "session_origin")
         ),
-        ("early-1".into(), "summit".into(), sid.clone(), "cookie".into())
+        ("early-1".into(), "summit".into(), sid.clone(), "body".into())
     );
     // The live page pinged at once (every 30 s by default: the test left before the next).
     let pings = rows(&st.ch, &facts_sql("ping"));
@@ -517,7 +525,7 @@ async fn tracker_records_registration_without_delaying_the_form() {
     let e = &entries[0];
     assert_eq!(
         (s(e, "entry_id"), s(e, "event_id"), s(e, "session_id"), s(e, "session_origin")),
-        ("e-123".into(), "summit".into(), sid.clone(), "cookie".into())
+        ("e-123".into(), "summit".into(), sid.clone(), "body".into())
     );
     let visits = rows(&st.ch, &facts_sql("visit"));
     let kinds: Vec<(String, String, String)> =
@@ -779,5 +787,180 @@ async fn tracker_keeps_first_and_last_touch_through_redirect_and_spa_navigation(
         .iter()
         .any(|r| { r["cid"] == "unresolved" && r["utm_source"] == "google" && r["visits"] == 1 }));
     assert_eq!(o["totals"]["linked_entries"], 1);
+    b.close().await;
+}
+
+// -------------------------------------------------------------------------------------------
+// 6. A page keeps its session past the session lifetime (issue 10)
+//
+// The collector runs with a 4-second session lifetime, so `ef_sid` expires while a page is
+// open, as it does after 30 minutes in production.
+
+const SHORT_LIFETIME: &str = "4s";
+/// Longer than the lifetime: the browser has dropped `ef_sid` by then.
+const PAST_LIFETIME: Duration = Duration::from_millis(6500);
+
+/// Facts of `kind` the collector (accepted, rejected) so far, and its `missing_session_id`
+/// rejections of any kind.
+async fn outcomes(d: &Deployment, kind: &str) -> (f64, f64, f64) {
+    let m = get_text(&format!("{}/metrics", d.collector_url())).await;
+    let facts = |outcome: &str| {
+        metric_value(&m, "eventflow_collector_facts_total", &[("type", kind), ("outcome", outcome)]).unwrap_or(0.0)
+    };
+    let missing = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("eventflow_collector_rejections_total{") && l.contains("reason=\"missing_session_id\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    (facts("accepted"), facts("rejected"), missing)
+}
+
+/// Waits until the collector has answered `n` facts of `kind` (accepted or rejected).
+async fn wait_answered(d: &Deployment, kind: &str, n: f64) -> (f64, f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = outcomes(d, kind).await;
+        if o.0 + o.1 >= n {
+            return o;
+        }
+        assert!(Instant::now() < deadline, "the collector never answered {n} {kind} facts: {o:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tracker_registration_after_a_long_read_keeps_the_page_session() {
+    let st =
+        start_stack_with("tracker-long-read", &[("EVENTFLOW__COLLECTOR__SESSION_LIFETIME", SHORT_LIFETIME.into())]);
+    let tag = tracker_tag(st.d.collector_port, "");
+    let register_tag = tracker_tag(st.d.collector_port, r#" data-event-id="summit""#);
+    let mut routes = site(&tag, &register_tag);
+    let landing = format!(r#"<a id="to-register" href="/event/summit/register">Register</a>{CONTENT}"#);
+    routes.push(("/event/summit".into(), page("Summit", "", &tag, &landing)));
+    let (pages, _server) = serve_pages(routes, page("Page", "", &tag, CONTENT)).await;
+    let b = Browser::start(&st.dir).await;
+    let c = &b.client;
+
+    // A fresh browser opens the landing page and reads it for longer than the session lifetime.
+    c.goto(&format!("http://127.0.0.1:{pages}/event/summit")).await.expect("landing");
+    wait_tracker(c).await;
+    let sid = wait_cookie(c, "ef_sid").await;
+    tokio::time::sleep(PAST_LIFETIME).await;
+    assert_eq!(cookie(c, "ef_sid").await, None, "ef_sid has expired");
+    // Then registers on that page.
+    js(c, "eventflow.entry({entry_id: 'e-long-read'}); return 1;").await;
+    let (accepted, rejected, missing) = wait_answered(&st.d, "entry", 1.0).await;
+    assert_eq!((accepted, rejected, missing), (1.0, 0.0, 0.0), "the registration was accepted");
+    assert_eq!(wait_cookie(c, "ef_sid").await, sid, "the collector renewed ef_sid with the page's session");
+
+    // Reads again past the lifetime, then goes on to the registration page (a new page load in
+    // the same tab) and registers there.
+    tokio::time::sleep(PAST_LIFETIME).await;
+    assert_eq!(cookie(c, "ef_sid").await, None, "ef_sid has expired again");
+    let t = Instant::now();
+    click(c, "#to-register").await;
+    wait_path(c, "/event/summit/register", t).await;
+    wait_tracker(c).await;
+    let t = Instant::now();
+    click(c, "#submit").await;
+    wait_path(c, "/thanks", t).await;
+    assert!(page_errors(c).await.is_empty(), "{:?}", page_errors(c).await);
+    let (accepted, rejected, missing) = wait_answered(&st.d, "entry", 2.0).await;
+    assert_eq!((accepted, rejected, missing), (2.0, 0.0, 0.0), "both registrations accepted");
+    assert_eq!(cookie(c, "ef_sid").await, Some(sid.clone()), "one session for the whole visit");
+    c.goto("about:blank").await.expect("blank");
+
+    wait_rows(&st.ch, &facts_sql("entry"), 2).await;
+    settle(&st.d).await;
+    let visits = rows(&st.ch, &facts_sql("visit"));
+    let entries = rows(&st.ch, &facts_sql("entry"));
+    let v: Vec<(String, String, String)> =
+        visits.iter().map(|v| (s(v, "path"), s(v, "session_id"), s(v, "session_origin"))).collect();
+    assert_eq!(
+        v,
+        vec![
+            ("/event/summit".into(), sid.clone(), "created".into()),
+            ("/event/summit/register".into(), sid.clone(), "body".into()),
+        ],
+        "the registration page continued the tab's session"
+    );
+    let e: Vec<(String, String, String)> =
+        entries.iter().map(|e| (s(e, "entry_id"), s(e, "event_id"), s(e, "session_id"))).collect();
+    assert_eq!(
+        e,
+        vec![("e-long-read".into(), "summit".into(), sid.clone()), ("e-123".into(), "summit".into(), sid.clone())]
+    );
+    let o = wait_overview(&st.d, "two linked registrations", |o| {
+        o["totals"]["entries"] == 2 && o["totals"]["linked_entries"] == 2
+    })
+    .await;
+    eprintln!("overview totals: {}", o["totals"]);
+    assert_eq!((o["totals"]["visits"].as_u64(), o["totals"]["unique_sessions"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(o["quality"]["session_link_rate"], 1.0);
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tracker_live_viewer_hidden_past_the_session_lifetime_counts_again() {
+    let st =
+        start_stack_with("tracker-long-hidden", &[("EVENTFLOW__COLLECTOR__SESSION_LIFETIME", SHORT_LIFETIME.into())]);
+    let tag = tracker_tag(st.d.collector_port, "");
+    let live_tag = tracker_tag(st.d.collector_port, r#" data-ping-interval="1000""#);
+    let routes = vec![
+        ("/webinar/w1/live".into(), page("Live w1", "", &live_tag, CONTENT)),
+        // A page of the site without the tracker, to look at the site's cookies from another tab.
+        ("/plain".into(), page("Plain", "", "", "<p>plain</p>")),
+    ];
+    let (pages, _server) = serve_pages(routes, page("Page", "", &tag, CONTENT)).await;
+    let b = Browser::start(&st.dir).await;
+    let c = &b.client;
+
+    c.goto(&format!("http://127.0.0.1:{pages}/webinar/w1/live")).await.expect("live page");
+    wait_tracker(c).await;
+    let sid = wait_cookie(c, "ef_sid").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // The viewer switches to another tab for longer than the session lifetime.
+    let main = c.window().await.expect("window");
+    let other = c.new_window(true).await.expect("new tab");
+    c.switch_to_window(other.handle).await.expect("switch");
+    bring_to_front(c).await;
+    c.goto(&format!("http://127.0.0.1:{pages}/plain")).await.expect("plain page");
+    tokio::time::sleep(PAST_LIFETIME).await;
+    assert_eq!(cookie(c, "ef_sid").await, None, "ef_sid has expired while the live tab was hidden");
+    let (pings_before, rejected_before, _) = outcomes(&st.d, "ping").await;
+    assert_eq!(rejected_before, 0.0);
+    // ... and comes back.
+    c.switch_to_window(main).await.expect("switch back");
+    bring_to_front(c).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let log = js(c, "return window.visibilityLog;").await;
+    let log = log.as_array().expect("visibility log").clone();
+    assert_eq!(log.len(), 2, "hidden then visible: {log:?}");
+    let visible_at = log[1][1].as_i64().expect("time");
+    assert!(page_errors(c).await.is_empty(), "{:?}", page_errors(c).await);
+    let (pings_after, rejected_after, missing) = outcomes(&st.d, "ping").await;
+    eprintln!("pings accepted before hiding {pings_before}, after coming back {}", pings_after - pings_before);
+    assert_eq!((rejected_after, missing), (0.0, 0.0), "no ping rejected after coming back");
+    assert!(pings_after - pings_before >= 3.0, "pings after coming back: {}", pings_after - pings_before);
+    assert_eq!(cookie(c, "ef_sid").await, Some(sid.clone()), "ef_sid renewed with the page's session");
+    c.goto("about:blank").await.expect("blank");
+
+    settle(&st.d).await;
+    let pings = rows(&st.ch, &facts_sql("ping"));
+    assert!(pings.iter().all(|p| s(p, "session_id") == sid), "one session: {pings:?}");
+    let back = pings.iter().filter(|p| n(p, "received_at_ms") >= visible_at).count();
+    assert!(back >= 3, "{back} pings stored after coming back");
+    let (accepted, rejected, _) = outcomes(&st.d, "ping").await;
+    assert_eq!((pings.len() as f64, rejected), (accepted, 0.0), "every ping accepted and stored");
+    // The viewer is counted in the minutes after coming back as well.
+    let minutes = st.ch.number(
+        "SELECT uniqExact(toStartOfMinute(event_time)) FROM eventflow.facts FINAL \
+         WHERE client_id = 'acme' AND kind = 'ping'",
+    );
+    let o = wait_overview(&st.d, "the live viewer-minutes", |o| o["live"][0]["viewer_minutes"] == minutes).await;
+    assert_eq!(o["live"][0]["peak_concurrent"], 1, "{}", o["live"]);
     b.close().await;
 }

@@ -86,6 +86,7 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Loaded> {
     let raw = builder.build().context("reading configuration")?;
     let explicit_brokers = raw.get_string("kafka.brokers").is_ok();
     let config: Config = raw.try_deserialize().context("invalid configuration")?;
+    config.collector.validate().map_err(anyhow::Error::msg).context("invalid [collector] configuration")?;
     config.processor.validate().context("invalid [processor] configuration")?;
     ClientDirectory::new(&config.tenancy, &config.clients).context("invalid [tenancy] or [clients] configuration")?;
     if config.kafka.partitions < 1 {
@@ -118,6 +119,24 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_loads_with_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/eventflow.example.toml");
+        let loaded = load(Some(&example)).unwrap();
+        let (c, d) = (&loaded.config.collector, eventflow_collect::CollectorConfig::default());
+        assert_eq!(c.session_lifetime, d.session_lifetime);
+        assert_eq!(c.session_lifetime.get(), std::time::Duration::from_secs(30 * 60));
+        assert_eq!(
+            (c.links_refresh, c.links_lookup_timeout, c.links_negative_ttl),
+            (d.links_refresh, d.links_lookup_timeout, d.links_negative_ttl)
+        );
+        assert_eq!(
+            (c.links_lookup_concurrency, c.links_lookup_rate, c.links_negative_entries),
+            (d.links_lookup_concurrency, d.links_lookup_rate, d.links_negative_entries)
+        );
+        assert_eq!(c.shutdown_grace, d.shutdown_grace);
+    }
+
+    #[test]
     fn file_and_environment() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
@@ -142,5 +161,12 @@ mod tests {
         std::fs::write(&path, "[collector]\nlisten_typo = \"x\"\n").unwrap();
         let err = format!("{:#}", load(Some(&path)).unwrap_err());
         assert!(err.contains("listen_typo"), "{err}");
+        // Durations are checked when the configuration is loaded.
+        std::fs::write(&path, "[collector]\nsession_lifetime = \"half an hour\"\n").unwrap();
+        let err = format!("{:#}", load(Some(&path)).unwrap_err());
+        assert!(err.contains("half an hour"), "{err}");
+        std::fs::write(&path, "[collector]\nsession_lifetime = \"500ms\"\n").unwrap();
+        let err = format!("{:#}", load(Some(&path)).unwrap_err());
+        assert!(err.contains("session_lifetime"), "{err}");
     }
 }

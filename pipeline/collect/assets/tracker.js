@@ -19,6 +19,15 @@
  * On a page's first visit, pings and entries are sent once the collector has answered it (so a
  * fresh browser has its ef_sid cookie), after 2 s at most, and at once when the page is left.
  *
+ * Sessions: the collector answers the page's first visit with the session it used
+ * ("session_id", and its lifetime "session_ttl_ms"). The page names that session in the body of
+ * every later fact, so a registration after a long read, or pings after the tab was hidden for
+ * long, keep the page's session although the ef_sid cookie has expired meanwhile (the collector
+ * then renews the cookie with it). The session is also kept in sessionStorage with the time the
+ * tab last sent a beacon or left a page: the next page of the same tab continues it when that
+ * was less than the session lifetime ago (a visitor who read a page for an hour and clicks on to
+ * the registration page stays one session). An explicit session_id in eventflow.entry wins.
+ *
  * Pages that load this script async may call eventflow.entry before it arrives, or when it
  * cannot load at all, through this stub (queued calls are sent when the tracker loads):
  *   <script>window.eventflow=window.eventflow||{q:[],entry:function(f){window.eventflow.q.push(["entry",f])}};</script>
@@ -37,6 +46,7 @@
   var PING_MS = Math.max(1000, parseInt(attr("data-ping-interval"), 10) || 30000), HOLD_MS = 2000;
   var pingTimer = null, lastPath = null;
   var queued = [];
+  var SESSION_KEY = "eventflow_session", session = null, sessionTtl = 30 * 60 * 1000;
   try { if (w.eventflow && w.eventflow.q && w.eventflow.q.length) queued = w.eventflow.q.slice(); } catch (e) {}
 
   function uid() {
@@ -44,17 +54,49 @@
     return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2) + Math.random().toString(36).slice(2);
   }
 
+  // The page's session (see the header): remembered for the tab in sessionStorage, with the
+  // time of the tab's last beacon or page exit.
+  function keepSession() {
+    try {
+      if (session && w.sessionStorage) {
+        w.sessionStorage.setItem(SESSION_KEY, JSON.stringify({ id: session, ttl: sessionTtl, at: Date.now() }));
+      }
+    } catch (e) {}
+  }
+  function restoreSession() {
+    try {
+      var s = JSON.parse(w.sessionStorage.getItem(SESSION_KEY) || "null");
+      if (s && typeof s.id === "string" && s.id && typeof s.ttl === "number" && typeof s.at === "number" &&
+          Date.now() - s.at < s.ttl) { session = s.id; sessionTtl = s.ttl; }
+    } catch (e) {}
+  }
+  // The collector's answer to the page's first visit names the session it used.
+  function learnSession(answer) {
+    try {
+      if (answer && typeof answer.session_id === "string" && answer.session_id && answer.session_id.length <= 128) {
+        session = answer.session_id;
+        if (typeof answer.session_ttl_ms === "number" && answer.session_ttl_ms > 0) sessionTtl = answer.session_ttl_ms;
+        keepSession();
+      }
+    } catch (e) {}
+  }
+
   // Sends one fact: sendBeacon, else fetch keepalive. With `answered`, fetch is preferred and
-  // `answered` runs once the collector has answered (or failed).
+  // `answered` runs once the collector's answer has been read (or the request failed).
   function send(fact, answered) {
     try {
       if (!client) { if (answered) answered(); return; }
       fact.client_id = client;
       if (!fact.ts) fact.ts = new Date().toISOString();
+      if (!fact.session_id && session) fact.session_id = session;
+      keepSession();
       var body = JSON.stringify(fact);
       var opts = { method: "POST", body: body, keepalive: true, credentials: "include", mode: "cors",
         headers: { "Content-Type": "text/plain" } };
-      if (answered && w.fetch) { w.fetch(url, opts).then(answered, answered); return; }
+      if (answered && w.fetch) {
+        w.fetch(url, opts).then(function (r) { return r.json().then(learnSession); }).then(answered, answered);
+        return;
+      }
       var sent = false;
       try { sent = !!(w.navigator.sendBeacon && w.navigator.sendBeacon(url, body)); } catch (e) { sent = false; }
       if (!sent && w.fetch) w.fetch(url, opts).catch(function () {});
@@ -151,9 +193,12 @@
 
   try {
     d.addEventListener("visibilitychange", function () {
-      try { if (d.visibilityState === "visible") { var p = page(); if (p.kind === "live") track({ type: "ping", webinar_id: p.webinarId }); } } catch (e) {}
+      try {
+        if (d.visibilityState === "visible") { var p = page(); if (p.kind === "live") track({ type: "ping", webinar_id: p.webinarId }); }
+        else keepSession();
+      } catch (e) {}
     });
-    w.addEventListener("pagehide", release);
+    w.addEventListener("pagehide", function () { try { keepSession(); release(); } catch (e) {} });
     // Single-page apps: a client-side navigation is a new page view.
     ["pushState", "replaceState"].forEach(function (name) {
       var orig = w.history && w.history[name];
@@ -172,6 +217,7 @@
   } catch (e) {}
 
   try { w.eventflow = { __loaded: true, entry: entry, visit: visit }; } catch (e) {}
+  restoreSession();
   visit();
   for (var i = 0; i < queued.length; i++) {
     try { if (queued[i] && queued[i][0] === "entry") entry(queued[i][1]); } catch (e) {}

@@ -2,8 +2,10 @@
 //!
 //! `POST /v1/collect` turns a body into facts: parse and validate ([`crate::intake`]), apply
 //! tenancy and rate limits, enrich (session, attribution, campaign link, event time), append to
-//! the spool and answer `202` once the spool has fsynced them. Failures never reach the page as
-//! anything but a status code: the tracker ignores responses.
+//! the spool and answer `202` once the spool has fsynced them; the answer names the session the
+//! request used (`session_id`), which the tracker keeps for the page's later facts. Failures
+//! never reach the page as anything but a status code: the tracker reads nothing else from
+//! responses.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +27,7 @@ use eventflow_core::fact::{Entry, Fact, FactHeader, FactKind, Ping, SessionOrigi
 use eventflow_core::{time, ClientDirectory};
 
 use crate::intake::{self, Body, FactIn, Reason, Rejection};
-use crate::links::Links;
+use crate::links::{Links, Resolved};
 use crate::metrics::CollectorMetrics;
 use crate::ratelimit::RateLimiter;
 use crate::session::{self, Attribution, CookiePolicy, Touch};
@@ -247,19 +249,23 @@ async fn collect_inner(
         }
     });
 
-    // Enrichment: one session and one attribution cookie per request (one browser).
+    // Enrichment. The cookies describe one browser: its session (`ef_sid`) and its touches
+    // (`ef_utm`).
     let cookie_header = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
     let cookie_sid = session::cookie(cookie_header, session::SESSION_COOKIE)
         .filter(|s| session::valid_session_id(s))
         .map(str::to_owned);
-    let mut attribution =
+    let cookie_attribution =
         session::cookie(cookie_header, session::UTM_COOKIE).map(Attribution::decode).unwrap_or_default();
-    let attribution_before = attribution.clone();
     // A visit without a session creates one for the whole request (one browser), so an entry or
     // ping sent in the same batch by a browser without a cookie yet shares it.
     let creates_session =
         cookie_sid.is_none() && valid.iter().any(|f| matches!(&f.body, Body::Visit(v) if v.session_id.is_none()));
     let created_sid: Option<String> = creates_session.then(session::new_session_id);
+    // A request with an EventFlow cookie comes from a browser (see `Touches`).
+    let from_browser = session::cookie(cookie_header, session::SESSION_COOKIE).is_some()
+        || session::cookie(cookie_header, session::UTM_COOKIE).is_some();
+    let mut touches = Touches::new(cookie_attribution, from_browser);
     let received_ms = chrono::Utc::now().timestamp_millis();
     let mut facts: Vec<(usize, Fact)> = Vec::with_capacity(valid.len());
     for f in valid {
@@ -293,15 +299,10 @@ async fn collect_inner(
                 continue;
             }
         };
-        let client = f.client_id.to_string();
-        // Cookie attribution belongs to the browser's own session; a fact naming its session
-        // in the body (a server-side integration) is attributed by its own fields only.
-        let mut no_cookie = Attribution::default();
-        let fact_attribution = if origin == SessionOrigin::Body { &mut no_cookie } else { &mut attribution };
+        // `cid_resolved` is set below, once the final `cid`s (own or inherited) are known.
         let fact = match f.body {
             Body::Visit(v) => {
-                let (cid, utm, inherited) = attribute(fact_attribution, v.cid, v.utm, event_ms);
-                let cid_resolved = cid.as_deref().is_some_and(|c| st.links.resolves(&client, c));
+                let (cid, utm, inherited, _) = touches.attribute(origin, v.cid, v.utm, event_ms);
                 Fact::Visit(Visit {
                     header,
                     session_id,
@@ -312,16 +313,14 @@ async fn collect_inner(
                     event_uid: v.event_uid,
                     path: v.path,
                     cid,
-                    cid_resolved,
+                    cid_resolved: false,
                     utm,
                     utm_inherited: inherited,
                     referrer: v.referrer,
                 })
             }
             Body::Entry(e) => {
-                let (cid, utm, inherited) = attribute(fact_attribution, e.cid, e.utm, event_ms);
-                let cid_resolved = cid.as_deref().is_some_and(|c| st.links.resolves(&client, c));
-                let first = fact_attribution.first.clone();
+                let (cid, utm, inherited, first) = touches.attribute(origin, e.cid, e.utm, event_ms);
                 Fact::Entry(Entry {
                     header,
                     entry_id: e.entry_id,
@@ -330,7 +329,7 @@ async fn collect_inner(
                     event_id: e.event_id,
                     webinar_id: e.webinar_id,
                     cid,
-                    cid_resolved,
+                    cid_resolved: false,
                     utm,
                     utm_inherited: inherited,
                     first_touch_utm: first.as_ref().map(|t| t.utm.clone()),
@@ -341,8 +340,10 @@ async fn collect_inner(
         };
         facts.push((f.index, fact));
     }
+    resolve_cids(st, &mut facts).await;
 
     let accepted = facts.len();
+    let used_sid = answer_session(facts.iter().map(|(_, f)| f));
     let mut status = StatusCode::ACCEPTED;
     let mut retry_after = None;
     if !facts.is_empty() {
@@ -382,26 +383,123 @@ async fn collect_inner(
         record_rejection(st, r);
     }
     rejected.sort_by_key(|r| r.index);
-    let body = json!({
+    let mut body = json!({
         "accepted": if status == StatusCode::ACCEPTED { accepted } else { 0 },
         "rejected": rejected.iter().map(rejection_json).collect::<Vec<_>>(),
     });
+    if let Some(sid) = &used_sid {
+        // The tracker keeps this session for the page's later facts (see `answer_session`).
+        body["session_id"] = json!(sid);
+        body["session_ttl_ms"] = json!(st.cookies.session_max_age_secs.saturating_mul(1000));
+    }
     let mut response = (status, Json(body)).into_response();
     let h = response.headers_mut();
     if let Some(ra) = retry_after {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static(ra));
     }
-    if let Some(sid) = created_sid.as_ref().or(cookie_sid.as_ref()) {
+    if let Some(sid) = cookie_session(cookie_sid.as_deref(), created_sid.as_deref(), used_sid.as_deref()) {
         if let Ok(v) = HeaderValue::from_str(&st.cookies.session(sid)) {
             h.append(header::SET_COOKIE, v);
         }
     }
-    if attribution != attribution_before {
-        if let Ok(v) = HeaderValue::from_str(&st.cookies.attribution(&attribution)) {
+    if let Some(a) = touches.changed_cookie() {
+        if let Ok(v) = HeaderValue::from_str(&st.cookies.attribution(a)) {
             h.append(header::SET_COOKIE, v);
         }
     }
     response
+}
+
+/// The session all accepted facts of a request used, if they used one (a browser's beacon
+/// always does). It is answered as `session_id`, so the tracker can name it in the body of the
+/// page's later facts and keep the page's session after `ef_sid` has expired.
+fn answer_session<'a>(facts: impl IntoIterator<Item = &'a Fact>) -> Option<String> {
+    let mut sessions = facts.into_iter().map(Fact::session_id);
+    let first = sessions.next()?;
+    sessions.all(|s| s == first).then(|| first.to_owned())
+}
+
+/// The session `ef_sid` is set to: a valid cookie's own session is kept alive (sliding expiry);
+/// without one, the session created for this request, else the session the request used (a
+/// page that named its session after its cookie expired renews the cookie with it, so later
+/// beacons of the browser, cookie-only ones included, continue that session).
+fn cookie_session<'a>(cookie: Option<&'a str>, created: Option<&'a str>, used: Option<&'a str>) -> Option<&'a str> {
+    cookie.or(created).or(used.filter(|s| session::valid_session_id(s)))
+}
+
+/// Sets `cid_resolved` of every fact: whether its `cid` (own or inherited) names a link of its
+/// client. Missing links are looked up in ClickHouse (bounded, see [`crate::links`]), all of
+/// the request's at once.
+async fn resolve_cids(st: &AppState, facts: &mut [(usize, Fact)]) {
+    let cid_of = |f: &Fact| match f {
+        Fact::Visit(v) => v.cid.clone(),
+        Fact::Entry(e) => e.cid.clone(),
+        Fact::Ping(_) => None,
+    };
+    let mut cids: Vec<String> = facts.iter().filter_map(|(_, f)| cid_of(f)).collect();
+    if cids.is_empty() {
+        return;
+    }
+    cids.sort_unstable();
+    cids.dedup();
+    let resolved = st.links.resolve_all(cids.iter().map(String::as_str)).await;
+    for (_, fact) in facts.iter_mut() {
+        let client = fact.header().client_id.clone();
+        let is_link =
+            |cid: &Option<String>| cid.as_ref().and_then(|c| resolved.get(c)).is_some_and(|r| r.belongs_to(&client));
+        match fact {
+            Fact::Visit(v) => v.cid_resolved = is_link(&v.cid),
+            Fact::Entry(e) => e.cid_resolved = is_link(&e.cid),
+            Fact::Ping(_) => {}
+        }
+    }
+}
+
+/// Attribution state of one request (docs/policies/attribution.md).
+///
+/// `ef_utm` describes the browser that sent the request. When the request carries an EventFlow
+/// cookie it comes from a browser, so every fact is attributed from `ef_utm` and the touches of
+/// the request's earlier facts, whatever named its session (the cookie, the body or a new one):
+/// the same as if each fact had come alone with the cookie the previous answer set. A request
+/// without cookies may be a server-side integration batching several visitors' facts: a fact
+/// that names its session in the body is then attributed by its own fields only, so no visitor's
+/// campaign passes to another (facts whose session the collector created for the request are one
+/// new browser's and share the state). The answer's `ef_utm` records every touch of the request,
+/// in order.
+#[derive(Debug)]
+struct Touches {
+    /// `ef_utm` as the request sent it.
+    before: Attribution,
+    /// What the browser's facts are attributed from.
+    browser: Attribution,
+    /// `ef_utm` for the answer.
+    answer: Attribution,
+    from_browser: bool,
+}
+
+/// `(cid, utm, inherited, first touch)` of a fact.
+type Attributed = (Option<String>, Utm, bool, Option<Touch>);
+
+impl Touches {
+    fn new(cookie: Attribution, from_browser: bool) -> Self {
+        Self { before: cookie.clone(), browser: cookie.clone(), answer: cookie, from_browser }
+    }
+
+    /// Attribution of a fact whose session has `origin` (see [`attribute`]).
+    fn attribute(&mut self, origin: SessionOrigin, cid: Option<String>, utm: Utm, at_ms: i64) -> Attributed {
+        if let Some(touch) = Touch::of(&cid, &utm, at_ms) {
+            self.answer.touch(touch);
+        }
+        let mut own = Attribution::default();
+        let state = if self.from_browser || origin != SessionOrigin::Body { &mut self.browser } else { &mut own };
+        let (cid, utm, inherited) = attribute(state, cid, utm, at_ms);
+        (cid, utm, inherited, state.first.clone())
+    }
+
+    /// The new `ef_utm`, when the request touched a campaign.
+    fn changed_cookie(&self) -> Option<&Attribution> {
+        (self.answer != self.before).then_some(&self.answer)
+    }
 }
 
 /// Attribution of one fact: a fact with its own `cid` or UTM is a touch; one without inherits
@@ -419,10 +517,29 @@ fn attribute(attribution: &mut Attribution, cid: Option<String>, utm: Utm, at_ms
 
 /// `GET /r/{cid}`: a tracked campaign link.
 async fn redirect(State(st): State<Arc<AppState>>, Path(cid): Path<String>, headers: HeaderMap) -> Response {
-    let Some(link) = st.links.get(&cid) else {
-        st.metrics.link_clicks.with_label_values(&["unknown"]).inc();
-        warn!(event = "VisitTrackFail", reason = "unknown_link", client_id = "", cid = %cid, "click on an unknown campaign link");
-        return error(StatusCode::NOT_FOUND, "unknown_link", "no campaign link with this id");
+    // An id no import could have written is not worth a lookup.
+    let plausible = cid.chars().count() <= intake::MAX_ID_CHARS && !cid.chars().any(char::is_control);
+    let resolved = if plausible { st.links.resolve(&cid).await } else { Resolved::Unknown };
+    let link = match resolved {
+        Resolved::Link(link) => link,
+        Resolved::Unknown => {
+            st.metrics.link_clicks.with_label_values(&["unknown"]).inc();
+            warn!(event = "VisitTrackFail", reason = "unknown_link", client_id = "", cid = %cid, "click on an unknown campaign link");
+            return error(StatusCode::NOT_FOUND, "unknown_link", "no campaign link with this id");
+        }
+        Resolved::Unavailable => {
+            // Not in the cache and not looked up (lookup limits, ClickHouse failing): the link
+            // may exist, so this is not a 404.
+            st.metrics.link_clicks.with_label_values(&["unavailable"]).inc();
+            warn!(event = "VisitTrackFail", reason = "link_lookup_unavailable", client_id = "", cid = %cid, "campaign link could not be looked up");
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "link_lookup_unavailable",
+                "the campaign link could not be looked up; retry later",
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
     };
     st.metrics.link_clicks.with_label_values(&["redirected"]).inc();
     let cookie_header = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
@@ -538,6 +655,66 @@ mod tests {
             with_utm("https://x.test/e?lang=ko#top", "c1", &Utm::default()),
             "https://x.test/e?lang=ko&cid=c1#top"
         );
+    }
+
+    #[test]
+    fn every_fact_of_a_browser_is_attributed_from_its_cookie() {
+        let news = Utm { source: Some("news".into()), ..Utm::default() };
+        let ads = Utm { source: Some("ads".into()), ..Utm::default() };
+        let mut cookie = Attribution::default();
+        cookie.touch(Touch { cid: None, utm: ads.clone(), at_ms: 1 });
+        cookie.touch(Touch { cid: Some("spring".into()), utm: news.clone(), at_ms: 2 });
+        let mut t = Touches::new(cookie, true);
+        // A fact naming its own session (body) inherits the browser's last touch and carries its
+        // first touch, like a cookie-session fact.
+        let (cid, utm, inherited, first) = t.attribute(SessionOrigin::Body, None, Utm::default(), 3);
+        assert_eq!((cid, utm, inherited), (Some("spring".into()), news.clone(), true));
+        assert_eq!(first.map(|f| (f.utm, f.at_ms)), Some((ads.clone(), 1)));
+        assert_eq!(t.changed_cookie(), None, "no touch, no new ef_utm");
+
+        // No cookie (a server-side batch of several visitors): a fact naming its session is
+        // attributed by its own fields only, as if it had come alone.
+        let mut t = Touches::new(Attribution::default(), false);
+        assert_eq!(t.attribute(SessionOrigin::Body, None, ads.clone(), 1).1, ads);
+        assert_eq!(t.attribute(SessionOrigin::Body, None, Utm::default(), 2), (None, Utm::default(), false, None));
+        // ... while facts of the session the collector created for the request are one new
+        // browser's and share its touches.
+        t.attribute(SessionOrigin::Created, None, news.clone(), 3);
+        let (_, utm, inherited, _) = t.attribute(SessionOrigin::Created, None, Utm::default(), 4);
+        assert_eq!((utm, inherited), (news.clone(), true));
+        // The answer's ef_utm records every touch of the request, in order.
+        let cookie = t.changed_cookie().expect("touched");
+        assert_eq!(cookie.first.as_ref().map(|f| &f.utm), Some(&ads));
+        assert_eq!(cookie.last.as_ref().map(|l| &l.utm), Some(&news));
+    }
+
+    #[test]
+    fn the_answer_names_the_session_and_renews_the_cookie() {
+        let ping = |sid: &str| {
+            Fact::Ping(Ping {
+                header: FactHeader {
+                    spool_id: 0,
+                    spool_seq: 0,
+                    client_id: "acme".into(),
+                    received_at_ms: 0,
+                    event_time_ms: 0,
+                    client_ts: None,
+                    clock_skew: false,
+                },
+                webinar_id: "w1".into(),
+                session_id: sid.into(),
+                session_origin: SessionOrigin::Body,
+            })
+        };
+        assert_eq!(answer_session(&[ping("s1"), ping("s1")]), Some("s1".into()));
+        assert_eq!(answer_session(&[ping("s1"), ping("s2")]), None, "a server batch of several sessions");
+        assert_eq!(answer_session(&[]), None);
+        // A live cookie keeps its session; without one, the created or the used session.
+        assert_eq!(cookie_session(Some("c"), None, Some("s1")), Some("c"));
+        assert_eq!(cookie_session(None, Some("new"), Some("new")), Some("new"));
+        assert_eq!(cookie_session(None, None, Some("s1")), Some("s1"), "an expired cookie is renewed");
+        assert_eq!(cookie_session(None, None, Some("not a cookie value")), None);
+        assert_eq!(cookie_session(None, None, None), None);
     }
 
     #[test]

@@ -19,7 +19,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -28,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use eventflow_core::avro::FactCodec;
-use eventflow_core::time::parse_duration_ms;
 use eventflow_core::ClientDirectory;
 use eventflow_store::Store;
 use eventflow_topics::KafkaConfig;
@@ -37,7 +35,7 @@ pub use config::CollectorConfig;
 pub use metrics::CollectorMetrics;
 
 use crate::http::AppState;
-use crate::links::Links;
+use crate::links::{LinkMetrics, LinkSource, Links, LookupLimits};
 use crate::ratelimit::RateLimiter;
 use crate::session::CookiePolicy;
 use crate::spool::{Spool, SpoolOptions};
@@ -75,13 +73,6 @@ pub(crate) fn render_metrics(registry: &prometheus::Registry) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-fn duration(key: &str, value: &str) -> Result<Duration, CollectorError> {
-    parse_duration_ms(value)
-        .and_then(|ms| u64::try_from(ms).ok())
-        .map(Duration::from_millis)
-        .ok_or_else(|| CollectorError::Config(format!("collector.{key} = {value:?} is not a duration")))
-}
-
 /// Serves the collector on `listener` until `shutdown`, then stops accepting, drains what it can
 /// to Kafka within `shutdown_grace` and returns (the rest stays in the spool).
 pub async fn serve(
@@ -90,8 +81,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), CollectorError> {
     let c = &deps.config;
-    let links_refresh = duration("links_refresh", &c.links_refresh)?;
-    let grace = duration("shutdown_grace", &c.shutdown_grace)?;
+    c.validate().map_err(CollectorError::Config)?;
+    let links_refresh = c.links_refresh.get();
+    let grace = c.shutdown_grace.get();
     let codec = FactCodec::new()?;
     let metrics = CollectorMetrics::new(&deps.registry)?;
     let spool = Spool::open(
@@ -113,10 +105,19 @@ pub async fn serve(
         grace,
     }
     .spawn()?;
-    let links = Links::default();
+    let link_metrics = LinkMetrics { lookups: metrics.link_lookups.clone(), cached: metrics.links_cached.clone() };
+    let source = deps.store.clone().map(|s| Arc::new(s) as Arc<dyn LinkSource>);
+    let limits = LookupLimits {
+        timeout: c.links_lookup_timeout.get(),
+        concurrency: c.links_lookup_concurrency,
+        rate: c.links_lookup_rate,
+        negative_ttl: c.links_negative_ttl.get(),
+        negative_entries: c.links_negative_entries,
+    };
+    let links = Links::new(source.clone().map(|s| (s, limits)), Some(link_metrics));
     let background = CancellationToken::new();
-    if let Some(store) = deps.store.clone() {
-        tokio::spawn(links.clone().refresh_loop(store, links_refresh, background.clone()));
+    if let Some(source) = source {
+        tokio::spawn(links.clone().refresh_loop(source, links_refresh, background.clone()));
     }
     let state = Arc::new(AppState {
         spool,
@@ -126,7 +127,11 @@ pub async fn serve(
         registry: deps.registry.clone(),
         ip_limiter: RateLimiter::new(c.rate_limit_per_ip),
         client_limiter: RateLimiter::new(c.rate_limit_per_client),
-        cookies: CookiePolicy { domain: c.cookie_domain.clone(), secure: c.cookie_secure },
+        cookies: CookiePolicy {
+            domain: c.cookie_domain.clone(),
+            secure: c.cookie_secure,
+            session_max_age_secs: c.session_lifetime.get().as_secs(),
+        },
         allowed_origins: c.allowed_origins.clone(),
         trust_forwarded_for: c.trust_forwarded_for,
         allowed_lateness_ms: deps.allowed_lateness_ms,

@@ -17,6 +17,8 @@ pub struct CollectorMetrics {
     pub produce_errors: IntCounterVec,
     pub delivered: IntCounter,
     pub link_clicks: IntCounterVec,
+    pub link_lookups: IntCounterVec,
+    pub links_cached: IntGauge,
     pub spool_fsync: Histogram,
 }
 
@@ -67,6 +69,18 @@ impl CollectorMetrics {
                 ),
                 &["outcome"],
             )?,
+            link_lookups: IntCounterVec::new(
+                Opts::new(
+                    "eventflow_collector_link_lookups_total",
+                    "Campaign-link cache misses by outcome: looked up in ClickHouse (found, not_found, \
+                     error), or answered without a query (negative, shared, limited).",
+                ),
+                &["outcome"],
+            )?,
+            links_cached: IntGauge::new(
+                "eventflow_collector_links_cached",
+                "Campaign links in the collector's in-memory copy.",
+            )?,
             spool_fsync: Histogram::with_opts(
                 HistogramOpts::new(
                     names::COLLECTOR_SPOOL_FSYNC_SECONDS,
@@ -84,8 +98,11 @@ impl CollectorMetrics {
         for kind in ["transport", "delivery", "fatal"] {
             m.produce_errors.with_label_values(&[kind]);
         }
-        for outcome in ["redirected", "unknown"] {
+        for outcome in ["redirected", "unknown", "unavailable"] {
             m.link_clicks.with_label_values(&[outcome]);
+        }
+        for outcome in crate::links::LOOKUP_OUTCOMES {
+            m.link_lookups.with_label_values(&[outcome]);
         }
         registry.register(Box::new(m.spool_fsync.clone()))?;
         registry.register(Box::new(m.facts.clone()))?;
@@ -98,6 +115,8 @@ impl CollectorMetrics {
         registry.register(Box::new(m.produce_errors.clone()))?;
         registry.register(Box::new(m.delivered.clone()))?;
         registry.register(Box::new(m.link_clicks.clone()))?;
+        registry.register(Box::new(m.link_lookups.clone()))?;
+        registry.register(Box::new(m.links_cached.clone()))?;
         Ok(m)
     }
 }

@@ -1,7 +1,8 @@
 //! Sessions and UTM attribution, kept server-side in first-party cookies.
 //!
 //! - `ef_sid`: the session id used when a fact has no `session_id`; created by the collector
-//!   for visits, refreshed on every response (30-minute sliding expiry, `SameSite=Lax`).
+//!   for visits, refreshed on every response (sliding expiry of `collector.session_lifetime`,
+//!   30 minutes by default, `SameSite=Lax`).
 //! - `ef_utm`: the first and the last *touch* (campaign link id and UTM parameters, with time).
 //!   A fact that carries a `cid` or any UTM field is a touch: it becomes the last touch, and the
 //!   first one if there was none. A fact without them inherits the last touch, so a redirect or
@@ -16,8 +17,6 @@ use eventflow_core::fact::Utm;
 
 pub const SESSION_COOKIE: &str = "ef_sid";
 pub const UTM_COOKIE: &str = "ef_utm";
-/// Sliding session expiry.
-pub const SESSION_MAX_AGE_SECS: u64 = 30 * 60;
 /// The `ef_utm` cookie lives this long after the last touch.
 pub const ATTRIBUTION_MAX_AGE_SECS: u64 = 30 * 24 * 3600;
 /// Browsers drop cookies over 4096 bytes; long terms and contents are left out above this.
@@ -98,10 +97,12 @@ pub fn new_session_id() -> String {
 }
 
 /// Settings of the `Set-Cookie` headers.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CookiePolicy {
     pub domain: Option<String>,
     pub secure: bool,
+    /// `Max-Age` of `ef_sid` in seconds (`collector.session_lifetime`, sliding).
+    pub session_max_age_secs: u64,
 }
 
 impl CookiePolicy {
@@ -118,7 +119,7 @@ impl CookiePolicy {
     }
 
     pub fn session(&self, id: &str) -> String {
-        self.set(SESSION_COOKIE, id, SESSION_MAX_AGE_SECS)
+        self.set(SESSION_COOKIE, id, self.session_max_age_secs)
     }
 
     pub fn attribution(&self, a: &Attribution) -> String {
@@ -212,7 +213,7 @@ mod tests {
         assert!(!valid_session_id("a b"));
         assert!(!valid_session_id(""));
         assert_eq!(new_session_id().len(), 32);
-        let p = CookiePolicy { domain: Some("example.com".into()), secure: true };
+        let p = CookiePolicy { domain: Some("example.com".into()), secure: true, session_max_age_secs: 1800 };
         assert_eq!(
             p.session("s"),
             "ef_sid=s; Path=/; Max-Age=1800; SameSite=Lax; HttpOnly; Domain=example.com; Secure"
