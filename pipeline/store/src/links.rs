@@ -12,25 +12,13 @@ impl Store {
         .await
     }
 
-    /// The link `cid`, if one exists.
-    pub async fn campaign_link(&self, cid: &str) -> Result<Option<CampaignLinkRow>> {
-        self.timed(async {
-            Ok(self
-                .query("SELECT ?fields FROM campaign_links FINAL WHERE cid = ?")?
-                .bind(cid)
-                .fetch_optional::<CampaignLinkRow>()
-                .await?)
-        })
-        .await
-    }
-
     /// Adds or replaces links (the newest `updated_at` wins).
     pub async fn upsert_campaign_links(&self, links: &[CampaignLinkRow]) -> Result<()> {
         self.insert("campaign_links", links).await
     }
 
     /// The latest version of one link, if it exists (the collector's read-through on a cache
-    /// miss; `cid` is the sorting key, so this reads one granule).
+    /// miss, `eventflow backfill --cid`; `cid` is the sorting key, so this reads one granule).
     pub async fn campaign_link(&self, cid: &str) -> Result<Option<CampaignLinkRow>> {
         self.timed(async {
             Ok(self
