@@ -528,6 +528,7 @@ SHARDING = {
     "daily_sessions": "cityHash64(client_id, session_id)",
     "session_first_visits": "cityHash64(client_id, session_id)",
     "campaign_links": "cityHash64(cid)",
+    "reconcile_findings": "cityHash64(client_id)",
 }
 # facts is ordered by fact_id, not kafka_partition: a fact always travels through one Kafka
 # partition (topics are keyed by session), so kafka_partition is a function of the fact.

@@ -9,6 +9,7 @@ mod api_contract;
 mod collector;
 mod dashboard;
 mod dev;
+mod doubt;
 mod drill;
 mod faults;
 mod harness;

@@ -33,7 +33,7 @@ use eventflow_core::{time, ClientDirectory, ClientId};
 use eventflow_store::Store;
 
 use crate::auth::{Principal, Tokens};
-use crate::overview::{Meta, OverviewQuery, OverviewResponse, Source};
+use crate::overview::{Doubt, Meta, OverviewQuery, OverviewResponse, Source};
 
 /// `[api]` configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -340,7 +340,13 @@ pub fn resolve_range(
     Ok((from, to))
 }
 
-async fn meta(st: &AppState, tz: Tz, started: Instant, sources: BTreeMap<&'static str, Source>) -> Meta {
+async fn meta(
+    st: &AppState,
+    tz: Tz,
+    started: Instant,
+    sources: BTreeMap<&'static str, Source>,
+    doubt: Option<Doubt>,
+) -> Meta {
     let now = Utc::now().timestamp_millis();
     let wm =
         st.deps.store.watermark().await.ok().filter(|w| w.reported.len() >= st.deps.partitions).and_then(|w| w.min_ms);
@@ -350,6 +356,7 @@ async fn meta(st: &AppState, tz: Tz, started: Instant, sources: BTreeMap<&'stati
         data_sources: sources,
         watermark: wm.map(|w| time::format_in_tz(w, tz)),
         staleness_seconds: wm.map(|w| (((now - w).max(0)) as f64 / 100.0).round() / 10.0),
+        doubt,
     }
 }
 
@@ -380,7 +387,7 @@ async fn overview(
             Source::Aggregated => {}
         }
     }
-    let meta = meta(&st, tz, started, s.sources).await;
+    let meta = meta(&st, tz, started, s.sources, s.doubt).await;
     Json(OverviewResponse {
         client_id: client,
         from: time::format_day(from),
@@ -470,7 +477,7 @@ async fn live_series(
     }
     let mut sources = BTreeMap::new();
     sources.insert("live", source);
-    let meta = meta(&st, tz, started, sources).await;
+    let meta = meta(&st, tz, started, sources, None).await;
     Json(json!({
         "client_id": client,
         "webinar_id": webinar,

@@ -18,6 +18,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { name: "001_facts", sql: include_str!("../../../sql/001_facts.sql") },
     Migration { name: "002_aggregates", sql: include_str!("../../../sql/002_aggregates.sql") },
     Migration { name: "003_operations", sql: include_str!("../../../sql/003_operations.sql") },
+    Migration { name: "005_reconcile_findings", sql: include_str!("../../../sql/005_reconcile_findings.sql") },
 ];
 
 /// The cluster variant (`sql/cluster/`), applied by `eventflow migrate --cluster NAME` after
@@ -26,6 +27,10 @@ pub const CLUSTER_MIGRATIONS: &[Migration] = &[
     Migration { name: "cluster/001_facts", sql: include_str!("../../../sql/cluster/001_facts.sql") },
     Migration { name: "cluster/002_aggregates", sql: include_str!("../../../sql/cluster/002_aggregates.sql") },
     Migration { name: "cluster/003_operations", sql: include_str!("../../../sql/cluster/003_operations.sql") },
+    Migration {
+        name: "cluster/005_reconcile_findings",
+        sql: include_str!("../../../sql/cluster/005_reconcile_findings.sql"),
+    },
 ];
 
 /// Splits a migration file into statements: `--` comment lines are dropped and statements end
@@ -173,6 +178,6 @@ mod tests {
             vec!["CREATE TABLE a\n(x UInt8)\nENGINE = Log", "CREATE TABLE b (y UInt8) ENGINE = Log"]
         );
         let total: usize = MIGRATIONS.iter().map(|m| statements(m.sql).len()).sum();
-        assert_eq!(total, 11, "one CREATE TABLE per table");
+        assert_eq!(total, 12, "one CREATE TABLE per table");
     }
 }

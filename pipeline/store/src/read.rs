@@ -408,3 +408,90 @@ impl Store {
         .await
     }
 }
+
+// -------------------------------------------------------------------------------------------
+// Reconcile findings (sql/005_reconcile_findings.sql): written by the processor's reconcile,
+// read by the reader API.
+
+/// One figure that differed between the aggregates and the raw recount (part of a finding's
+/// JSON `detail`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DifferingFigure {
+    /// Metric family (`visits`, `campaigns`, `live`, ...; see `eventflow_reconcile_mismatch`).
+    pub metric: String,
+    /// Which bucket of the family (empty for day totals).
+    pub key: String,
+    pub aggregate: u64,
+    pub raw: u64,
+}
+
+/// `reconcile_findings` row: the result of one reconcile check of one client day.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct ReconcileFindingRow {
+    pub client_id: String,
+    pub day: u16,
+    /// When the day was checked (unix ms); the newest check of a day supersedes older ones.
+    pub checked_ms: u64,
+    /// Differing figures (all of them; `detail` lists at most [`ReconcileFindingRow::DETAIL_MAX`]).
+    pub mismatches: u32,
+    /// 1 when the day has late facts not yet folded in by backfill.
+    pub pending_backfill: u8,
+    /// JSON array of [`DifferingFigure`].
+    pub detail: String,
+}
+
+impl ReconcileFindingRow {
+    /// Most figures kept in `detail` per day (a lost table can differ on every minute bucket).
+    pub const DETAIL_MAX: usize = 20;
+
+    /// The finding of one check: `figures` in report order (day totals first); the first
+    /// [`Self::DETAIL_MAX`] are kept in `detail`.
+    pub fn new(
+        client: &str,
+        day: NaiveDate,
+        checked_ms: u64,
+        pending_backfill: bool,
+        figures: &[DifferingFigure],
+    ) -> Self {
+        let kept = &figures[..figures.len().min(Self::DETAIL_MAX)];
+        Self {
+            client_id: client.to_owned(),
+            day: time::day_number(day),
+            checked_ms,
+            mismatches: u32::try_from(figures.len()).unwrap_or(u32::MAX),
+            pending_backfill: u8::from(pending_backfill),
+            // Serializing plain strings and integers cannot fail.
+            detail: serde_json::to_string(kept).unwrap_or_else(|_| "[]".to_owned()),
+        }
+    }
+
+    /// The figures of `detail`.
+    pub fn figures(&self) -> Result<Vec<DifferingFigure>> {
+        serde_json::from_str(&self.detail)
+            .map_err(|e| crate::StoreError::Invalid(format!("reconcile_findings.detail of {}: {e}", self.client_id)))
+    }
+}
+
+impl Store {
+    /// Records reconcile findings (one row per client day checked).
+    pub async fn record_reconcile_findings(&self, rows: &[ReconcileFindingRow]) -> Result<()> {
+        self.insert("reconcile_findings", rows).await
+    }
+
+    /// The newest reconcile finding of every day of `[from, to]` that was checked, clean ones
+    /// included (one primary-key range read of `reconcile_findings`; no raw facts).
+    pub async fn reconcile_findings(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<ReconcileFindingRow>> {
+        self.fetch_client_days::<ReconcileFindingRow>(
+            "SELECT ?fields FROM reconcile_findings FINAL WHERE client_id = ? AND day >= ? AND day <= ? ORDER BY day",
+            client,
+            from,
+            to,
+        )
+        .await
+    }
+}
