@@ -15,4 +15,5 @@ mod faults;
 mod harness;
 mod pipeline;
 mod portability;
+mod quality;
 mod tracker;

@@ -267,6 +267,7 @@ async fn snapshot(store: &Store) -> BTreeMap<&'static str, Vec<String>> {
     m.insert("minute_live", sorted(store.minute_live_rows("acme", s0, s1).await.unwrap()));
     m.insert("pending", sorted(store.pending_late_days("acme", from, to).await.unwrap()));
     m.insert("reconcile_findings", sorted(store.reconcile_findings("acme", from, to).await.unwrap()));
+    m.insert("quality_counters", sorted(store.quality_counters(from, to).await.unwrap()));
     for (name, by_partition, cid) in [
         ("recount", false, None),
         ("recount_by_partition", true, None),

@@ -410,8 +410,8 @@ impl Store {
 }
 
 // -------------------------------------------------------------------------------------------
-// Reconcile findings (sql/005_reconcile_findings.sql): written by the processor's reconcile,
-// read by the reader API.
+// Reconcile findings (sql/005_reconcile_findings.sql) and today's quality counters of every
+// client: written by the processor's reconcile, read by the reader API.
 
 /// One figure that differed between the aggregates and the raw recount (part of a finding's
 /// JSON `detail`).
@@ -472,6 +472,15 @@ impl ReconcileFindingRow {
     }
 }
 
+/// Today's counters of one client behind the data-quality gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QualityCounters {
+    pub visits: u64,
+    pub visits_utm_missing: u64,
+    pub entries: u64,
+    pub linked_entries: u64,
+}
+
 impl Store {
     /// Records reconcile findings (one row per client day checked).
     pub async fn record_reconcile_findings(&self, rows: &[ReconcileFindingRow]) -> Result<()> {
@@ -493,5 +502,49 @@ impl Store {
             to,
         )
         .await
+    }
+
+    /// `daily_totals` counters of the quality gauges for every client and day of `[from, to]`
+    /// with a row (summed over partitions; aggregates only).
+    pub async fn quality_counters(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<(String, u16, QualityCounters)>> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Row {
+            client_id: String,
+            day: u16,
+            visits: u64,
+            visits_utm_missing: u64,
+            entries: u64,
+            linked_entries: u64,
+        }
+        let rows = self
+            .timed(async {
+                Ok(self
+                    .query(
+                        "SELECT client_id, day, sum(visits) AS visits, sum(visits_utm_missing) AS visits_utm_missing, \
+                         sum(entries) AS entries, sum(linked_entries) AS linked_entries FROM daily_totals FINAL \
+                         WHERE day >= ? AND day <= ? GROUP BY client_id, day ORDER BY client_id, day",
+                    )?
+                    .bind(d(from))
+                    .bind(d(to))
+                    .fetch_all::<Row>()
+                    .await?)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let c = QualityCounters {
+                    visits: r.visits,
+                    visits_utm_missing: r.visits_utm_missing,
+                    entries: r.entries,
+                    linked_entries: r.linked_entries,
+                };
+                (r.client_id, r.day, c)
+            })
+            .collect())
     }
 }
