@@ -532,6 +532,7 @@ SHARDING = {
     "rebuild_requests": "kafka_partition",
     "fact_days": "kafka_partition",
     "campaign_links": "cityHash64(cid)",
+    "reconcile_findings": "cityHash64(client_id)",
 }
 # facts is ordered by fact_id, not kafka_partition: a fact always travels through one Kafka
 # partition (topics are keyed by session), so kafka_partition is a function of the fact.

@@ -317,6 +317,60 @@ async fn dashboard_shows_auth_errors_and_raw_badges() {
     b.close().await;
 }
 
+/// When the continuous reconcile has confirmed that acme's aggregate differs from the raw
+/// recount (`doubt.rs` alters one `daily_totals` row: visits 6 + 1000), the page says so right
+/// after the freshness line, naming the day, the figure and both values; after a backfill and a
+/// clean reconcile pass the warning is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_warns_next_to_freshness_when_numbers_are_in_doubt() {
+    let (p, k, _, _) = crate::doubt::pipeline_with_a_day_in_doubt("dashboard-doubt").await;
+    let b = Browser::start(&p.dir).await;
+    let c = &b.client;
+    let api = p.d.api_url();
+    assert_eq!(open(&b, &api, "acme", ACME_TOKEN).await, "ready");
+
+    let warning = c.find(Locator::Id("freshness-doubt")).await.expect("#freshness-doubt");
+    assert!(warning.is_displayed().await.unwrap(), "the warning is visible");
+    let shown = warning.text().await.unwrap();
+    for part in [
+        "numbers in doubt".to_owned(),
+        k.day.clone(),
+        "visits: aggregate 1,006, raw 6".to_owned(),
+        "checked".to_owned(),
+    ] {
+        assert!(shown.contains(&part), "{part:?} missing from the warning {shown:?}");
+    }
+    // Next to the freshness line: its sibling in the freshness block, on the same row.
+    let next: Value = c
+        .execute("return document.getElementById('freshness-line').nextElementSibling.id;", vec![])
+        .await
+        .expect("script");
+    assert_eq!(next, "freshness-doubt");
+    let (_, line_y, _, line_h) = c.find(Locator::Id("freshness-line")).await.unwrap().rectangle().await.unwrap();
+    let (_, warn_y, _, warn_h) = warning.rectangle().await.unwrap();
+    assert!(
+        warn_y < line_y + line_h && line_y < warn_y + warn_h,
+        "the warning ({warn_y}+{warn_h}) is not on the freshness line's row ({line_y}+{line_h})"
+    );
+    // The totals on the page are the altered aggregate the warning is about.
+    assert_eq!(text(c, "#totals [data-metric=visits] .value").await, "1,006");
+    let (png_bytes, shot, rect) = shoot(c, "#freshness-doubt").await;
+    save(&p.dir, "dashboard-doubt.png", &png_bytes);
+    let n = shot.count(rect, DOUBT_BACKGROUND, 6);
+    assert!(n >= rect.2 * rect.3 / 3, "the warning is not drawn on its amber background: {n} pixels in {rect:?}");
+
+    let (code, out) = p.d.run(&["backfill", "--from", &k.day, "--to", &k.day, "--client", "acme"]);
+    assert_eq!(code, 0, "backfill: {out}");
+    crate::doubt::wait_for_no_doubt(&p).await;
+    assert_eq!(open(&b, &api, "acme", ACME_TOKEN).await, "ready");
+    assert!(!c.find(Locator::Id("freshness-doubt")).await.unwrap().is_displayed().await.unwrap());
+    assert_eq!(text(c, "#totals [data-metric=visits] .value").await, "6");
+    b.close().await;
+}
+
+/// Background of the doubt warning (dashboard.html).
+const DOUBT_BACKGROUND: [u8; 3] = [0xfe, 0xf3, 0xc7];
+
 /// The browser harness itself works: Chromium loads a local page and runs its script.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headless_chromium_runs_local_pages() {

@@ -17,6 +17,7 @@ use eventflow_aggregate::{backfill, reconcile, ProcessorStore};
 use eventflow_core::fact::{Entry, Fact, FactHeader, PageKind, Ping, SessionOrigin, Utm, Visit};
 use eventflow_core::{time, ClientDirectory, ClientSettings, TenancyConfig};
 use eventflow_serve::overview::{self, OverviewQuery};
+use eventflow_store::read::{DifferingFigure, ReconcileFindingRow};
 use eventflow_store::recount::Scope;
 use eventflow_store::rows::{CampaignLinkRow, Checkpoint, ProgressRow};
 use eventflow_store::{ClickHouseConfig, Store};
@@ -200,6 +201,25 @@ async fn load(store: &Store) {
         }])
         .await
         .unwrap();
+    // Reconcile findings: acme's 2026-11-20 in doubt, then found clean by a later check (the
+    // later row must win), 2026-11-21 in doubt with late facts pending.
+    let day = |d: u32| NaiveDate::from_ymd_opt(2026, 11, d).unwrap();
+    let figure = |metric: &str, key: &str, aggregate: u64, raw: u64| DifferingFigure {
+        metric: metric.into(),
+        key: key.into(),
+        aggregate,
+        raw,
+    };
+    for rows in [
+        vec![
+            ReconcileFindingRow::new("acme", day(20), 1_000, false, &[figure("visits", "", 1660, 1011)]),
+            ReconcileFindingRow::new("acme", day(21), 1_000, true, &[figure("by_page", "landing", 3, 4)]),
+            ReconcileFindingRow::new("globex", day(20), 1_000, false, &[figure("live", "w1 minute", 0, 2)]),
+        ],
+        vec![ReconcileFindingRow::new("acme", day(20), 2_000, false, &[])],
+    ] {
+        store.record_reconcile_findings(&rows).await.unwrap();
+    }
 }
 
 async fn flush(store: &Store, states: &mut [&mut PartitionState]) {
@@ -271,6 +291,8 @@ async fn snapshot(store: &Store) -> BTreeMap<&'static str, Vec<String>> {
     m.insert("minute_visits", sorted(store.minute_visits_rows("acme", s0, s1).await.unwrap()));
     m.insert("minute_live", sorted(store.minute_live_rows("acme", s0, s1).await.unwrap()));
     m.insert("pending", sorted(store.pending_late_days("acme", from, to).await.unwrap()));
+    m.insert("reconcile_findings", sorted(store.reconcile_findings("acme", from, to).await.unwrap()));
+    m.insert("quality_counters", sorted(store.quality_counters(from, to).await.unwrap()));
     for (name, by_partition, cid) in [
         ("recount", false, None),
         ("recount_by_partition", true, None),
@@ -349,5 +371,8 @@ async fn every_query_gives_the_same_answer_on_18_16_and_current_clickhouse() {
     }
     // The comparison is not vacuous.
     assert!(old_r.1["acme_totals"].len() >= 2 && old_r.1["campaign_totals"].len() >= 3, "{:#?}", old_r.1);
+    assert_eq!(old_r.1["reconcile_findings"].len(), 2, "the newest check of each acme day: {:#?}", old_r.1);
+    assert!(old_r.1["reconcile_findings"][0].contains("mismatches: 0"), "{:#?}", old_r.1["reconcile_findings"]);
+    assert!(old_r.1["overview"][0].contains("doubt: Some"), "{:#?}", old_r.1["overview"]);
     let _ = time::MINUTE_MS;
 }

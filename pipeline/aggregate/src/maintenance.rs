@@ -77,7 +77,8 @@ pub async fn fold_late(store: &Store, clients: &ClientDirectory) -> Result<usize
     Ok(pending.len())
 }
 
-/// Reconciles the last `days` client days of every client and updates the mismatch gauges.
+/// Reconciles the last `days` client days of every client, updates the mismatch gauges and
+/// records the result of every client day in `reconcile_findings` (read by the reader API).
 /// A difference must show up in two passes 10 s apart to count (a flush can land between the
 /// aggregate and the raw reads of one pass).
 pub async fn reconcile_recent(
@@ -95,17 +96,20 @@ pub async fn reconcile_recent(
         let tz = clients.timezone(&client);
         let to = time::client_day(now, tz);
         let from = to - chrono::Duration::days(i64::from(days.max(1)) - 1);
+        let mut checked_ms = Utc::now().timestamp_millis();
         let first = reconcile::client(store, &client, tz, from, to).await?;
         let confirmed = if first.is_empty() {
             first
         } else {
             tokio::time::sleep(Duration::from_secs(10)).await;
+            checked_ms = Utc::now().timestamp_millis();
             let second = reconcile::client(store, &client, tz, from, to).await?;
             second
                 .into_iter()
                 .filter(|m| first.iter().any(|f| f.day == m.day && f.metric == m.metric && f.key == m.key))
                 .collect()
         };
+        let findings = reconcile::findings(&client, from, to, u64::try_from(checked_ms).unwrap_or(0), &confirmed);
         let (pending, real): (Vec<_>, Vec<_>) = confirmed.into_iter().partition(|m| m.pending_backfill);
         for (metric, n) in reconcile::counts(&real) {
             metrics.reconcile_mismatch.with_label_values(&[client.as_str(), metric]).set(n as f64);
@@ -114,6 +118,9 @@ pub async fn reconcile_recent(
         for m in real.iter().take(20) {
             warn!(event = "ReconcileMismatch", client_id = %m.client, metric = m.metric, detail = %m, "aggregate differs from raw recount");
         }
+        // Every day checked gets a row (after the gauges, which alerting relies on): the reader
+        // API names the days whose newest check found differences.
+        store.record_reconcile_findings(&findings).await?;
     }
     metrics.reconcile_last_run.set(Utc::now().timestamp_millis() as f64 / 1000.0);
     Ok(())

@@ -11,6 +11,7 @@ use std::fmt;
 use chrono::NaiveDate;
 
 use eventflow_core::time;
+use eventflow_store::read::{DifferingFigure, ReconcileFindingRow};
 use eventflow_store::recount::Scope;
 use eventflow_store::rows::DayCounters;
 use eventflow_store::{Store, StoreError};
@@ -196,4 +197,86 @@ pub fn counts(mismatches: &[Mismatch]) -> BTreeMap<&'static str, u64> {
         *out.entry(m.metric).or_default() += 1;
     }
     out
+}
+
+/// The findings to record for a check of `client` over `[from, to]` at `checked_ms`: one row per
+/// day, with that day's differing figures in report order (a row without figures for a clean
+/// day, which ends an earlier doubt).
+pub fn findings(
+    client: &str,
+    from: NaiveDate,
+    to: NaiveDate,
+    checked_ms: u64,
+    mismatches: &[Mismatch],
+) -> Vec<ReconcileFindingRow> {
+    let mut out = Vec::new();
+    let mut day = from;
+    while day <= to {
+        let of_day: Vec<&Mismatch> = mismatches.iter().filter(|m| m.day == day).collect();
+        let figures: Vec<DifferingFigure> = of_day
+            .iter()
+            .map(|m| DifferingFigure {
+                metric: m.metric.to_owned(),
+                key: m.key.clone(),
+                aggregate: m.aggregate,
+                raw: m.raw,
+            })
+            .collect();
+        let pending = of_day.iter().any(|m| m.pending_backfill);
+        out.push(ReconcileFindingRow::new(client, day, checked_ms, pending, &figures));
+        day += chrono::Duration::days(1);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mismatch(day: NaiveDate, metric: &'static str, key: &str, aggregate: u64, raw: u64, pending: bool) -> Mismatch {
+        Mismatch { client: "acme".into(), day, metric, key: key.into(), aggregate, raw, pending_backfill: pending }
+    }
+
+    #[test]
+    fn findings_have_a_row_per_day_clean_days_included() {
+        let day = |d: u32| NaiveDate::from_ymd_opt(2026, 11, d).expect("date");
+        let found = [
+            mismatch(day(24), "visits", "", 1660, 1011, false),
+            mismatch(day(24), "by_page", "landing", 700, 51, false),
+            mismatch(day(25), "live", "w1 2026-11-25T10:05:00+09:00", 0, 3, true),
+        ];
+        let rows = findings("acme", day(23), day(26), 1_795_654_800_000, &found);
+        let summary: Vec<(u16, u32, u8, &str)> =
+            rows.iter().map(|r| (r.day, r.mismatches, r.pending_backfill, r.detail.as_str())).collect();
+        let n = |d: u32| time::day_number(day(d));
+        assert_eq!(
+            summary,
+            vec![
+                (n(23), 0, 0, "[]"),
+                (
+                    n(24),
+                    2,
+                    0,
+                    r#"[{"metric":"visits","key":"","aggregate":1660,"raw":1011},{"metric":"by_page","key":"landing","aggregate":700,"raw":51}]"#
+                ),
+                (n(25), 1, 1, r#"[{"metric":"live","key":"w1 2026-11-25T10:05:00+09:00","aggregate":0,"raw":3}]"#),
+                (n(26), 0, 0, "[]"),
+            ]
+        );
+        assert!(rows.iter().all(|r| r.client_id == "acme" && r.checked_ms == 1_795_654_800_000));
+        assert_eq!(rows[1].figures().expect("detail")[0].aggregate, 1660);
+    }
+
+    #[test]
+    fn findings_keep_at_most_twenty_figures_but_count_all() {
+        let day = NaiveDate::from_ymd_opt(2026, 11, 24).expect("date");
+        let found: Vec<Mismatch> =
+            (0..50).map(|i| mismatch(day, "minute_visits", &format!("m{i}"), 0, 1, false)).collect();
+        let rows = findings("acme", day, day, 1, &found);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].mismatches, 50);
+        let figures = rows[0].figures().expect("detail");
+        assert_eq!(figures.len(), 20);
+        assert_eq!((figures[0].key.as_str(), figures[19].key.as_str()), ("m0", "m19"));
+    }
 }

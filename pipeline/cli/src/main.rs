@@ -333,9 +333,20 @@ async fn reconcile_cmd(
     };
     let mut total = 0usize;
     for id in &ids {
+        let checked_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
         let mismatches = reconcile::client(&store, id, clients.timezone(id), from, to).await?;
         for m in &mismatches {
             println!("MISMATCH {m}");
+        }
+        // Days found clean end a doubt the continuous reconcile recorded (the overview's
+        // meta.doubt), also for days it no longer checks. Differences are left to the continuous
+        // reconcile, which confirms them with a second pass before recording them.
+        let clean: Vec<_> = reconcile::findings(id, from, to, checked_ms, &mismatches)
+            .into_iter()
+            .filter(|f| f.mismatches == 0)
+            .collect();
+        if let Err(e) = store.record_reconcile_findings(&clean).await {
+            eprintln!("warning: could not record the days found clean for {id}: {e}");
         }
         let days = (to - from).num_days() + 1;
         if mismatches.is_empty() {

@@ -1,7 +1,8 @@
 //! Names of every Prometheus metric EventFlow exports (CONTRACT.md §5), spelled once.
 //!
 //! Convention: `eventflow_<component>_<noun>_<unit>[_total]`, base units (seconds, bytes),
-//! bounded label values (fact type, outcome, route template, client id from configuration).
+//! bounded label values (fact type, outcome, route template, client id from configuration or, for
+//! the quality gauges, clients with data up to `api.quality_max_clients`).
 
 // Collector
 pub const COLLECTOR_FACTS_TOTAL: &str = "eventflow_collector_facts_total";
@@ -42,6 +43,7 @@ pub const API_FALLBACK_TOTAL: &str = "eventflow_api_fallback_total";
 pub const API_SECTION_ERRORS_TOTAL: &str = "eventflow_api_section_errors_total";
 pub const SESSION_LINK_RATE: &str = "eventflow_session_link_rate";
 pub const UTM_MISSING_RATIO: &str = "eventflow_utm_missing_ratio";
+pub const API_QUALITY_CLIENTS_FOLDED: &str = "eventflow_api_quality_clients_folded";
 
 /// Latency buckets (seconds) for request histograms: fine below 100 ms where the targets are.
 pub const LATENCY_BUCKETS: &[f64] =

@@ -8,7 +8,7 @@
 pub mod auth;
 pub mod overview;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{NaiveDate, Utc};
 use chrono_tz::Tz;
-use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -30,10 +30,11 @@ use tracing::{info, warn};
 
 use eventflow_core::metrics as names;
 use eventflow_core::{time, ClientDirectory, ClientId};
+use eventflow_store::read::QualityCounters;
 use eventflow_store::Store;
 
 use crate::auth::{Principal, Tokens};
-use crate::overview::{Meta, OverviewQuery, OverviewResponse, Source};
+use crate::overview::{Doubt, Meta, OverviewQuery, OverviewResponse, Source};
 
 /// `[api]` configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -54,6 +55,11 @@ pub struct ApiConfig {
     /// How often the data-quality gauges are recomputed from aggregates.
     #[serde(default = "default_quality_refresh_secs")]
     pub quality_refresh_secs: u64,
+    /// Most clients with their own series of the data-quality gauges. Configured clients always
+    /// have one; the other clients with data today fill the remaining places by most visits, and
+    /// the rest are folded into one series `client="_other"`.
+    #[serde(default = "default_quality_max_clients")]
+    pub quality_max_clients: usize,
 }
 
 fn default_listen() -> String {
@@ -68,6 +74,9 @@ fn default_campaign_limit() -> u32 {
 fn default_quality_refresh_secs() -> u64 {
     60
 }
+fn default_quality_max_clients() -> usize {
+    1000
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -77,6 +86,7 @@ impl Default for ApiConfig {
             max_range_days: default_max_days(),
             campaign_limit: default_campaign_limit(),
             quality_refresh_secs: default_quality_refresh_secs(),
+            quality_max_clients: default_quality_max_clients(),
         }
     }
 }
@@ -100,6 +110,7 @@ pub struct ApiMetrics {
     pub section_errors: IntCounterVec,
     pub session_link_rate: GaugeVec,
     pub utm_missing_ratio: GaugeVec,
+    pub quality_clients_folded: Gauge,
 }
 
 impl ApiMetrics {
@@ -138,6 +149,10 @@ impl ApiMetrics {
                 Opts::new(names::UTM_MISSING_RATIO, "Today's share of visits without utm.source (client time zone)."),
                 &["client"],
             )?,
+            quality_clients_folded: Gauge::new(
+                names::API_QUALITY_CLIENTS_FOLDED,
+                "Clients with data today whose quality gauges are folded into client=\"_other\" (beyond api.quality_max_clients).",
+            )?,
         };
         for section in overview::SECTIONS {
             m.fallback.with_label_values(&[section]);
@@ -148,8 +163,90 @@ impl ApiMetrics {
         registry.register(Box::new(m.section_errors.clone()))?;
         registry.register(Box::new(m.session_link_rate.clone()))?;
         registry.register(Box::new(m.utm_missing_ratio.clone()))?;
+        registry.register(Box::new(m.quality_clients_folded.clone()))?;
         Ok(m)
     }
+
+    /// Sets the data-quality gauges to `series` and removes the series of clients in `shown`
+    /// (the previous refresh) that are no longer in it, so the label count stays bounded as
+    /// clients come and go. `shown` becomes the labels of `series`.
+    pub fn set_quality(&self, series: &QualitySeries, shown: &mut BTreeSet<String>) {
+        for (client, sample) in &series.series {
+            self.session_link_rate.with_label_values(&[client.as_str()]).set(sample.session_link_rate);
+            self.utm_missing_ratio.with_label_values(&[client.as_str()]).set(sample.utm_missing_ratio);
+        }
+        for gone in shown.iter().filter(|c| !series.series.contains_key(*c)) {
+            let _ = self.session_link_rate.remove_label_values(&[gone.as_str()]);
+            let _ = self.utm_missing_ratio.remove_label_values(&[gone.as_str()]);
+        }
+        *shown = series.series.keys().cloned().collect();
+        self.quality_clients_folded.set(series.folded as f64);
+    }
+}
+
+/// Label of the quality-gauge series standing for the clients beyond `api.quality_max_clients`.
+/// Not a valid client id (those start with a letter or digit), so it never names a real client.
+pub const OTHER_CLIENTS: &str = "_other";
+
+/// Today's data-quality figures of one gauge series.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QualitySample {
+    /// Linked entries / entries (1.0 when none).
+    pub session_link_rate: f64,
+    /// Visits without `utm.source` / visits (0.0 when none).
+    pub utm_missing_ratio: f64,
+}
+
+impl From<QualityCounters> for QualitySample {
+    fn from(c: QualityCounters) -> Self {
+        Self {
+            session_link_rate: if c.entries == 0 { 1.0 } else { c.linked_entries as f64 / c.entries as f64 },
+            utm_missing_ratio: if c.visits == 0 { 0.0 } else { c.visits_utm_missing as f64 / c.visits as f64 },
+        }
+    }
+}
+
+/// The series of the data-quality gauges of one refresh.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QualitySeries {
+    /// By `client` label.
+    pub series: BTreeMap<String, QualitySample>,
+    /// Clients folded into [`OTHER_CLIENTS`].
+    pub folded: usize,
+}
+
+/// The gauge series for today's counters of every client with data (`today`): every configured
+/// client (with or without data), then the other clients by most visits today (ties by id) up to
+/// `max_clients` series in all; the remaining clients are summed into one [`OTHER_CLIENTS`]
+/// series (their combined ratios).
+pub fn quality_series(
+    configured: &BTreeSet<String>,
+    today: &BTreeMap<String, QualityCounters>,
+    max_clients: usize,
+) -> QualitySeries {
+    let mut out = QualitySeries::default();
+    for client in configured {
+        out.series.insert(client.clone(), today.get(client).copied().unwrap_or_default().into());
+    }
+    let mut others: Vec<(&String, &QualityCounters)> = today.iter().filter(|(c, _)| !configured.contains(*c)).collect();
+    others.sort_by(|a, b| b.1.visits.cmp(&a.1.visits).then_with(|| a.0.cmp(b.0)));
+    let places = max_clients.saturating_sub(configured.len());
+    let mut rest = QualityCounters::default();
+    for (i, (client, c)) in others.into_iter().enumerate() {
+        if i < places {
+            out.series.insert(client.clone(), (*c).into());
+        } else {
+            rest.visits += c.visits;
+            rest.visits_utm_missing += c.visits_utm_missing;
+            rest.entries += c.entries;
+            rest.linked_entries += c.linked_entries;
+            out.folded += 1;
+        }
+    }
+    if out.folded > 0 {
+        out.series.insert(OTHER_CLIENTS.to_owned(), rest.into());
+    }
+    out
 }
 
 /// Everything the API needs.
@@ -340,7 +437,13 @@ pub fn resolve_range(
     Ok((from, to))
 }
 
-async fn meta(st: &AppState, tz: Tz, started: Instant, sources: BTreeMap<&'static str, Source>) -> Meta {
+async fn meta(
+    st: &AppState,
+    tz: Tz,
+    started: Instant,
+    sources: BTreeMap<&'static str, Source>,
+    doubt: Option<Doubt>,
+) -> Meta {
     let now = Utc::now().timestamp_millis();
     let wm =
         st.deps.store.watermark().await.ok().filter(|w| w.reported.len() >= st.deps.partitions).and_then(|w| w.min_ms);
@@ -350,6 +453,7 @@ async fn meta(st: &AppState, tz: Tz, started: Instant, sources: BTreeMap<&'stati
         data_sources: sources,
         watermark: wm.map(|w| time::format_in_tz(w, tz)),
         staleness_seconds: wm.map(|w| (((now - w).max(0)) as f64 / 100.0).round() / 10.0),
+        doubt,
     }
 }
 
@@ -380,7 +484,7 @@ async fn overview(
             Source::Aggregated => {}
         }
     }
-    let meta = meta(&st, tz, started, s.sources).await;
+    let meta = meta(&st, tz, started, s.sources, s.doubt).await;
     Json(OverviewResponse {
         client_id: client,
         from: time::format_day(from),
@@ -470,7 +574,7 @@ async fn live_series(
     }
     let mut sources = BTreeMap::new();
     sources.insert("live", source);
-    let meta = meta(&st, tz, started, sources).await;
+    let meta = meta(&st, tz, started, sources, None).await;
     Json(json!({
         "client_id": client,
         "webinar_id": webinar,
@@ -519,21 +623,20 @@ async fn dashboard() -> Response {
     r
 }
 
-/// Recomputes today's data-quality gauges of every configured client (aggregates only).
+/// Recomputes today's data-quality gauges every `api.quality_refresh_secs`, for every configured
+/// client and every client with a `daily_totals` row today (aggregates only, one read for all
+/// clients), at most `api.quality_max_clients` series (see [`quality_series`]).
 async fn quality_gauges(st: Arc<AppState>, shutdown: CancellationToken) {
     let every = Duration::from_secs(st.deps.config.quality_refresh_secs.max(1));
+    let configured: BTreeSet<String> = st.deps.clients.clients().map(|c| c.to_string()).collect();
+    let mut shown = BTreeSet::new();
     loop {
-        let now = Utc::now().timestamp_millis();
-        for client in st.deps.clients.clients() {
-            let tz = st.deps.clients.timezone(client.as_str());
-            let today = time::client_day(now, tz);
-            if let Ok(days) = st.deps.store.daily_totals(client.as_str(), today, today).await {
-                let c = days.values().next().copied().unwrap_or_default();
-                let link = if c.entries == 0 { 1.0 } else { c.linked_entries as f64 / c.entries as f64 };
-                let missing = if c.visits == 0 { 0.0 } else { c.visits_utm_missing as f64 / c.visits as f64 };
-                st.metrics.session_link_rate.with_label_values(&[client.as_str()]).set(link);
-                st.metrics.utm_missing_ratio.with_label_values(&[client.as_str()]).set(missing);
+        match today_quality_counters(&st).await {
+            Ok(today) => {
+                let series = quality_series(&configured, &today, st.deps.config.quality_max_clients);
+                st.metrics.set_quality(&series, &mut shown);
             }
+            Err(e) => warn!(error = %e, "refreshing the data-quality gauges failed; will retry"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -542,9 +645,113 @@ async fn quality_gauges(st: Arc<AppState>, shutdown: CancellationToken) {
     }
 }
 
+/// Today's quality counters (each client's own time zone) of every client with data today.
+async fn today_quality_counters(st: &AppState) -> eventflow_store::Result<BTreeMap<String, QualityCounters>> {
+    let now = Utc::now().timestamp_millis();
+    // Every time zone's today lies between these two days.
+    let from = time::client_day(now, chrono_tz::Etc::GMTPlus12);
+    let to = time::client_day(now, chrono_tz::Etc::GMTMinus14);
+    let rows = st.deps.store.quality_counters(from, to).await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(client, day, _)| time::day_number(time::client_day(now, st.deps.clients.timezone(client))) == *day)
+        .map(|(client, _, c)| (client, c))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn counters(visits: u64, utm_missing: u64, entries: u64, linked: u64) -> QualityCounters {
+        QualityCounters { visits, visits_utm_missing: utm_missing, entries, linked_entries: linked }
+    }
+
+    fn sample(link: f64, missing: f64) -> QualitySample {
+        QualitySample { session_link_rate: link, utm_missing_ratio: missing }
+    }
+
+    fn ids(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn quality_series_cover_every_client_with_data_up_to_the_cap() {
+        let configured = ids(&["acme", "globex"]);
+        let today: BTreeMap<String, QualityCounters> = [
+            ("acme", counters(10, 5, 4, 3)),
+            ("initech", counters(3, 2, 2, 1)),
+            ("umbrella", counters(2, 0, 0, 0)),
+            ("hooli", counters(1, 1, 1, 0)),
+            ("aaa", counters(1, 0, 4, 4)),
+        ]
+        .into_iter()
+        .map(|(c, v)| (c.to_owned(), v))
+        .collect();
+        // Room for everyone: a series per client, configured ones without data included.
+        let all = quality_series(&configured, &today, 1000);
+        assert_eq!(all.folded, 0);
+        let want: BTreeMap<String, QualitySample> = [
+            ("aaa", sample(1.0, 0.0)),
+            ("acme", sample(0.75, 0.5)),
+            ("globex", sample(1.0, 0.0)),
+            ("hooli", sample(0.0, 1.0)),
+            ("initech", sample(0.5, 2.0 / 3.0)),
+            ("umbrella", sample(1.0, 0.0)),
+        ]
+        .into_iter()
+        .map(|(c, v)| (c.to_owned(), v))
+        .collect();
+        assert_eq!(all.series, want);
+
+        // 3 places: acme and globex (configured), initech (most visits of the rest); umbrella,
+        // hooli and aaa (ties at 1 visit go by id) folded: visits 2+1+1 = 4 with 0+1+0 = 1
+        // without UTM, entries 0+1+4 = 5 with 0+0+4 = 4 linked.
+        let capped = quality_series(&configured, &today, 3);
+        assert_eq!(capped.folded, 3);
+        assert_eq!(
+            capped.series.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["_other", "acme", "globex", "initech"]
+        );
+        assert_eq!(capped.series[OTHER_CLIENTS], sample(0.8, 0.25));
+        // 4 places: umbrella (2 visits) gets its own; of hooli and aaa (1 visit each) aaa wins by id.
+        let four = quality_series(&configured, &today, 4);
+        assert_eq!(
+            four.series.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["_other", "acme", "globex", "initech", "umbrella"]
+        );
+        assert_eq!(four.series[OTHER_CLIENTS], sample(0.8, 0.5));
+        // A cap below the configured clients: they keep their series, everyone else is folded.
+        let none = quality_series(&configured, &today, 1);
+        assert_eq!((none.series.len(), none.folded), (3, 4));
+    }
+
+    #[test]
+    fn quality_gauges_drop_series_of_clients_gone_from_the_data() {
+        let registry = Registry::new();
+        let m = ApiMetrics::new(&registry).expect("metrics");
+        let mut shown = BTreeSet::new();
+        let configured = ids(&["acme"]);
+        let day1: BTreeMap<String, QualityCounters> =
+            [("initech".to_owned(), counters(2, 1, 0, 0)), ("hooli".to_owned(), counters(1, 0, 0, 0))].into();
+        m.set_quality(&quality_series(&configured, &day1, 2), &mut shown);
+        let page = names::render(&registry).0;
+        assert!(page.contains("eventflow_utm_missing_ratio{client=\"initech\"} 0.5"), "{page}");
+        assert!(page.contains("eventflow_utm_missing_ratio{client=\"_other\"} 0"), "{page}");
+        assert!(page.contains("eventflow_api_quality_clients_folded 1"), "{page}");
+        // The next day only hooli has data: initech's and _other's series go away.
+        let day2: BTreeMap<String, QualityCounters> = [("hooli".to_owned(), counters(4, 1, 0, 0))].into();
+        m.set_quality(&quality_series(&configured, &day2, 2), &mut shown);
+        let page = names::render(&registry).0;
+        let mut series: Vec<&str> = page.lines().filter(|l| l.starts_with("eventflow_utm_missing_ratio{")).collect();
+        series.sort_unstable();
+        assert_eq!(
+            series,
+            ["eventflow_utm_missing_ratio{client=\"acme\"} 0", "eventflow_utm_missing_ratio{client=\"hooli\"} 0.25"]
+        );
+        assert!(page.contains("eventflow_api_quality_clients_folded 0"), "{page}");
+        assert_eq!(shown, ids(&["acme", "hooli"]));
+    }
 
     fn p(from: Option<&str>, to: Option<&str>, range: Option<&str>) -> RangeParams {
         RangeParams { from: from.map(Into::into), to: to.map(Into::into), range: range.map(Into::into) }

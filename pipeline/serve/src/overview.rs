@@ -6,15 +6,23 @@
 //! `daily_totals` where they overlap (a missing or partly deleted aggregate shows up as a
 //! disagreement). Otherwise the section is recounted from raw facts; if that fails
 //! too the section is `error` with its zero value and the response is still 200.
+//!
+//! The cross-checks cannot see an aggregate that is wrong in the same way everywhere. What the
+//! continuous reconcile found (confirmed differences between aggregates and a raw recount, per
+//! client day, in `reconcile_findings`) is read with the aggregates and reported as
+//! `meta.doubt`: which days, which figures, both values, when they were checked.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::NaiveDate;
 use chrono_tz::Tz;
 use serde::Serialize;
+use tracing::warn;
 
 use eventflow_core::time;
-use eventflow_store::read::{rank_campaigns, CampaignSums, CampaignTotals, LiveMinute, MarketingDay};
+use eventflow_store::read::{
+    rank_campaigns, CampaignSums, CampaignTotals, DifferingFigure, LiveMinute, MarketingDay, ReconcileFindingRow,
+};
 use eventflow_store::recount::{Recount, Scope};
 use eventflow_store::rows::DayCounters;
 use eventflow_store::{Result as StoreResult, Store};
@@ -87,6 +95,53 @@ pub struct Meta {
     pub data_sources: BTreeMap<&'static str, Source>,
     pub watermark: Option<String>,
     pub staleness_seconds: Option<f64>,
+    /// Days of the range whose newest reconcile check found the aggregates differing from the
+    /// raw facts; absent when there are none (or they could not be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub doubt: Option<Doubt>,
+}
+
+/// Days in doubt: the continuous reconcile confirmed differences between the aggregates and a
+/// recount of the raw facts, and no later check found the day clean.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Doubt {
+    /// The newest check among the listed days.
+    pub checked_at: String,
+    /// Oldest first.
+    pub days: Vec<DoubtDay>,
+}
+
+/// One client day in doubt.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DoubtDay {
+    pub date: String,
+    /// When the check that found the differences ran.
+    pub checked_at: String,
+    /// The day has late facts not yet folded in: the automatic backfill will fix it.
+    pub pending_backfill: bool,
+    /// How many figures differ (`figures` lists at most 20, day totals first).
+    pub figures_total: u64,
+    pub figures: Vec<DifferingFigure>,
+}
+
+/// The days of `findings` (newest check per day) that differ, in client-time-zone notation.
+pub fn doubt(findings: &[ReconcileFindingRow], tz: Tz) -> Option<Doubt> {
+    let at = |ms: u64| time::format_in_tz(i64::try_from(ms).unwrap_or(i64::MAX), tz);
+    let mut in_doubt: Vec<&ReconcileFindingRow> = findings.iter().filter(|f| f.mismatches > 0).collect();
+    in_doubt.sort_by_key(|f| f.day);
+    let newest = in_doubt.iter().map(|f| f.checked_ms).max()?;
+    let days = in_doubt
+        .into_iter()
+        .map(|f| DoubtDay {
+            date: time::format_day(time::day_from_number(f.day)),
+            checked_at: at(f.checked_ms),
+            pending_backfill: f.pending_backfill != 0,
+            figures_total: u64::from(f.mismatches),
+            // An unreadable detail still names the day and how many figures differ.
+            figures: f.figures().unwrap_or_default(),
+        })
+        .collect();
+    Some(Doubt { checked_at: at(newest), days })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -258,20 +313,30 @@ pub struct Sections {
     pub live: Vec<LiveRow>,
     pub quality: Quality,
     pub sources: BTreeMap<&'static str, Source>,
+    /// For `meta.doubt`.
+    pub doubt: Option<Doubt>,
 }
 
 /// Computes every section of `q` (the decision rules are in the module docs).
 pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
     let c = q.client_id.as_str();
     let (from_s, to_s) = q.seconds();
-    let (days, fact_days, sessions, marketing, live, pending) = tokio::join!(
+    let (days, fact_days, sessions, marketing, live, pending, findings) = tokio::join!(
         store.daily_totals(c, q.from, q.to),
         store.fact_days(c, q.from, q.to),
         store.sessions(c, q.from, q.to),
         store.campaigns(c, q.from, q.to, q.campaign_limit),
         store.live_minutes(c, None, from_s, to_s),
         store.pending_late_days(c, q.from, q.to),
+        store.reconcile_findings(c, q.from, q.to),
     );
+    let doubt = match findings {
+        Ok(f) => doubt(&f, q.tz),
+        Err(e) => {
+            warn!(error = %e, client_id = %c, "reading reconcile findings failed; meta.doubt left out");
+            None
+        }
+    };
     let complete = matches!(&pending, Ok(p) if p.is_empty());
     let list = q.days();
 
@@ -376,7 +441,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
         },
         Source::Error => Vec::new(),
     };
-    Sections { totals, by_page, by_day, campaigns, live, quality, sources }
+    Sections { totals, by_page, by_day, campaigns, live, quality, sources, doubt }
 }
 
 fn raw_campaigns(raw: Option<&StoreResult<Recount>>, limit: u32) -> Vec<CampaignRow> {
@@ -412,6 +477,55 @@ mod tests {
             }
         );
         assert_eq!(rows[1].viewer_minutes, 1);
+    }
+
+    #[test]
+    fn doubt_lists_the_days_whose_newest_check_differs() {
+        let day = |d: u32| time::day_number(NaiveDate::from_ymd_opt(2026, 11, d).expect("date"));
+        let figure = DifferingFigure { metric: "visits".into(), key: String::new(), aggregate: 1660, raw: 1011 };
+        let row = |d: u32, checked_ms: u64, mismatches: u32, pending: u8, detail: String| ReconcileFindingRow {
+            client_id: "acme".into(),
+            day: day(d),
+            checked_ms,
+            mismatches,
+            pending_backfill: pending,
+            detail,
+        };
+        let one = serde_json::to_string(&[&figure]).expect("json");
+        // 2026-11-26T01:00:00Z = 10:00 in Seoul.
+        let t = 1_795_654_800_000;
+        let findings = [
+            row(25, t + 60_000, 3, 1, one.clone()),
+            row(23, t, 0, 0, "[]".into()),
+            row(24, t, 1, 0, one.clone()),
+            row(26, t, 2, 0, "not json".into()),
+        ];
+        let d = doubt(&findings, chrono_tz::Asia::Seoul).expect("days in doubt");
+        assert_eq!(d.checked_at, "2026-11-26T10:01:00+09:00");
+        let summary: Vec<(&str, &str, bool, u64, usize)> = d
+            .days
+            .iter()
+            .map(|x| (x.date.as_str(), x.checked_at.as_str(), x.pending_backfill, x.figures_total, x.figures.len()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("2026-11-24", "2026-11-26T10:00:00+09:00", false, 1, 1),
+                ("2026-11-25", "2026-11-26T10:01:00+09:00", true, 3, 1),
+                ("2026-11-26", "2026-11-26T10:00:00+09:00", false, 2, 0),
+            ]
+        );
+        assert_eq!(d.days[0].figures, vec![figure]);
+        let json = serde_json::to_value(&d).expect("json");
+        assert_eq!(
+            json["days"][0],
+            serde_json::json!({"date": "2026-11-24", "checked_at": "2026-11-26T10:00:00+09:00",
+                               "pending_backfill": false, "figures_total": 1,
+                               "figures": [{"metric": "visits", "key": "", "aggregate": 1660, "raw": 1011}]})
+        );
+        // Clean days only, or nothing checked: no doubt.
+        assert_eq!(doubt(&findings[1..2], chrono_tz::Asia::Seoul), None);
+        assert_eq!(doubt(&[], chrono_tz::Asia::Seoul), None);
     }
 
     #[test]

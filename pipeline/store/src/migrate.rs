@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { name: "002_aggregates", sql: include_str!("../../../sql/002_aggregates.sql") },
     Migration { name: "003_operations", sql: include_str!("../../../sql/003_operations.sql") },
     Migration { name: "004_exact_dedup", sql: include_str!("../../../sql/004_exact_dedup.sql") },
+    Migration { name: "005_reconcile_findings", sql: include_str!("../../../sql/005_reconcile_findings.sql") },
 ];
 
 /// The cluster variant (`sql/cluster/`), applied by `eventflow migrate --cluster NAME` after
@@ -28,6 +29,10 @@ pub const CLUSTER_MIGRATIONS: &[Migration] = &[
     Migration { name: "cluster/002_aggregates", sql: include_str!("../../../sql/cluster/002_aggregates.sql") },
     Migration { name: "cluster/003_operations", sql: include_str!("../../../sql/cluster/003_operations.sql") },
     Migration { name: "cluster/004_exact_dedup", sql: include_str!("../../../sql/cluster/004_exact_dedup.sql") },
+    Migration {
+        name: "cluster/005_reconcile_findings",
+        sql: include_str!("../../../sql/cluster/005_reconcile_findings.sql"),
+    },
 ];
 
 /// Splits a migration file into statements: `--` comment lines are dropped and statements end
@@ -234,6 +239,6 @@ mod tests {
             );
         }
         let creates = all.iter().filter(|s| s.starts_with("CREATE TABLE")).count();
-        assert_eq!(creates, 16, "one CREATE TABLE per table ever created");
+        assert_eq!(creates, 17, "one CREATE TABLE per table ever created");
     }
 }

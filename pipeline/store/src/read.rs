@@ -413,3 +413,143 @@ impl Store {
         .await
     }
 }
+
+// -------------------------------------------------------------------------------------------
+// Reconcile findings (sql/005_reconcile_findings.sql) and today's quality counters of every
+// client: written by the processor's reconcile, read by the reader API.
+
+/// One figure that differed between the aggregates and the raw recount (part of a finding's
+/// JSON `detail`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DifferingFigure {
+    /// Metric family (`visits`, `campaigns`, `live`, ...; see `eventflow_reconcile_mismatch`).
+    pub metric: String,
+    /// Which bucket of the family (empty for day totals).
+    pub key: String,
+    pub aggregate: u64,
+    pub raw: u64,
+}
+
+/// `reconcile_findings` row: the result of one reconcile check of one client day.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct ReconcileFindingRow {
+    pub client_id: String,
+    pub day: u16,
+    /// When the day was checked (unix ms); the newest check of a day supersedes older ones.
+    pub checked_ms: u64,
+    /// Differing figures (all of them; `detail` lists at most [`ReconcileFindingRow::DETAIL_MAX`]).
+    pub mismatches: u32,
+    /// 1 when the day has late facts not yet folded in by backfill.
+    pub pending_backfill: u8,
+    /// JSON array of [`DifferingFigure`].
+    pub detail: String,
+}
+
+impl ReconcileFindingRow {
+    /// Most figures kept in `detail` per day (a lost table can differ on every minute bucket).
+    pub const DETAIL_MAX: usize = 20;
+
+    /// The finding of one check: `figures` in report order (day totals first); the first
+    /// [`Self::DETAIL_MAX`] are kept in `detail`.
+    pub fn new(
+        client: &str,
+        day: NaiveDate,
+        checked_ms: u64,
+        pending_backfill: bool,
+        figures: &[DifferingFigure],
+    ) -> Self {
+        let kept = &figures[..figures.len().min(Self::DETAIL_MAX)];
+        Self {
+            client_id: client.to_owned(),
+            day: time::day_number(day),
+            checked_ms,
+            mismatches: u32::try_from(figures.len()).unwrap_or(u32::MAX),
+            pending_backfill: u8::from(pending_backfill),
+            // Serializing plain strings and integers cannot fail.
+            detail: serde_json::to_string(kept).unwrap_or_else(|_| "[]".to_owned()),
+        }
+    }
+
+    /// The figures of `detail`.
+    pub fn figures(&self) -> Result<Vec<DifferingFigure>> {
+        serde_json::from_str(&self.detail)
+            .map_err(|e| crate::StoreError::Invalid(format!("reconcile_findings.detail of {}: {e}", self.client_id)))
+    }
+}
+
+/// Today's counters of one client behind the data-quality gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QualityCounters {
+    pub visits: u64,
+    pub visits_utm_missing: u64,
+    pub entries: u64,
+    pub linked_entries: u64,
+}
+
+impl Store {
+    /// Records reconcile findings (one row per client day checked).
+    pub async fn record_reconcile_findings(&self, rows: &[ReconcileFindingRow]) -> Result<()> {
+        self.insert("reconcile_findings", rows).await
+    }
+
+    /// The newest reconcile finding of every day of `[from, to]` that was checked, clean ones
+    /// included (one primary-key range read of `reconcile_findings`; no raw facts).
+    pub async fn reconcile_findings(
+        &self,
+        client: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<ReconcileFindingRow>> {
+        self.fetch_client_days::<ReconcileFindingRow>(
+            "SELECT ?fields FROM reconcile_findings FINAL WHERE client_id = ? AND day >= ? AND day <= ? ORDER BY day",
+            client,
+            from,
+            to,
+        )
+        .await
+    }
+
+    /// `daily_totals` counters of the quality gauges for every client and day of `[from, to]`
+    /// with a row (summed over partitions; aggregates only).
+    pub async fn quality_counters(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<(String, u16, QualityCounters)>> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Row {
+            client_id: String,
+            day: u16,
+            visits: u64,
+            visits_utm_missing: u64,
+            entries: u64,
+            linked_entries: u64,
+        }
+        let rows = self
+            .timed(async {
+                Ok(self
+                    .query(
+                        "SELECT client_id, day, sum(visits) AS visits, sum(visits_utm_missing) AS visits_utm_missing, \
+                         sum(entries) AS entries, sum(linked_entries) AS linked_entries FROM daily_totals FINAL \
+                         WHERE day >= ? AND day <= ? GROUP BY client_id, day ORDER BY client_id, day",
+                    )?
+                    .bind(d(from))
+                    .bind(d(to))
+                    .fetch_all::<Row>()
+                    .await?)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let c = QualityCounters {
+                    visits: r.visits,
+                    visits_utm_missing: r.visits_utm_missing,
+                    entries: r.entries,
+                    linked_entries: r.linked_entries,
+                };
+                (r.client_id, r.day, c)
+            })
+            .collect())
+    }
+}
