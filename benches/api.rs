@@ -197,7 +197,7 @@ fn main() {
             big_client_percent: 10,
         };
         let msgs = generate_day(spec, &codec);
-        rt.block_on(feeder.feed(&msgs, Some(&store), 100_000));
+        rt.block_on(feeder.feed(&msgs, &store, 100_000));
     }
     let facts = ch.number("SELECT count() FROM eventflow.facts WHERE kind != 'checkpoint'");
     let secs = started.elapsed().as_secs_f64();

@@ -2,18 +2,19 @@
 //!
 //! The generator is deterministic (xorshift, seeded per day) so runs are comparable. The feeder
 //! drives [`PartitionState`] exactly like `eventflow processor` does between Kafka and ClickHouse:
-//! apply, resolve first-visit lookups, take the flush batch, write it, mark it written.
+//! apply each fact, and every `flush_every` facts run the processor's flush protocol
+//! (`eventflow_aggregate::flush`: dedup decisions, lookups, the writes) against a store.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use eventflow_aggregate::flush::{self, NoRetry};
 use eventflow_aggregate::state::{PartitionState, WindowConfig};
 use eventflow_aggregate::ProcessorStore;
 use eventflow_core::avro::FactCodec;
 use eventflow_core::fact::{Entry, Fact, FactHeader, FactKind, PageKind, Ping, SessionOrigin, Utm, Visit};
 use eventflow_core::{ClientDirectory, TenancyConfig};
 use eventflow_store::rows::Checkpoint;
-use eventflow_store::Store;
 
 /// Partitions of the fact topics.
 pub const PARTITIONS: u16 = 6;
@@ -166,9 +167,8 @@ pub struct Feeder {
     codec: FactCodec,
     states: Vec<PartitionState>,
     offsets: Vec<i64>,
-    /// Seconds spent in first-visit lookups and in ClickHouse writes.
-    pub lookup_secs: f64,
-    pub write_secs: f64,
+    /// Seconds spent in the flush protocol (dedup decisions, lookups, writes).
+    pub flush_secs: f64,
 }
 
 impl Feeder {
@@ -181,14 +181,13 @@ impl Feeder {
                 .map(|p| PartitionState::new(p, cfg, clients.clone(), &Checkpoint::default(), 1))
                 .collect(),
             offsets: vec![0; usize::from(PARTITIONS)],
-            lookup_secs: 0.0,
-            write_secs: 0.0,
+            flush_secs: 0.0,
         }
     }
 
     /// Decodes and applies `msgs`, flushing every partition every `flush_every` facts and at the
-    /// end (to `store` when given, which is what makes lookups and writes real).
-    pub async fn feed(&mut self, msgs: &[Msg], store: Option<&Store>, flush_every: usize) {
+    /// end, to `store`.
+    pub async fn feed<S: ProcessorStore>(&mut self, msgs: &[Msg], store: &S, flush_every: usize) {
         for (i, m) in msgs.iter().enumerate() {
             let fact = self.codec.decode(m.kind, &m.bytes).expect("decode");
             let p = usize::from(m.partition);
@@ -200,24 +199,11 @@ impl Feeder {
         }
     }
 
-    async fn flush(&mut self, store: Option<&Store>) {
-        for s in self.states.iter_mut() {
-            let t = Instant::now();
-            let lookups = s.pending_lookups();
-            let found = match store {
-                Some(st) => st.first_visits(&lookups).await.expect("lookups"),
-                None => lookups.into_iter().map(|l| (l, None)).collect(),
-            };
-            self.lookup_secs += t.elapsed().as_secs_f64();
-            s.resolve_lookups(found);
-            let batch = s.take_flush();
-            if let Some(st) = store {
-                let t = Instant::now();
-                st.write(&batch).await.expect("write");
-                self.write_secs += t.elapsed().as_secs_f64();
-            }
-            s.flush_written();
-        }
+    async fn flush<S: ProcessorStore>(&mut self, store: &S) {
+        let t = Instant::now();
+        let mut states: Vec<&mut PartitionState> = self.states.iter_mut().collect();
+        flush::flush(store, &mut states, false, &NoRetry).await.expect("flush");
+        self.flush_secs += t.elapsed().as_secs_f64();
     }
 
     /// Entries held by the windowing state of all partitions.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod flush;
 pub mod http;
 pub mod maintenance;
+pub mod memory;
 pub mod metrics;
 pub mod processor;
 pub mod reconcile;

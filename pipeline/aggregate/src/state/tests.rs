@@ -12,17 +12,15 @@
 //! recount and no fact may be stored twice.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
 
 use proptest::prelude::*;
 
 use super::*;
 use crate::flush::{self, NoRetry};
-use crate::sink::{ProcessorStore, UidKey};
+use crate::memory::{Crash, MemoryStore};
 use eventflow_core::fact::{Entry, FactHeader, Ping, SessionOrigin, Utm, Visit};
 use eventflow_core::{ClientSettings, TenancyConfig};
-use eventflow_store::rows::{kind, CopyRow, NoticeRow, ProgressRow};
-use eventflow_store::StoreError;
+use eventflow_store::rows::kind;
 
 const H: i64 = 3_600_000;
 /// 2026-11-25T00:00:00Z.
@@ -193,295 +191,16 @@ fn diff(got: &Aggregates, want: &Aggregates) -> String {
     out
 }
 
-// ---------------------------------------------------------------------------------------------
-// Model of the ClickHouse tables
-
-#[derive(Debug, Default)]
-struct Tables {
-    facts: BTreeMap<String, FactRow>,
-    physical_duplicates: usize,
-    checkpoints: HashMap<u16, Checkpoint>,
-    minute_visits: HashMap<(String, u32, i8, u16), MinuteVisitsRow>,
-    minute_live: HashMap<(String, String, u32, u16), MinuteLiveRow>,
-    totals: HashMap<(String, u16, u16), DailyTotalsRow>,
-    marketing: HashMap<(String, u16, MarketingDims, u16), DailyMarketingRow>,
-    day_sessions: HashMap<(String, u16, String, u16), DaySessionRow>,
-    first_visits: HashMap<(String, String), i64>,
-    copies: BTreeSet<(UidKey, CopyKey, u16, u16)>,
-    notices: Vec<NoticeRow>,
-    /// Client days with late facts (pending backfill).
-    late_days: BTreeSet<(String, u16)>,
+trait Merged {
+    fn merged(&self) -> Aggregates;
+    fn raw(&self) -> Vec<FactRow>;
+    fn late_days(&self) -> BTreeSet<(String, u16)>;
+    fn physical_duplicates(&self) -> usize;
 }
 
-/// Where the next store call fails.
-#[derive(Debug, Clone, Copy)]
-enum Crash {
-    Never,
-    /// The `n`-th store call (0-based) from now fails before doing anything.
-    AtCall(u32),
-    /// The next `write` stores markers and facts, then only the aggregate tables whose bit is
-    /// set in the mask (any subset can survive a crash during the concurrent inserts).
-    DuringAggregates(u8),
-}
-
-#[derive(Debug)]
-struct Model {
-    tables: Mutex<Tables>,
-    crash: Mutex<Crash>,
-}
-
-impl Model {
-    fn new() -> Self {
-        Model { tables: Mutex::new(Tables::default()), crash: Mutex::new(Crash::Never) }
-    }
-
-    fn arm(&self, crash: Crash) {
-        *self.crash.lock().unwrap() = crash;
-    }
-
-    /// Counts a call; true when it must fail.
-    fn fails(&self) -> bool {
-        let mut c = self.crash.lock().unwrap();
-        match *c {
-            Crash::AtCall(0) => {
-                *c = Crash::Never;
-                true
-            }
-            Crash::AtCall(n) => {
-                *c = Crash::AtCall(n - 1);
-                false
-            }
-            _ => false,
-        }
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        if self.fails() {
-            Err(StoreError::Invalid("simulated crash".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-fn keep_max<K: std::hash::Hash + Eq, R>(map: &mut HashMap<K, R>, key: K, row: R, version: impl Fn(&R) -> u64) {
-    match map.get(&key) {
-        Some(old) if version(old) > version(&row) => {}
-        _ => {
-            map.insert(key, row);
-        }
-    }
-}
-
-impl ProcessorStore for Model {
-    async fn checkpoints(&self, partitions: &[u16]) -> Result<HashMap<u16, Checkpoint>, StoreError> {
-        self.check()?;
-        let t = self.tables.lock().unwrap();
-        Ok(partitions.iter().filter_map(|p| t.checkpoints.get(p).map(|c| (*p, c.clone()))).collect())
-    }
-
-    async fn facts_since(&self, partitions: &[u16], since_ms: i64, from_day: u16) -> Result<Vec<FactRow>, StoreError> {
-        self.check()?;
-        let t = self.tables.lock().unwrap();
-        let mut rows: Vec<FactRow> = t
-            .facts
-            .values()
-            .filter(|r| partitions.contains(&r.kafka_partition) && r.received_at_ms >= since_ms && r.day >= from_day)
-            .cloned()
-            .collect();
-        rows.sort_by_key(|r| (r.kafka_partition, r.seq));
-        Ok(rows)
-    }
-
-    async fn first_visits(&self, sessions: &[SessionRef]) -> Result<Vec<(SessionRef, Option<i64>)>, StoreError> {
-        self.check()?;
-        let t = self.tables.lock().unwrap();
-        Ok(sessions
-            .iter()
-            .map(|s| (s.clone(), t.first_visits.get(&(s.client_id.clone(), s.session_id.clone())).copied()))
-            .collect())
-    }
-
-    async fn write_copies(&self, rows: &[CopyRow]) -> Result<(), StoreError> {
-        self.check()?;
-        let mut t = self.tables.lock().unwrap();
-        for r in rows {
-            t.copies.insert(((r.client_id.clone(), r.kind, r.uid.clone()), r.key(), r.kafka_partition, r.day));
-        }
-        Ok(())
-    }
-
-    async fn first_copies(&self, keys: &[UidKey], per_key: usize) -> Result<Vec<CopyRow>, StoreError> {
-        self.check()?;
-        let t = self.tables.lock().unwrap();
-        let mut out = Vec::new();
-        for k in keys {
-            let mine = t.copies.iter().filter(|(key, ..)| key == k).take(per_key);
-            out.extend(mine.map(|((client_id, kind, uid), key, p, day)| CopyRow {
-                client_id: client_id.clone(),
-                kind: *kind,
-                uid: uid.clone(),
-                received_at_ms: key.received_at_ms,
-                spool_id: key.spool_id,
-                spool_seq: key.spool_seq,
-                kafka_partition: *p,
-                day: *day,
-            }));
-        }
-        Ok(out)
-    }
-
-    async fn copy_partitions(&self, keys: &[UidKey]) -> Result<Vec<(UidKey, u16)>, StoreError> {
-        self.check()?;
-        let t = self.tables.lock().unwrap();
-        let found: BTreeSet<(UidKey, u16)> =
-            t.copies.iter().filter(|(key, ..)| keys.contains(key)).map(|(key, _, p, _)| (key.clone(), *p)).collect();
-        Ok(found.into_iter().collect())
-    }
-
-    async fn copies_in(&self, keys: &[UidKey], partitions: &[u16]) -> Result<Vec<CopyRow>, StoreError> {
-        self.check()?;
-        let t = self.tables.lock().unwrap();
-        Ok(t.copies
-            .iter()
-            .filter(|(key, _, p, _)| keys.contains(key) && partitions.contains(p))
-            .map(|((client_id, kind, uid), key, p, day)| CopyRow {
-                client_id: client_id.clone(),
-                kind: *kind,
-                uid: uid.clone(),
-                received_at_ms: key.received_at_ms,
-                spool_id: key.spool_id,
-                spool_seq: key.spool_seq,
-                kafka_partition: *p,
-                day: *day,
-            })
-            .collect())
-    }
-
-    async fn write_notices(&self, rows: &[NoticeRow]) -> Result<(), StoreError> {
-        self.check()?;
-        trace(|| {
-            format!(
-                "  notices written: {:?}",
-                rows.iter()
-                    .map(|n| (n.writer_partition, n.writer_seq, n.target_partition, &n.uid, n.winner_spool_seq))
-                    .collect::<Vec<_>>()
-            )
-        });
-        self.tables.lock().unwrap().notices.extend(rows.iter().cloned());
-        Ok(())
-    }
-
-    async fn notices_since(&self, targets: &[u16], cursor: &BTreeMap<u16, u64>) -> Result<Vec<NoticeRow>, StoreError> {
-        self.check()?;
-        let t = self.tables.lock().unwrap();
-        trace(|| format!("  notices read for {targets:?} above {cursor:?}"));
-        Ok(t.notices
-            .iter()
-            .filter(|n| {
-                targets.contains(&n.target_partition)
-                    && n.writer_seq > cursor.get(&n.writer_partition).copied().unwrap_or(0)
-            })
-            .cloned()
-            .collect())
-    }
-
-    async fn facts_by_ref(&self, refs: &[FactRef]) -> Result<Vec<FactRow>, StoreError> {
-        self.check()?;
-        let t = self.tables.lock().unwrap();
-        trace(|| {
-            format!(
-                "  facts fetched: {:?}",
-                refs.iter()
-                    .map(|r| (r.key.spool_seq, t.facts.get(&r.key.fact_id()).map(|f| f.dedup)))
-                    .collect::<Vec<_>>()
-            )
-        });
-        Ok(refs.iter().filter_map(|r| t.facts.get(&r.key.fact_id()).cloned()).collect())
-    }
-
-    async fn write(&self, batch: &FlushBatch) -> Result<(), StoreError> {
-        self.check()?;
-        let mask = match *self.crash.lock().unwrap() {
-            Crash::DuringAggregates(mask) => Some(mask),
-            _ => None,
-        };
-        let mut t = self.tables.lock().unwrap();
-        for r in &batch.first_visits {
-            let e = t.first_visits.entry((r.client_id.clone(), r.session_id.clone())).or_insert(i64::MAX);
-            *e = (*e).min(r.first_visit_ms);
-        }
-        for r in &batch.late {
-            t.late_days.insert((r.client_id.clone(), r.day));
-        }
-        for r in &batch.facts {
-            if r.kind == kind::CHECKPOINT {
-                let cp: Checkpoint = serde_json::from_str(&r.checkpoint).unwrap();
-                keep_max(&mut t.checkpoints, r.kafka_partition, cp, |c| c.seq);
-            } else {
-                // A fact stored again is a copy taken out after a notice (marked duplicate);
-                // anything else stored twice is a bug.
-                let retracted = t.facts.get(&r.fact_id).is_some_and(|old| {
-                    old.dedup != eventflow_store::rows::dedup::DUPLICATE
-                        && r.dedup == eventflow_store::rows::dedup::DUPLICATE
-                });
-                if t.facts.contains_key(&r.fact_id) && !retracted {
-                    t.physical_duplicates += 1;
-                }
-                if t.facts.get(&r.fact_id).is_none_or(|old| old.seq <= r.seq) {
-                    t.facts.insert(r.fact_id.clone(), r.clone());
-                }
-            }
-        }
-        let lands = |bit: u8| mask.is_none_or(|m| m & (1 << bit) != 0);
-        if lands(0) {
-            for r in &batch.minute_visits {
-                let key = (r.client_id.clone(), r.minute, r.page, r.kafka_partition);
-                keep_max(&mut t.minute_visits, key, r.clone(), |r| r.version);
-            }
-        }
-        if lands(1) {
-            for r in &batch.minute_live {
-                let key = (r.client_id.clone(), r.webinar_id.clone(), r.minute, r.kafka_partition);
-                keep_max(&mut t.minute_live, key, r.clone(), |r| r.version);
-            }
-        }
-        if lands(2) {
-            for r in &batch.daily_totals {
-                keep_max(&mut t.totals, (r.client_id.clone(), r.day, r.kafka_partition), r.clone(), |r| r.version);
-            }
-        }
-        if lands(3) {
-            for r in &batch.daily_marketing {
-                let key = (r.client_id.clone(), r.day, r.dims(), r.kafka_partition);
-                keep_max(&mut t.marketing, key, r.clone(), |r| r.version);
-            }
-        }
-        if lands(4) {
-            for r in &batch.day_sessions {
-                let key = (r.client_id.clone(), r.day, r.session_id.clone(), r.kafka_partition);
-                keep_max(&mut t.day_sessions, key, r.clone(), |r| r.version);
-            }
-        }
-        if mask.is_some() {
-            *self.crash.lock().unwrap() = Crash::Never;
-            return Err(StoreError::Invalid("simulated crash during the aggregate inserts".into()));
-        }
-        Ok(())
-    }
-
-    async fn rebuild_requests(&self, _partitions: &[u16]) -> Result<HashMap<u16, i64>, StoreError> {
-        Ok(HashMap::new())
-    }
-
-    async fn heartbeat(&self, _rows: &[ProgressRow]) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
-impl Model {
+impl Merged for MemoryStore {
     fn merged(&self) -> Aggregates {
-        let t = self.tables.lock().unwrap();
+        let t = self.tables();
         let mut out = Aggregates::default();
         for r in t.totals.values() {
             *out.totals.entry((r.client_id.clone(), r.day)).or_default() += r.counters();
@@ -512,15 +231,15 @@ impl Model {
     }
 
     fn raw(&self) -> Vec<FactRow> {
-        self.tables.lock().unwrap().facts.values().cloned().collect()
+        self.tables().facts.values().cloned().collect()
     }
 
     fn late_days(&self) -> BTreeSet<(String, u16)> {
-        self.tables.lock().unwrap().late_days.clone()
+        self.tables().late_days.clone()
     }
 
     fn physical_duplicates(&self) -> usize {
-        self.tables.lock().unwrap().physical_duplicates
+        self.tables().physical_duplicates
     }
 }
 
@@ -680,7 +399,7 @@ struct Instance {
 }
 
 struct Sim<'a> {
-    model: &'a Model,
+    model: &'a MemoryStore,
     logs: BTreeMap<u16, [Vec<Fact>; 3]>,
     instances: Vec<Instance>,
     cfg: WindowConfig,
@@ -828,8 +547,8 @@ impl Sim<'_> {
     }
 }
 
-fn simulate(s: &Scenario, partitions: u16, instances: usize, lateness_ms: i64) -> Model {
-    let model = Model::new();
+fn simulate(s: &Scenario, partitions: u16, instances: usize, lateness_ms: i64) -> MemoryStore {
+    let model = MemoryStore::new();
     let mut logs: BTreeMap<u16, [Vec<Fact>; 3]> = (0..partitions).map(|p| (p, Default::default())).collect();
     for g in &s.facts {
         let slot = match g.fact.kind() {
@@ -855,9 +574,9 @@ fn simulate(s: &Scenario, partitions: u16, instances: usize, lateness_ms: i64) -
     model
 }
 
-fn dump(model: &Model) {
+fn dump(model: &MemoryStore) {
     trace(|| {
-        let t = model.tables.lock().unwrap();
+        let t = model.tables();
         let mut out = String::from("stored visits and entries (seq, partition, uid, dedup, received, day):\n");
         for r in t.facts.values().filter(|r| r.dedup_uid().is_some()) {
             out.push_str(&format!(
@@ -891,7 +610,7 @@ fn dump(model: &Model) {
     });
 }
 
-fn check(model: &Model, s: &Scenario) -> Result<(), TestCaseError> {
+fn check(model: &MemoryStore, s: &Scenario) -> Result<(), TestCaseError> {
     let raw = model.raw();
     prop_assert_eq!(model.physical_duplicates(), 0, "a fact was stored twice");
     let distinct: BTreeSet<(u64, u64)> =
@@ -995,9 +714,9 @@ fn fresh(partition: u16) -> PartitionState {
 }
 
 /// Flushes `states` through the protocol against `model`; returns the written day totals.
-fn flush_all(model: &Model, states: &mut [&mut PartitionState]) -> Vec<(u16, u16, u64, u64, u64)> {
+fn flush_all(model: &MemoryStore, states: &mut [&mut PartitionState]) -> Vec<(u16, u16, u64, u64, u64)> {
     block_on(flush::flush(model, states, false, &NoRetry)).unwrap();
-    let t = model.tables.lock().unwrap();
+    let t = model.tables();
     let mut totals: Vec<_> =
         t.totals.values().map(|r| (r.kafka_partition, r.day, r.visits, r.unique_sessions, r.entries)).collect();
     totals.sort();
@@ -1006,7 +725,7 @@ fn flush_all(model: &Model, states: &mut [&mut PartitionState]) -> Vec<(u16, u16
 
 #[test]
 fn seoul_midnight_splits_days_and_dedups_by_event_uid() {
-    let model = Model::new();
+    let model = MemoryStore::new();
     let mut s = fresh(0);
     // 14:59:59Z = 23:59:59 KST on Nov 25; 15:00:00Z = 00:00 KST on Nov 26.
     let before = T0 + 15 * H - 1_000;
@@ -1023,14 +742,14 @@ fn seoul_midnight_splits_days_and_dedups_by_event_uid() {
     let decisions: BTreeMap<u64, i8> = raw.iter().map(|r| (r.spool_seq, r.dedup)).collect();
     assert_eq!(decisions[&1], eventflow_store::rows::dedup::COUNTED);
     assert_eq!(decisions[&2], eventflow_store::rows::dedup::DUPLICATE);
-    assert_eq!(model.tables.lock().unwrap().checkpoints[&0].offsets.visits, 4);
+    assert_eq!(model.tables().checkpoints[&0].offsets.visits, 4);
 }
 
 #[test]
 fn an_earlier_copy_in_another_partition_takes_the_count_over() {
     // The report: one visit sent from several sessions. Partition 1 lags: its copy,
     // received first, is processed after partition 0 counted a later copy.
-    let model = Model::new();
+    let model = MemoryStore::new();
     let (mut p0, mut p1) = (fresh(0), fresh(1));
     let t = T0 + 20 * H;
     p0.apply(0, visit(2, "kr", "relay", Some("v"), t, t + 5_000));
@@ -1039,7 +758,7 @@ fn an_earlier_copy_in_another_partition_takes_the_count_over() {
     p1.apply(0, visit(1, "kr", "tab", Some("v"), t, t));
     // Partition 1's flush finds its copy first and tells every partition holding copies ...
     flush_all(&model, &mut [&mut p1]);
-    let targets: BTreeSet<u16> = model.tables.lock().unwrap().notices.iter().map(|n| n.target_partition).collect();
+    let targets: BTreeSet<u16> = model.tables().notices.iter().map(|n| n.target_partition).collect();
     assert_eq!(targets, BTreeSet::from([0, 1]));
     // ... which partition 0 reads at its next flush and takes its copy out.
     let after = flush_all(&model, &mut [&mut p0]);
@@ -1047,9 +766,7 @@ fn an_earlier_copy_in_another_partition_takes_the_count_over() {
     assert_eq!(by_partition[&0], (0, 0));
     assert_eq!(by_partition[&1], (1, 1));
     let sessions: Vec<(String, u8)> = model
-        .tables
-        .lock()
-        .unwrap()
+        .tables()
         .day_sessions
         .values()
         .map(|r| (r.session_id.clone(), r.present))
@@ -1061,7 +778,7 @@ fn an_earlier_copy_in_another_partition_takes_the_count_over() {
 
 #[test]
 fn literal_unknown_source_counts_as_missing() {
-    let model = Model::new();
+    let model = MemoryStore::new();
     let mut s = fresh(0);
     let t = T0 + 20 * H;
     let mut v = visit(1, "kr", "a", None, t, t);
@@ -1070,24 +787,24 @@ fn literal_unknown_source_counts_as_missing() {
     }
     s.apply(0, v);
     flush_all(&model, &mut [&mut s]);
-    let t = model.tables.lock().unwrap();
+    let t = model.tables();
     let row = t.totals.values().next().unwrap();
     assert_eq!((row.visits, row.visits_utm_missing), (1, 1));
 }
 
 #[test]
 fn late_visit_links_an_earlier_entry_and_late_days_are_flagged() {
-    let model = Model::new();
+    let model = MemoryStore::new();
     let mut s = fresh(0);
     let t = T0 + 20 * H;
     // Entry first; its session's visit arrives afterwards with an earlier event time.
     s.apply(0, entry(1, "kr", "a", "e1", t));
     block_on(flush::flush(&model, &mut [&mut s], false, &NoRetry)).unwrap();
-    let first = model.tables.lock().unwrap().totals.values().next().unwrap().clone();
+    let first = model.tables().totals.values().next().unwrap().clone();
     assert_eq!((first.entries, first.linked_entries), (1, 0));
     s.apply(0, visit(2, "kr", "a", None, t - 60_000, t + 1_000));
     block_on(flush::flush(&model, &mut [&mut s], false, &NoRetry)).unwrap();
-    let second = model.tables.lock().unwrap().totals.values().next().unwrap().clone();
+    let second = model.tables().totals.values().next().unwrap().clone();
     assert_eq!((second.entries, second.linked_entries), (1, 1));
     assert!(second.version > first.version);
 
@@ -1102,7 +819,7 @@ fn late_visit_links_an_earlier_entry_and_late_days_are_flagged() {
 #[test]
 fn a_copy_days_later_is_still_a_duplicate() {
     // The dedup horizon is the raw retention: a copy arriving a week later does not count.
-    let model = Model::new();
+    let model = MemoryStore::new();
     let mut s = fresh(0);
     let t = T0 + 20 * H;
     s.apply(0, visit(1, "kr", "a", Some("u"), t, t));
@@ -1112,13 +829,13 @@ fn a_copy_days_later_is_still_a_duplicate() {
     let raw = model.raw();
     let late_copy = raw.iter().find(|r| r.spool_seq == 2).unwrap();
     assert_eq!(late_copy.dedup, eventflow_store::rows::dedup::DUPLICATE);
-    let visits: u64 = model.tables.lock().unwrap().totals.values().map(|r| r.visits).sum();
+    let visits: u64 = model.tables().totals.values().map(|r| r.visits).sum();
     assert_eq!(visits, 1);
 }
 
 #[test]
 fn state_is_released_when_days_close() {
-    let model = Model::new();
+    let model = MemoryStore::new();
     let mut s = fresh(0);
     let t = T0 + 20 * H;
     for i in 0..100 {
