@@ -275,6 +275,7 @@ pub async fn rebuild<S: ProcessorStore, R: Retry>(
     retry: &R,
 ) -> Result<(Vec<PartitionState>, Option<FlushReport>), StoreError> {
     let checkpoints = call(retry, || store.checkpoints(partitions)).await?;
+    let checkpoints_of = |s: &PartitionState| checkpoints.get(&s.partition()).cloned().unwrap_or_default();
     let mut states: BTreeMap<u16, PartitionState> = BTreeMap::new();
     for p in partitions {
         let cp = checkpoints.get(p).cloned().unwrap_or_else(Checkpoint::default);
@@ -283,13 +284,39 @@ pub async fn rebuild<S: ProcessorStore, R: Retry>(
     }
     let since = states.values().map(PartitionState::replay_from_ms).min().unwrap_or(0);
     let from_day = states.values().map(PartitionState::replay_from_day).min().unwrap_or(0);
-    let rows = call(retry, || store.facts_since(partitions, since, from_day)).await?;
-    let mut by_partition: BTreeMap<u16, Vec<_>> = BTreeMap::new();
-    for row in rows {
-        by_partition.entry(row.kafka_partition).or_default().push(row);
-    }
+    // Rows stream into the states as they arrive (replay does not depend on their order): a
+    // takeover holds the states, never the rows. A failed read leaves half-replayed states, so
+    // every attempt starts again from fresh ones.
+    let fresh = |states: &BTreeMap<u16, PartitionState>| -> BTreeMap<u16, PartitionState> {
+        states
+            .iter()
+            .map(|(p, s)| (*p, PartitionState::new(*p, window, clients.clone(), &checkpoints_of(s), s.epoch())))
+            .collect()
+    };
+    let template = states;
+    let mut attempt = 0;
+    let mut states = loop {
+        let mut states = fresh(&template);
+        let result = {
+            let mut each = |row: eventflow_store::rows::FactRow| {
+                if let Some(s) = states.get_mut(&row.kafka_partition) {
+                    s.replay_row(row);
+                }
+            };
+            store.facts_since(partitions, since, from_day, &mut each).await
+        };
+        match result {
+            Ok(_) => break states,
+            Err(e) => {
+                attempt += 1;
+                if !retry.again(&e, attempt).await {
+                    return Err(e);
+                }
+            }
+        }
+    };
     for (p, state) in states.iter_mut() {
-        state.replay(by_partition.remove(p).unwrap_or_default());
+        state.replay_done();
         if let Some(ms) = rebuild_requests.get(p) {
             state.set_rebuild_request_ms(*ms);
         }

@@ -133,17 +133,25 @@ impl ProcessorStore for MemoryStore {
         Ok(partitions.iter().filter_map(|p| t.checkpoints.get(p).map(|c| (*p, c.clone()))).collect())
     }
 
-    async fn facts_since(&self, partitions: &[u16], since_ms: i64, from_day: u16) -> Result<Vec<FactRow>, StoreError> {
+    async fn facts_since(
+        &self,
+        partitions: &[u16],
+        since_ms: i64,
+        from_day: u16,
+        each: &mut (dyn FnMut(FactRow) + Send),
+    ) -> Result<usize, StoreError> {
         self.check()?;
         let t = self.tables();
-        let mut rows: Vec<FactRow> = t
+        let rows = t
             .facts
             .values()
-            .filter(|r| partitions.contains(&r.kafka_partition) && r.received_at_ms >= since_ms && r.day >= from_day)
-            .cloned()
-            .collect();
-        rows.sort_by_key(|r| (r.kafka_partition, r.seq));
-        Ok(rows)
+            .filter(|r| partitions.contains(&r.kafka_partition) && r.received_at_ms >= since_ms && r.day >= from_day);
+        let mut n = 0;
+        for r in rows {
+            each(r.clone());
+            n += 1;
+        }
+        Ok(n)
     }
 
     async fn first_visits(&self, sessions: &[SessionRef]) -> Result<Vec<(SessionRef, Option<i64>)>, StoreError> {

@@ -22,13 +22,15 @@ pub trait ProcessorStore: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<HashMap<u16, Checkpoint>, StoreError>> + Send;
 
     /// Stored facts of `partitions` received since `received_since_ms` (on client days from
-    /// `from_day`), one row per fact, in `(kafka_partition, seq)` order.
+    /// `from_day`), one row per fact (its latest version), handed to `each` in any order;
+    /// returns how many.
     fn facts_since(
         &self,
         partitions: &[u16],
         received_since_ms: i64,
         from_day: u16,
-    ) -> impl std::future::Future<Output = Result<Vec<FactRow>, StoreError>> + Send;
+        each: &mut (dyn FnMut(FactRow) + Send),
+    ) -> impl std::future::Future<Output = Result<usize, StoreError>> + Send;
 
     /// Earliest stored visit of each session (`None` when it has none).
     fn first_visits(
@@ -104,8 +106,9 @@ impl ProcessorStore for Store {
         partitions: &[u16],
         received_since_ms: i64,
         from_day: u16,
-    ) -> Result<Vec<FactRow>, StoreError> {
-        self.partition_facts_since(partitions, received_since_ms, from_day).await
+        each: &mut (dyn FnMut(FactRow) + Send),
+    ) -> Result<usize, StoreError> {
+        self.stream_partition_facts_since(partitions, received_since_ms, from_day, each).await
     }
 
     async fn first_visits(&self, sessions: &[SessionRef]) -> Result<Vec<(SessionRef, Option<i64>)>, StoreError> {
