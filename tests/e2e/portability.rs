@@ -248,6 +248,7 @@ async fn snapshot(store: &Store) -> Snapshot {
         .map(|i| ("acme".to_owned(), 1, format!("acme-u{i}")))
         .chain((0..11).map(|i| ("acme".to_owned(), 2, format!("acme-e{i}"))))
         .collect();
+    let keys: Vec<(&str, i8, &str)> = keys.iter().map(|(c, k, u)| (c.as_str(), *k, u.as_str())).collect();
     m.insert("first_copies", sorted(store.first_copies_of(&keys, 2).await.unwrap()));
     m.insert("copy_partitions", sorted(store.copy_partitions_of(&keys).await.unwrap()));
     m.insert("copies_in", sorted(store.copies_of_in(&keys, &[1]).await.unwrap()));

@@ -127,7 +127,7 @@ impl Store {
     /// Rows of `sql`, whose `{keys}` is replaced by a list of `(client_id, kind, uid)` tuples,
     /// run once per chunk of `keys` (chunks keep each statement well below max_query_size,
     /// 256 KiB on 18.16); `extra` binds the placeholders after the list.
-    async fn fetch_by_keys<T>(&self, sql: &str, keys: &[(String, i8, String)], extra: &[u16]) -> Result<Vec<T>>
+    async fn fetch_by_keys<T>(&self, sql: &str, keys: &[(&str, i8, &str)], extra: &[u16]) -> Result<Vec<T>>
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
@@ -137,9 +137,7 @@ impl Store {
             let rows = self
                 .timed(async {
                     let q = chunk.iter().fold(self.query(&sql)?, |q, (c, k, u)| {
-                        q.bind(c.as_str())
-                            .bind(if *k == crate::rows::kind::VISIT { "visit" } else { "entry" })
-                            .bind(u.as_str())
+                        q.bind(*c).bind(if *k == crate::rows::kind::VISIT { "visit" } else { "entry" }).bind(*u)
                     });
                     Ok(bind_all(q, extra).fetch_all::<T>().await?)
                 })
@@ -151,7 +149,7 @@ impl Store {
 
     /// The `per_key` first copies of each `(client_id, kind, uid)` in `fact_copies`, by
     /// `(received_at_ms, spool_id, spool_seq)`.
-    pub async fn first_copies_of(&self, keys: &[(String, i8, String)], per_key: usize) -> Result<Vec<CopyRow>> {
+    pub async fn first_copies_of(&self, keys: &[(&str, i8, &str)], per_key: usize) -> Result<Vec<CopyRow>> {
         let sql = format!(
             "SELECT client_id, kind, uid, received_at_ms, spool_id, spool_seq, \
              any(kafka_partition) AS kafka_partition, any(day) AS day FROM fact_copies \
@@ -163,7 +161,7 @@ impl Store {
     }
 
     /// Partitions holding copies of each key.
-    pub async fn copy_partitions_of(&self, keys: &[(String, i8, String)]) -> Result<Vec<((String, i8, String), u16)>> {
+    pub async fn copy_partitions_of(&self, keys: &[(&str, i8, &str)]) -> Result<Vec<((String, i8, String), u16)>> {
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct KeyPartition {
             client_id: String,
@@ -177,7 +175,7 @@ impl Store {
     }
 
     /// Every copy of `keys` held by one of `partitions`.
-    pub async fn copies_of_in(&self, keys: &[(String, i8, String)], partitions: &[u16]) -> Result<Vec<CopyRow>> {
+    pub async fn copies_of_in(&self, keys: &[(&str, i8, &str)], partitions: &[u16]) -> Result<Vec<CopyRow>> {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
