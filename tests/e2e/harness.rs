@@ -363,6 +363,7 @@ impl Deployment {
 listen = "127.0.0.1:{collector}"
 spool_dir = "{dir}/spool"
 rate_limit_per_ip = {{ per_second = 100000.0, burst = 100000.0 }}
+fact_rate_limit_per_ip = {{ per_second = 1000000.0, burst = 1000000.0 }}
 links_refresh = "1s"
 
 [processor]
