@@ -34,6 +34,9 @@ use eventflow_core::avro::FactCodec;
 use eventflow_core::{Fact, FactKind};
 
 const HEADER_LEN: usize = 8;
+/// Room for the largest request: 4 spool bytes per byte sent, a 64 KiB body and a 32 KiB head
+/// ([`crate::collect::SPOOL_BYTES_PER_BYTE_SENT`]), rounded up.
+const FULL_HEADROOM: u64 = 512 << 10;
 /// Bytes of a record besides its key and value: length, CRC, kind, sequence, receive time and
 /// key length.
 pub const RECORD_OVERHEAD: usize = HEADER_LEN + 1 + 8 + 8 + 2;
@@ -220,8 +223,11 @@ impl Shared {
         self.pending_bytes.load(Ordering::Acquire)
     }
 
+    /// Whether the largest request may no longer fit (readiness turns 503, so a load balancer
+    /// sends traffic to other collectors): appends are refused before the cap is passed, so the
+    /// spool reaches "full" this much before the cap (half the cap for a tiny spool).
     pub fn is_full(&self) -> bool {
-        self.pending_bytes() >= self.max_bytes
+        self.pending_bytes() + FULL_HEADROOM.min(self.max_bytes / 2) >= self.max_bytes
     }
 
     pub fn writer_alive(&self) -> bool {
@@ -767,6 +773,9 @@ mod tests {
         assert!(n * one <= max && (n + 1) * one > max, "{n} records of {one} bytes in {max}");
         assert!(matches!(spool.append(vec![ping(99)], 7).await, Err(SpoolError::Full { .. })));
         assert_eq!(drain_all(spool.shared()).len() as u64, n, "refused appends wrote nothing");
+        assert!(spool.shared().is_full(), "readiness turns 503 once the cap is near");
+        let empty_dir = tempfile::tempdir().unwrap();
+        assert!(!open(empty_dir.path(), max).shared().is_full());
     }
 
     #[tokio::test]
