@@ -2,7 +2,7 @@
 //! minute, written to ClickHouse 18.16 (`link_clicks`) every `collector.link_clicks_flush`,
 //! and read back through the reader API's overview (`link_clicks`). The collector is killed
 //! with SIGKILL midway: what it had written stays, what it had not is lost (documented), and
-//! the restarted collector's clicks add to the old ones.
+//! the restarted collector's clicks add to the old ones; a graceful stop writes what it counted.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -121,7 +121,7 @@ async fn clicks_per_link_survive_a_collector_crash_up_to_the_last_flush() {
     eprintln!("killed {elapsed:?} after a flush, with {lost} clicks unwritten");
 
     // ---- Phase 3: a new collector process; its clicks add to the old ones. ----
-    let _collector = d.start_with("collector", &collector_env());
+    let mut collector = d.start_with("collector", &collector_env());
     *want.entry(("acme", "spring")).or_default() += clicks(&c, "spring", 2).await;
     *want.entry(("acme", "fall")).or_default() += clicks(&c, "fall", 1).await;
     *want.entry(("globex", "g1")).or_default() += clicks(&c, "g1", 1).await;
@@ -146,6 +146,18 @@ async fn clicks_per_link_survive_a_collector_crash_up_to_the_last_flush() {
     let (got, o) = overview_clicks(&d, "globex", GLOBEX_TOKEN).await;
     assert_eq!(got, BTreeMap::from([("g1".to_owned(), want[&("globex", "g1")])]), "{o}");
     assert_eq!(want[&("globex", "g1")], 3);
+
+    // ---- Phase 4: a graceful stop (SIGTERM) writes what was counted since the last flush. ----
+    let page = get_text(&metrics).await;
+    let before = gauge(&page, LAST_FLUSH);
+    assert_eq!(clicks(&c, "fall", 2).await, 2);
+    assert!(collector.stop(Duration::from_secs(30)).is_some_and(|s| s.success()), "the collector stopped by itself");
+    let stopped_at = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+    assert!(stopped_at - before < FLUSH.as_secs_f64() * 2.0, "stopped within the interval");
+    *want.entry(("acme", "fall")).or_default() += 2;
+    let (got, o) = overview_clicks(&d, "acme", ACME_TOKEN).await;
+    assert_eq!(got, BTreeMap::from([("fall".to_owned(), 7), ("spring".to_owned(), 9)]), "{o}");
+    let _collector = d.start_with("collector", &collector_env());
 
     // The table holds both processes' counts, under two boot ids, and only known links.
     let rows = ch.json_rows(
