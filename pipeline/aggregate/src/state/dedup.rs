@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 
 use chrono_tz::Tz;
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 use eventflow_core::fact::DEDUP_HORIZON_MS;
 use eventflow_store::rows::{dedup as decision, kind, ClaimRow, CopyKey, FactRow, NoticeRow};
@@ -93,8 +94,9 @@ fn within_horizon(earlier_ms: i64, later_ms: i64) -> bool {
 pub(super) struct DedupState {
     deferred: Vec<Deferred>,
     /// Own copies received within the horizon of the watermark, per key identity
-    /// ([`uid_id`]), in copy order.
-    own: FxHashMap<u128, Vec<OwnCopy>>,
+    /// ([`uid_id`]), in copy order. Almost every key has one copy: it is stored inline (no
+    /// allocation per key; the index is the largest per-fact structure of the state).
+    own: FxHashMap<u128, OwnCopies>,
     /// Copies to take out at this flush (after a comparison or a notice).
     to_retract: FxHashMap<CopyKey, FactRef>,
     /// Highest notice sequence read, per writer partition (persisted in the checkpoint).
@@ -151,7 +153,9 @@ impl DedupState {
     }
 }
 
-fn insert_sorted(copies: &mut Vec<OwnCopy>, copy: OwnCopy) {
+type OwnCopies = SmallVec<[OwnCopy; 1]>;
+
+fn insert_sorted(copies: &mut OwnCopies, copy: OwnCopy) {
     match copies.binary_search_by_key(&copy.key, |c| c.key) {
         Ok(at) => copies[at] = copy,
         Err(at) => copies.insert(at, copy),
