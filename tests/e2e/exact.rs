@@ -360,7 +360,7 @@ async fn staleness_stays_honest_while_a_backlog_is_consumed() {
                 let stale = metric_value(&page, "eventflow_processor_staleness_seconds", &[]).unwrap_or(-1.0);
                 let processed = metric_sum(&page, "eventflow_processor_facts_total");
                 samples.push((lag, stale));
-                if processed >= 20_000.0 && lag == 0.0 && stale >= 0.0 && stale < 30.0 {
+                if processed >= 20_000.0 && lag == 0.0 && (0.0..30.0).contains(&stale) {
                     break;
                 }
             }

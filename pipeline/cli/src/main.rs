@@ -278,6 +278,8 @@ async fn run_processor(
         fold_every: ms(cfg.processor.fold_late_interval_ms().map_err(Into::into))?,
         reconcile_every: ms(cfg.processor.reconcile_interval_ms().map_err(Into::into))?,
         reconcile_days: cfg.processor.reconcile_days,
+        reconcile_max_clients: cfg.processor.reconcile_max_clients,
+        metrics_max_clients: cfg.processor.metrics_max_clients,
     };
     let background =
         tokio::spawn(eventflow_aggregate::maintenance::run(store, clients, metrics, maintenance, shutdown.clone()));
