@@ -88,8 +88,9 @@ enum Command {
         #[command(subcommand)]
         command: LinksCommand,
     },
-    /// Print the `sha256:` form of an API token for the configuration file.
-    HashToken { token: String },
+    /// Print the `sha256:` form of an API token for the configuration file; without a token,
+    /// generate a strong one and print it, then its `sha256:` form.
+    HashToken { token: Option<String> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,8 +202,15 @@ async fn run(command: Command, loaded: Loaded) -> anyhow::Result<std::process::E
         Command::Dev => dev(loaded).await?,
         Command::Simulate(args) => simulate::run(&cfg, args).await?,
         Command::Links { command } => links(&cfg, command).await?,
-        Command::HashToken { token } => {
+        Command::HashToken { token: Some(token) } => {
+            eventflow_serve::auth::check_strength(&token).map_err(|e| anyhow::anyhow!("token: {e}"))?;
             println!("{}", eventflow_serve::auth::Tokens::hash_for_config(&token))
+        }
+        Command::HashToken { token: None } => {
+            let token = generate_token();
+            eprintln!("a new token (give it to its user; configure only the sha256: form below):");
+            println!("{token}");
+            println!("{}", eventflow_serve::auth::Tokens::hash_for_config(&token));
         }
     }
     Ok(ok)
@@ -392,6 +400,12 @@ async fn dev(loaded: Loaded) -> anyhow::Result<()> {
     p?;
     a?;
     Ok(())
+}
+
+/// A new API token: `ef_` and 40 random letters and digits (about 238 bits).
+fn generate_token() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!("ef_{}", Alphanumeric.sample_string(&mut rand::rng(), 40))
 }
 
 async fn links(cfg: &Config, command: LinksCommand) -> anyhow::Result<()> {

@@ -17,7 +17,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::NaiveDate;
 use chrono_tz::Tz;
 use serde::Serialize;
-use tracing::warn;
 
 use eventflow_core::time;
 use eventflow_store::read::{
@@ -315,6 +314,8 @@ pub struct Sections {
     pub sources: BTreeMap<&'static str, Source>,
     /// For `meta.doubt`.
     pub doubt: Option<Doubt>,
+    /// Why `doubt` could not be read (the caller logs it, within its log budget).
+    pub doubt_error: Option<String>,
 }
 
 /// Computes every section of `q` (the decision rules are in the module docs).
@@ -330,12 +331,9 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
         store.pending_late_days(c, q.from, q.to),
         store.reconcile_findings(c, q.from, q.to),
     );
-    let doubt = match findings {
-        Ok(f) => doubt(&f, q.tz),
-        Err(e) => {
-            warn!(error = %e, client_id = %c, "reading reconcile findings failed; meta.doubt left out");
-            None
-        }
+    let (doubt, doubt_error) = match findings {
+        Ok(f) => (doubt(&f, q.tz), None),
+        Err(e) => (None, Some(e.to_string())),
     };
     let complete = matches!(&pending, Ok(p) if p.is_empty());
     let list = q.days();
@@ -441,7 +439,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
         },
         Source::Error => Vec::new(),
     };
-    Sections { totals, by_page, by_day, campaigns, live, quality, sources, doubt }
+    Sections { totals, by_page, by_day, campaigns, live, quality, sources, doubt, doubt_error }
 }
 
 fn raw_campaigns(raw: Option<&StoreResult<Recount>>, limit: u32) -> Vec<CampaignRow> {
