@@ -269,6 +269,9 @@ fn main() {
         takeover(&rt, &codec);
     }
 
+    if std::env::var("BENCH_SKIP_MEMORY").is_ok() {
+        return;
+    }
     // Memory: one day each with more distinct sessions (same number of facts per session).
     println!("== heap held by the open windows vs distinct sessions per day (3 facts per session)");
     for sessions in [25_000u64, 50_000, 100_000, 200_000, 400_000] {

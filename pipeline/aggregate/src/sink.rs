@@ -4,13 +4,30 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use eventflow_store::rows::{kind, Checkpoint, CopyRow, FactRow, NoticeRow, ProgressRow};
+use eventflow_store::rows::{kind, Checkpoint, ClaimRow, CopyRow, FactRow, NoticeRow, ProgressRow};
 use eventflow_store::{Store, StoreError};
 
 use crate::state::{FactRef, FlushBatch, SessionRef};
 
 /// A dedup key: `(client_id, kind code, uid)`.
 pub type UidKey = (String, i8, String);
+
+/// A dedup key by reference.
+pub type UidRef<'a> = (&'a str, i8, &'a str);
+
+/// 128-bit identity of a dedup key, for in-memory maps (no string kept or cloned).
+pub fn uid_id(client_id: &str, kind: i8, uid: &str) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(client_id.as_bytes());
+    h.update(&[0xff, kind.to_le_bytes()[0], 0xff]);
+    h.update(uid.as_bytes());
+    h.digest128()
+}
+
+/// `key` as references.
+pub fn uid_ref(key: &UidKey) -> UidRef<'_> {
+    (&key.0, key.1, &key.2)
+}
 
 /// The processor's storage operations. Every write is idempotent: retrying a failed step with
 /// the same rows is always safe.
@@ -38,28 +55,16 @@ pub trait ProcessorStore: Send + Sync + 'static {
         sessions: &[SessionRef],
     ) -> impl std::future::Future<Output = Result<Vec<(SessionRef, Option<i64>)>, StoreError>> + Send;
 
-    /// Records copies of dedup keys (`fact_copies`).
-    fn write_copies(&self, rows: &[CopyRow]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    /// Records copies of dedup keys: in `fact_copies` (by key, for the recount) and in
+    /// `copy_log` (by writer partition and sequence, for the other partitions).
+    fn write_claims(&self, rows: &[ClaimRow]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
 
-    /// The `per_key` first copies of each key, by [`eventflow_store::rows::CopyKey`] order.
-    fn first_copies(
+    /// Copies in `copy_log` whose `writer_seq` is above `cursor[writer_partition]` (above 0 for
+    /// writers not in `cursor`).
+    fn claims_since(
         &self,
-        keys: &[UidKey],
-        per_key: usize,
-    ) -> impl std::future::Future<Output = Result<Vec<CopyRow>, StoreError>> + Send;
-
-    /// Partitions holding copies of each key: `(key, partition)` pairs.
-    fn copy_partitions(
-        &self,
-        keys: &[UidKey],
-    ) -> impl std::future::Future<Output = Result<Vec<(UidKey, u16)>, StoreError>> + Send;
-
-    /// Every copy of `keys` held by one of `partitions`.
-    fn copies_in(
-        &self,
-        keys: &[UidKey],
-        partitions: &[u16],
-    ) -> impl std::future::Future<Output = Result<Vec<CopyRow>, StoreError>> + Send;
+        cursor: &BTreeMap<u16, u64>,
+    ) -> impl std::future::Future<Output = Result<Vec<ClaimRow>, StoreError>> + Send;
 
     /// Records dedup notices.
     fn write_notices(&self, rows: &[NoticeRow]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
@@ -122,20 +127,14 @@ impl ProcessorStore for Store {
             .collect())
     }
 
-    async fn write_copies(&self, rows: &[CopyRow]) -> Result<(), StoreError> {
-        self.insert("fact_copies", rows).await
+    async fn write_claims(&self, rows: &[ClaimRow]) -> Result<(), StoreError> {
+        let copies: Vec<CopyRow> = rows.iter().map(ClaimRow::copy_row).collect();
+        tokio::try_join!(self.insert("fact_copies", &copies), self.insert("copy_log", rows))?;
+        Ok(())
     }
 
-    async fn first_copies(&self, keys: &[UidKey], per_key: usize) -> Result<Vec<CopyRow>, StoreError> {
-        self.first_copies_of(keys, per_key).await
-    }
-
-    async fn copy_partitions(&self, keys: &[UidKey]) -> Result<Vec<(UidKey, u16)>, StoreError> {
-        self.copy_partitions_of(keys).await
-    }
-
-    async fn copies_in(&self, keys: &[UidKey], partitions: &[u16]) -> Result<Vec<CopyRow>, StoreError> {
-        self.copies_of_in(keys, partitions).await
+    async fn claims_since(&self, cursor: &BTreeMap<u16, u64>) -> Result<Vec<ClaimRow>, StoreError> {
+        self.copy_log_since(cursor).await
     }
 
     async fn write_notices(&self, rows: &[NoticeRow]) -> Result<(), StoreError> {

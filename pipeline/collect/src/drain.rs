@@ -17,7 +17,7 @@
 //! [`QUARANTINE_AFTER`] (an operator can fix them, and then nothing needs replaying), then
 //! quarantined too: the drainer never retries for ever and never drops a record silently.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -41,7 +41,7 @@ use eventflow_core::FactKind;
 use eventflow_topics::{context, registry, KafkaConfig, Topics};
 
 use crate::metrics::CollectorMetrics;
-use crate::spool::{Record, Shared};
+use crate::spool::{client_of_key, Record, Shared};
 
 /// Records produced but not yet acknowledged, at most.
 const WINDOW: usize = 20_000;
@@ -395,10 +395,11 @@ impl Drainer {
             .create_with_context(context)
             .map_err(|e| Restart::Fatal(format!("creating producer: {e}")))?;
         let mut reader = self.shared.reader(self.shared.cursor());
-        // In flight: sequence -> (record bytes, receive time, kind).
-        let mut in_flight: BTreeMap<u64, (u64, i64, FactKind)> = BTreeMap::new();
+        // In flight: sequence -> (record bytes, receive time, kind, client).
+        let mut in_flight: BTreeMap<u64, (u64, i64, FactKind, String)> = BTreeMap::new();
         let mut next_unread = self.shared.cursor();
         let mut delivered_bytes = 0u64;
+        let mut delivered_by_client: HashMap<String, u64> = HashMap::new();
         let mut last_commit = Instant::now();
         let mut last_held = Instant::now();
         let mut stopping_since: Option<Instant> = None;
@@ -409,9 +410,10 @@ impl Drainer {
             for (seq, outcome) in acks {
                 match outcome {
                     Ok(()) => {
-                        if let Some((bytes, _, kind)) = in_flight.remove(&seq) {
+                        if let Some((bytes, _, kind, client)) = in_flight.remove(&seq) {
                             progress.refused_since.remove(&kind);
                             delivered_bytes += bytes;
+                            *delivered_by_client.entry(client).or_default() += bytes;
                             self.metrics.delivered.inc();
                         }
                     }
@@ -423,8 +425,9 @@ impl Drainer {
                             .is_some_and(|reason| self.quarantine_seq(topics, seq, reason, &e));
                         if quarantined {
                             progress.skip.insert(seq);
-                            if let Some((bytes, _, _)) = in_flight.remove(&seq) {
+                            if let Some((bytes, _, _, client)) = in_flight.remove(&seq) {
                                 delivered_bytes += bytes;
+                                *delivered_by_client.entry(client).or_default() += bytes;
                             }
                         }
                         // Either way a new producer sends what follows the cursor again (an
@@ -443,18 +446,19 @@ impl Drainer {
             // Everything before the first record in flight (or not yet read) is in Kafka or in
             // the quarantine.
             let cursor = in_flight.keys().next().copied().unwrap_or(next_unread);
-            let oldest = in_flight.values().next().map(|(_, received, _)| *received);
+            let oldest = in_flight.values().next().map(|(_, received, _, _)| *received);
             self.metrics.spool_oldest_age.set(oldest.map_or(0.0, |r| ((now_ms() - r).max(0)) as f64 / 1000.0));
             if cursor > self.shared.cursor()
                 && (last_commit.elapsed() >= Duration::from_millis(100) || in_flight.is_empty())
             {
-                if let Err(e) = self.shared.commit_cursor(cursor, delivered_bytes) {
+                if let Err(e) = self.shared.commit_cursor(cursor, delivered_bytes, &delivered_by_client) {
                     self.logs.emit(
                         "cursor_persist",
                         |suppressed| warn!(error = %e, suppressed, "persisting the spool cursor"),
                     );
                 } else {
                     delivered_bytes = 0;
+                    delivered_by_client.clear();
                     progress.skip = progress.skip.split_off(&cursor);
                 }
                 last_commit = Instant::now();
@@ -491,10 +495,12 @@ impl Drainer {
                     Err(e) => return Err(Restart::Fatal(format!("reading the spool: {e}"))),
                 };
                 let bytes = (record.key.len() + record.value.len() + 27) as u64;
+                let client = client_of_key(&record.key).to_owned();
                 next_unread = record.seq + 1;
                 if progress.skip.contains(&record.seq) {
                     // Quarantined before this producer started.
                     delivered_bytes += bytes;
+                    *delivered_by_client.entry(client).or_default() += bytes;
                     continue;
                 }
                 let topic = topics.fact(record.kind);
@@ -504,7 +510,7 @@ impl Drainer {
                 loop {
                     match producer.send(base) {
                         Ok(()) => {
-                            in_flight.insert(record.seq, (bytes, record.received_ms, record.kind));
+                            in_flight.insert(record.seq, (bytes, record.received_ms, record.kind, client));
                             break;
                         }
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -517,6 +523,7 @@ impl Drainer {
                             if reason.is_some_and(|r| self.quarantine_record(topics, &record, r, &e)) {
                                 progress.skip.insert(record.seq);
                                 delivered_bytes += bytes;
+                                *delivered_by_client.entry(client).or_default() += bytes;
                                 break;
                             }
                             return Err(Restart::Resend(format!("producing spool record {}: {e}", record.seq)));
