@@ -283,6 +283,7 @@ async fn snapshot(store: &Store) -> Snapshot {
                 .unwrap(),
         ),
     );
+    m.insert("last_writer_seqs", sorted(store.last_writer_seqs(&[0, 1]).await.unwrap()));
     let notices = store.dedup_notices_since(&[0, 1], &BTreeMap::new()).await.unwrap();
     assert!(!notices.is_empty(), "the data set makes notices");
     m.insert("notices", sorted(notices.clone()));
