@@ -569,6 +569,7 @@ SHARDING = {
     "campaign_links": "cityHash64(cid)",
     "reconcile_findings": "cityHash64(client_id)",
     "dead_letters": "kafka_partition",
+    "link_clicks": "cityHash64(client_id, cid)",
 }
 # facts is ordered by fact_id, not kafka_partition: a fact always travels through one Kafka
 # partition (topics are keyed by session), so kafka_partition is a function of the fact.
