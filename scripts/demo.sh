@@ -28,9 +28,14 @@ done
 rm -rf "$DEMO" && mkdir -p "$DEMO"
 "$REPO/scripts/services.sh" start
 
-ADMIN_TOKEN="demo-admin-token-$(date +%s)"
+# Fresh tokens for every run (`eventflow hash-token` prints a new token, then its sha256: form).
+new_token() { "$EF" hash-token 2>/dev/null | head -n 1; }
+ADMIN_TOKEN="$(new_token)"
+ACME_TOKEN="$(new_token)"
+GLOBEX_TOKEN="$(new_token)"
 sed -e "s#@CH@#http://127.0.0.1:$EVENTFLOW_DEMO_CH_PORT#" -e "s#@KAFKA@#127.0.0.1:$EVENTFLOW_DEMO_KAFKA_PORT#" \
-    -e "s#@DATA@#$DEMO#" -e "s#@ADMIN@#$ADMIN_TOKEN#" "$REPO/deploy/demo/eventflow.toml" > "$DEMO/eventflow.toml"
+    -e "s#@DATA@#$DEMO#" -e "s#@ADMIN@#$ADMIN_TOKEN#" -e "s#@ACME_TOKEN@#$ACME_TOKEN#" \
+    -e "s#@GLOBEX_TOKEN@#$GLOBEX_TOKEN#" "$REPO/deploy/demo/eventflow.toml" > "$DEMO/eventflow.toml"
 CFG=(--config "$DEMO/eventflow.toml")
 
 stop_all() {

@@ -120,11 +120,38 @@ def eventflow_config_check(section, toml_text, env):
                  if not k.startswith("EVENTFLOW__") and k != "EVENTFLOW_CONFIG"}
         clean.update(env)
         clean["EVENTFLOW_CONFIG"] = path
-        r = subprocess.run([EVENTFLOW_BIN, "hash-token", "x"], env=clean,
+        # `hash-token` without a token loads the configuration, then generates a token.
+        r = subprocess.run([EVENTFLOW_BIN, "hash-token"], env=clean,
                            capture_output=True, text=True)
         check(r.returncode == 0, section,
               f"eventflow loads the configuration (with {len(env)} environment overrides)",
               f"eventflow rejects the configuration: {r.stderr.strip()}")
+
+
+def eventflow_config_refused(section, toml_text, env, key):
+    """The configuration with `env` as shipped must be refused, the error naming `key`: a shipped
+    placeholder never works as a token."""
+    if not EVENTFLOW_BIN:
+        print(f"  skip {section}: eventflow binary not built; placeholders not checked")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "eventflow.toml")
+        with open(path, "w") as f:
+            f.write(toml_text)
+        clean = {k: v for k, v in os.environ.items()
+                 if not k.startswith("EVENTFLOW__") and k != "EVENTFLOW_CONFIG"}
+        clean.update(env)
+        clean["EVENTFLOW_CONFIG"] = path
+        r = subprocess.run([EVENTFLOW_BIN, "hash-token"], env=clean, capture_output=True, text=True)
+        check(r.returncode != 0 and key in r.stderr, section,
+              f"the shipped placeholder values are refused, naming {key}",
+              f"the shipped placeholder values are not refused naming {key}: exit {r.returncode} {r.stderr.strip()}")
+
+
+def strong_token_hash():
+    """The sha256: form of a fresh random token, as `eventflow hash-token` prints it."""
+    import hashlib
+    return "sha256:" + hashlib.sha256(os.urandom(32).hex().encode()).hexdigest()
 
 
 def listen_port(cfg, svc):
@@ -286,6 +313,10 @@ if check(cfg_mounts and cfg_mounts[0].split(":")[1] == cfg_path, S,
           "kafka.brokers and clickhouse.url name the compose services",
           f"kafka.brokers / clickhouse.url do not name the compose services: {cfg.get('kafka')}, {cfg.get('clickhouse')}")
     env = {k: str(v) for k, v in ef_env.items() if k.startswith("EVENTFLOW__")}
+    tokens = {k: v for k, v in env.items() if k.endswith("_TOKEN")}
+    check(tokens and all(v == "" for v in tokens.values()) and "token =" not in toml_text, S,
+          f"no working token ships with the stack ({', '.join(sorted(tokens))} default to empty: off)",
+          f"the stack ships token values: {tokens} or a token in eventflow.toml")
     eventflow_config_check(S, toml_text, env)
 
 # Prometheus of the stack: scrape targets, rules, promtool.
@@ -508,9 +539,12 @@ for comp in ("collector", "processor", "api"):
                for l in [{"app.kubernetes.io/name": "eventflow", "app.kubernetes.io/component": comp}]):
         fail(S, f"no PodDisruptionBudget for the {comp}")
 if k8s_toml:
-    env = {k: "placeholder" for k in secret_keys}
+    # Token keys get a valid sha256: form (the shipped ones are placeholders, checked below).
+    env = {k: strong_token_hash() if k.endswith("_TOKEN") else "placeholder" for k in secret_keys}
     env.update(env_for_config)
     eventflow_config_check(S, k8s_toml, env)
+    shipped = {k: str(v) for s in by_kind.get("Secret", {}).values() for k, v in (s.get("stringData") or {}).items()}
+    eventflow_config_refused(S, k8s_toml, shipped, "api.admin_token")
 
 # ---------------------------------------------------------------------------------------------
 # c) ClickHouse cluster schema on chdb
@@ -534,6 +568,7 @@ SHARDING = {
     "fact_days": "kafka_partition",
     "campaign_links": "cityHash64(cid)",
     "reconcile_findings": "cityHash64(client_id)",
+    "dead_letters": "kafka_partition",
     "link_clicks": "cityHash64(client_id, cid)",
 }
 # facts is ordered by fact_id, not kafka_partition: a fact always travels through one Kafka

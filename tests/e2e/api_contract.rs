@@ -451,6 +451,12 @@ async fn every_route_matches_openapi() {
     assert_eq!(c.call("/readyz", "/readyz", None).await.text, "ready");
     let r = c.call("/metrics", "/metrics", None).await;
     assert!(r.text.contains("eventflow_api_request_duration_seconds"));
+    let tenants = |page: &str| page.lines().filter(|l| !l.starts_with('#') && l.contains("client=\"")).count();
+    assert_eq!(tenants(&r.text), 0, "no tenant without a token: {}", r.text);
+    let r = c.call("/metrics", "/metrics", Some(ADMIN_TOKEN)).await;
+    assert!(r.text.contains("eventflow_session_link_rate{client=\"acme\"}"), "{}", r.text);
+    assert_eq!(c.call("/metrics", "/metrics", Some(ACME_TOKEN)).await.status, 403);
+    assert_eq!(c.call("/metrics", "/metrics", Some("not-a-token-at-all-000")).await.status, 401);
 
     // ---- overview: default range, 30d, explicit from/to, admin --------------------------
     let acme = "/v1/clients/acme/statistics";

@@ -268,6 +268,8 @@ pub struct Tansu {
     pub port: u16,
     dir: PathBuf,
     proc: Option<Proc>,
+    /// Extra command-line arguments of `tansu broker` (e.g. a schema registry).
+    extra: Vec<String>,
 }
 
 impl Tansu {
@@ -283,7 +285,17 @@ impl Tansu {
     }
 
     pub fn start(dir: &TestDir) -> Self {
-        let mut t = Tansu { port: free_port(), dir: dir.join("tansu"), proc: None };
+        Self::start_with(dir, &[])
+    }
+
+    /// A broker started with extra `tansu broker` arguments.
+    pub fn start_with(dir: &TestDir, extra: &[&str]) -> Self {
+        let mut t = Tansu {
+            port: free_port(),
+            dir: dir.join("tansu"),
+            proc: None,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
         t.launch();
         t
     }
@@ -301,6 +313,7 @@ impl Tansu {
             "--storage-engine",
             "sqlite://tansu.db",
         ])
+        .args(&self.extra)
         .current_dir(&self.dir)
         .env("RUST_LOG", "warn");
         self.proc = Some(Proc::spawn("tansu", cmd, self.dir.join("tansu.log")));
@@ -344,9 +357,9 @@ pub struct Deployment {
     pub processor_port: u16,
 }
 
-pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0001";
-pub const ACME_TOKEN: &str = "acme-token-for-tests-0001";
-pub const GLOBEX_TOKEN: &str = "globex-token-for-tests-01";
+pub const ADMIN_TOKEN: &str = "admin-6fQ2xN9vLk3TpW8rZc5H";
+pub const ACME_TOKEN: &str = "acme-Hb4Nq8Zr2VtK7xLm5Pw9";
+pub const GLOBEX_TOKEN: &str = "globex-Jd3Rk7Yt1Fm9Xq5Ls8Bn";
 
 impl Deployment {
     /// Writes a configuration for `clickhouse` and `brokers` (`extra` is appended verbatim).
@@ -439,6 +452,12 @@ token = "{globex}"
 
     pub fn migrate(&self) {
         let (code, out) = self.run(&["migrate"]);
+        assert_eq!(code, 0, "migrate failed: {out}");
+    }
+
+    /// `eventflow migrate --skip-kafka`: the ClickHouse schema only (tests without a broker).
+    pub fn migrate_clickhouse_only(&self) {
+        let (code, out) = self.run(&["migrate", "--skip-kafka"]);
         assert_eq!(code, 0, "migrate failed: {out}");
     }
 

@@ -11,6 +11,7 @@ mod collector;
 mod dashboard;
 mod dev;
 mod doubt;
+mod downstream;
 mod drill;
 mod exact;
 mod faults;

@@ -15,11 +15,11 @@ use eventflow_aggregate::flush::{self, NoRetry};
 use eventflow_aggregate::state::{PartitionState, WindowConfig};
 use eventflow_aggregate::{backfill, reconcile, ProcessorStore};
 use eventflow_core::fact::{Entry, Fact, FactHeader, PageKind, Ping, SessionOrigin, Utm, Visit};
-use eventflow_core::{time, ClientDirectory, ClientSettings, TenancyConfig};
+use eventflow_core::{time, ClientDirectory, ClientSettings, FactKind, TenancyConfig};
 use eventflow_serve::overview::{self, OverviewQuery};
 use eventflow_store::read::{DifferingFigure, ReconcileFindingRow};
 use eventflow_store::recount::Scope;
-use eventflow_store::rows::{CampaignLinkRow, Checkpoint, LinkClickRow, ProgressRow};
+use eventflow_store::rows::{dead_letter, CampaignLinkRow, Checkpoint, DeadLetterRow, LinkClickRow, ProgressRow};
 use eventflow_store::{ClickHouseConfig, Store};
 
 use crate::harness::*;
@@ -165,6 +165,21 @@ async fn load(store: &Store) {
     facts.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
     for (i, (p, fact)) in facts.into_iter().enumerate() {
         let s = &mut states[p as usize];
+        if i % 29 == 5 {
+            // An undecodable message between the facts: a dead letter, the partition moves on.
+            let offset = offsets[p as usize];
+            let row = DeadLetterRow::new(
+                "portability.visits",
+                p,
+                offset,
+                dead_letter::CORRUPT,
+                "message is not Avro single-object encoded (missing C3 01 marker)",
+                &[0xff, 0x00, b'x'],
+                1_000 + i as u64,
+            );
+            assert!(s.dead_letter(FactKind::Visit, offset, row));
+            offsets[p as usize] += 1;
+        }
         s.apply(offsets[p as usize], fact);
         offsets[p as usize] += 1;
         if i % 17 == 0 {
@@ -269,6 +284,7 @@ async fn snapshot(store: &Store) -> Snapshot {
     let (s0, s1) = ((T0 / 1000 - 86_400) as u32, (T0 / 1000 + 3 * 86_400) as u32);
     let mut m = BTreeMap::new();
     m.insert("checkpoints", sorted(store.load_checkpoints(&[0, 1]).await.unwrap()));
+    m.insert("dead_letters", sorted(store.dead_letters(100).await.unwrap()));
     m.insert("all_checkpoints", sorted(store.all_checkpoints().await.unwrap()));
     m.insert("facts_since", sorted(store.partition_facts_since(&[0, 1], 0, 0).await.unwrap()));
     let keys: Vec<(String, i8, String)> = (0..17)
@@ -429,6 +445,10 @@ async fn every_query_gives_the_same_answer_on_18_16_and_current_clickhouse() {
     assert_eq!(old_r.1["reconcile_findings"].len(), 2, "the newest check of each acme day: {:#?}", old_r.1);
     assert!(old_r.1["reconcile_findings"][0].contains("mismatches: 0"), "{:#?}", old_r.1["reconcile_findings"]);
     assert!(old_r.1["overview"][0].contains("doubt: Some"), "{:#?}", old_r.1["overview"]);
+    // A dead letter before every 29th fact from the 6th on, each kept once.
+    let want = (0..dataset().len()).filter(|i| i % 29 == 5).count();
+    assert_eq!(old_r.1["dead_letters"].len(), want, "{:#?}", old_r.1["dead_letters"]);
+    assert!(old_r.1["dead_letters"][0].contains("payload: \"ff0078\""), "{:#?}", old_r.1["dead_letters"]);
     assert_eq!(
         old_r.1["link_clicks"],
         ["LinkClicks { cid: \"known\", clicks: 7 }", "LinkClicks { cid: \"other\", clicks: 2 }"],

@@ -110,7 +110,7 @@ async fn quality_gauges_cover_unconfigured_clients_up_to_the_cap() {
     let mut page = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
-        page = get_text(&metrics).await;
+        page = admin_metrics(&metrics).await;
         if approx(&by_client(&page, LINK), &want_link) && approx(&by_client(&page, UTM), &want_utm) {
             break;
         }
@@ -133,7 +133,7 @@ async fn quality_gauges_cover_unconfigured_clients_up_to_the_cap() {
     let want_utm = [("_other", 1.0 / 3.0), ("acme", 0.0), ("globex", 0.0), ("initech", 2.0 / 3.0)];
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
-        page = get_text(&metrics).await;
+        page = admin_metrics(&metrics).await;
         if approx(&by_client(&page, LINK), &want_link) && approx(&by_client(&page, UTM), &want_utm) {
             break;
         }
@@ -148,4 +148,13 @@ async fn quality_gauges_cover_unconfigured_clients_up_to_the_cap() {
         "quality gauges with quality_max_clients = 3"
     );
     assert_eq!(metric_value(&page, "eventflow_api_quality_clients_folded", &[]), Some(2.0));
+    // Without the admin token the page names no client (the folded count is still there).
+    let anonymous = get_text(&metrics).await;
+    assert!(!anonymous.lines().any(|l| !l.starts_with('#') && l.contains("client=\"")), "{anonymous}");
+    assert_eq!(metric_value(&anonymous, "eventflow_api_quality_clients_folded", &[]), Some(2.0));
+}
+
+/// The API's `/metrics` with the admin token: the per-client series are there only with it.
+async fn admin_metrics(url: &str) -> String {
+    http().get(url).bearer_auth(ADMIN_TOKEN).send().await.expect("GET /metrics").text().await.expect("body")
 }

@@ -45,6 +45,18 @@ pub struct ProcessorConfig {
     /// At most one forced rejoin this often.
     #[serde(default = "default_rejoin_backoff")]
     pub rejoin_backoff: String,
+    /// Most clients with their own `eventflow_visits_today` and `eventflow_reconcile_mismatch`
+    /// series. Configured clients always have one; other clients fill the remaining places (by
+    /// most visits today, resp. most differing figures), the rest are summed into one series
+    /// `client="_other"` and counted in `eventflow_visits_today_clients_folded` /
+    /// `eventflow_reconcile_clients_folded`.
+    #[serde(default = "default_max_clients")]
+    pub metrics_max_clients: usize,
+    /// Most clients one continuous-reconcile pass checks. Configured clients are checked in
+    /// every pass; the other clients with facts take the remaining places in turns, so each is
+    /// checked every few passes (those left for a later pass: `eventflow_reconcile_clients_deferred`).
+    #[serde(default = "default_max_clients")]
+    pub reconcile_max_clients: usize,
 }
 
 fn default_listen() -> String {
@@ -77,6 +89,9 @@ fn default_orphan_after() -> String {
 fn default_rejoin_backoff() -> String {
     "60s".to_owned()
 }
+fn default_max_clients() -> usize {
+    1000
+}
 
 impl Default for ProcessorConfig {
     fn default() -> Self {
@@ -92,6 +107,8 @@ impl Default for ProcessorConfig {
             reconcile_days: default_reconcile_days(),
             orphan_after: default_orphan_after(),
             rejoin_backoff: default_rejoin_backoff(),
+            metrics_max_clients: default_max_clients(),
+            reconcile_max_clients: default_max_clients(),
         }
     }
 }

@@ -16,7 +16,8 @@
 //!    of the buckets (a closed day is marked for backfill) and stored again marked duplicate.
 //! 3. **Fold and link.** Decided copies are folded; sessions of new entries are looked up in
 //!    `session_first_visits`.
-//! 4. **Write.** First-visit and late markers, then facts with the checkpoints (the commit
+//! 4. **Write.** First-visit, late and fact-day markers and the dead letters (messages that did
+//!    not decode, which the checkpoints move past), then facts with the checkpoints (the commit
 //!    point: decisions, notice cursors and offsets become durable together), then the bucket
 //!    tables ([`ProcessorStore::write`]).
 //!
@@ -29,7 +30,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use eventflow_core::ClientDirectory;
-use eventflow_store::rows::{Checkpoint, NoticeRow};
+use eventflow_store::rows::{dead_letter, Checkpoint, NoticeRow};
 use eventflow_store::StoreError;
 
 use crate::sink::ProcessorStore;
@@ -78,6 +79,14 @@ pub struct FlushReport {
     pub aggregate_rows: usize,
     pub decisions: Decisions,
     pub notices_written: usize,
+    pub dead_letters: DeadLetterCounts,
+}
+
+/// Dead letters of a written flush, by reason.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterCounts {
+    pub unknown_schema: u64,
+    pub corrupt: u64,
 }
 
 /// Flushes `states` (the partitions one processor owns). `Ok(None)`: nothing to write (with
@@ -106,11 +115,20 @@ pub async fn flush<S: ProcessorStore, R: Retry>(
     for s in states.iter_mut() {
         s.flush_written();
     }
+    let mut dead_letters = DeadLetterCounts::default();
+    for row in &batch.dead_letters {
+        if row.reason == dead_letter::UNKNOWN_SCHEMA {
+            dead_letters.unknown_schema += 1;
+        } else {
+            dead_letters.corrupt += 1;
+        }
+    }
     Ok(Some(FlushReport {
         facts: batch.facts.len(),
         aggregate_rows: batch.aggregate_rows(),
         decisions,
         notices_written,
+        dead_letters,
     }))
 }
 

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod metrics;
 pub mod processor;
 pub mod reconcile;
+pub mod series;
 pub mod sink;
 pub mod state;
 pub mod watchdog;

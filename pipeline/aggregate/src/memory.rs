@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use eventflow_store::rows::{
-    dedup, kind, Checkpoint, ClaimRow, DailyMarketingRow, DailyTotalsRow, DaySessionRow, FactRow, MarketingDims,
-    MinuteLiveRow, MinuteVisitsRow, NoticeRow, ProgressRow,
+    dedup, kind, Checkpoint, ClaimRow, DailyMarketingRow, DailyTotalsRow, DaySessionRow, DeadLetterRow, FactRow,
+    MarketingDims, MinuteLiveRow, MinuteVisitsRow, NoticeRow, ProgressRow,
 };
 use eventflow_store::StoreError;
 
@@ -37,6 +37,10 @@ pub struct Tables {
     pub notices: Vec<NoticeRow>,
     /// Client days with late facts (pending backfill).
     pub late_days: BTreeSet<(String, u16)>,
+    /// `dead_letters` as `FINAL` reads it: one row per (topic, partition, offset).
+    pub dead_letters: BTreeMap<(String, u16, i64), DeadLetterRow>,
+    /// Dead-letter rows inserted, rewrites of a key included (what the table holds before merges).
+    pub dead_letter_inserts: usize,
 }
 
 /// Where the next store call fails.
@@ -223,6 +227,10 @@ impl ProcessorStore for MemoryStore {
         }
         for r in &batch.late {
             t.late_days.insert((r.client_id.clone(), r.day));
+        }
+        for r in &batch.dead_letters {
+            t.dead_letter_inserts += 1;
+            t.dead_letters.insert((r.topic.clone(), r.kafka_partition, r.kafka_offset), r.clone());
         }
         for r in &batch.facts {
             if r.kind == kind::CHECKPOINT {

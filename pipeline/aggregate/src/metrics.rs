@@ -1,10 +1,14 @@
 //! Prometheus metrics of the processor (names in `eventflow_core::metrics`).
 
+use std::sync::Arc;
+
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+use eventflow_core::logs::LogLimiter;
 use eventflow_core::metrics as names;
+use eventflow_store::rows::dead_letter;
 
 /// Every metric the processor exports; registered once per process.
 #[derive(Debug, Clone)]
@@ -28,6 +32,59 @@ pub struct ProcessorMetrics {
     pub reconcile_last_run: Gauge,
     pub orphaned_partitions: IntGauge,
     pub forced_rejoins: IntCounter,
+    /// Dead letters written (counted once the flush holding them is acknowledged), by reason.
+    pub dead_letters: IntCounterVec,
+    /// Clients summed into `client="_other"` of `eventflow_visits_today` at the last update.
+    pub visits_today_folded: IntGauge,
+    /// Clients whose reconcile figures are summed into `client="_other"` at the last pass.
+    pub reconcile_folded: IntGauge,
+    /// Clients with facts that the last continuous-reconcile pass left for a later one.
+    pub reconcile_deferred: IntGauge,
+    /// From librdkafka's statistics of the consumer (every `statistics.interval.ms`).
+    pub kafka: KafkaGauges,
+    /// Failure logs of the processor: a budget per reason, the rest counted.
+    pub logs: Arc<LogLimiter>,
+}
+
+/// Gauges fed by the consumer's librdkafka statistics.
+#[derive(Debug, Clone)]
+pub struct KafkaGauges {
+    pub brokers_up: IntGauge,
+    pub broker_rtt_seconds: GaugeVec,
+    pub fetch_queue_messages: IntGauge,
+    pub fetch_queue_bytes: IntGauge,
+}
+
+impl KafkaGauges {
+    /// Updates the gauges from one statistics report.
+    pub fn record(&self, stats: &rdkafka::Statistics) {
+        let mut up = 0;
+        for broker in stats.brokers.values() {
+            // Bootstrap entries (node id -1) stand for the configured addresses, not brokers.
+            if broker.nodeid < 0 {
+                continue;
+            }
+            if broker.state == "UP" {
+                up += 1;
+            }
+            if let Some(rtt) = &broker.rtt {
+                self.broker_rtt_seconds.with_label_values(&[broker.name.as_str()]).set(rtt.avg as f64 / 1e6);
+            }
+        }
+        self.brokers_up.set(up);
+        let (mut messages, mut bytes) = (0i64, 0u64);
+        for topic in stats.topics.values() {
+            for (id, partition) in &topic.partitions {
+                // Partition -1 is librdkafka's internal unassigned-messages partition.
+                if *id >= 0 {
+                    messages += partition.fetchq_cnt.max(0);
+                    bytes += partition.fetchq_size;
+                }
+            }
+        }
+        self.fetch_queue_messages.set(messages);
+        self.fetch_queue_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
 }
 
 impl ProcessorMetrics {
@@ -51,6 +108,12 @@ impl ProcessorMetrics {
         self.facts.with_label_values(&[entry, "duplicate"]).inc_by(d.entries_duplicate);
         self.dedup_retractions.with_label_values(&[visit]).inc_by(d.visits_retracted);
         self.dedup_retractions.with_label_values(&[entry]).inc_by(d.entries_retracted);
+    }
+
+    /// Dead letters of a written flush.
+    pub fn record_dead_letters(&self, counts: &crate::flush::DeadLetterCounts) {
+        self.dead_letters.with_label_values(&[dead_letter::UNKNOWN_SCHEMA]).inc_by(counts.unknown_schema);
+        self.dead_letters.with_label_values(&[dead_letter::CORRUPT]).inc_by(counts.corrupt);
     }
 
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
@@ -145,7 +208,63 @@ impl ProcessorMetrics {
                 names::PROCESSOR_FORCED_REJOINS_TOTAL,
                 "Times this instance left and rejoined the consumer group because partitions were orphaned.",
             )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    names::PROCESSOR_DEAD_LETTERS_TOTAL,
+                    "Messages of the fact topics recorded in the dead_letters table instead of being counted, by reason.",
+                ),
+                &["reason"],
+            )?,
+            visits_today_folded: IntGauge::new(
+                names::VISITS_TODAY_CLIENTS_FOLDED,
+                "Clients with visits today folded into client=\"_other\" of eventflow_visits_today (beyond processor.metrics_max_clients).",
+            )?,
+            reconcile_folded: IntGauge::new(
+                names::RECONCILE_CLIENTS_FOLDED,
+                "Clients whose reconcile figures are folded into client=\"_other\" of eventflow_reconcile_mismatch (beyond processor.metrics_max_clients).",
+            )?,
+            reconcile_deferred: IntGauge::new(
+                names::RECONCILE_CLIENTS_DEFERRED,
+                "Clients with facts that the last continuous-reconcile pass left to a later pass (beyond processor.reconcile_max_clients).",
+            )?,
+            kafka: KafkaGauges {
+                brokers_up: IntGauge::new(
+                    names::PROCESSOR_KAFKA_BROKERS_UP,
+                    "Kafka brokers the consumer is connected to (librdkafka statistics).",
+                )?,
+                broker_rtt_seconds: GaugeVec::new(
+                    Opts::new(
+                        names::PROCESSOR_KAFKA_BROKER_RTT_SECONDS,
+                        "Average request round-trip time to each broker over the last statistics interval.",
+                    ),
+                    &["broker"],
+                )?,
+                fetch_queue_messages: IntGauge::new(
+                    names::PROCESSOR_KAFKA_FETCH_QUEUE_MESSAGES,
+                    "Messages fetched from Kafka and not yet handed to the processor.",
+                )?,
+                fetch_queue_bytes: IntGauge::new(
+                    names::PROCESSOR_KAFKA_FETCH_QUEUE_BYTES,
+                    "Bytes of the messages fetched from Kafka and not yet handed to the processor.",
+                )?,
+            },
+            logs: Arc::new(LogLimiter::register(
+                registry,
+                names::PROCESSOR_LOG_LINES_SUPPRESSED_TOTAL,
+                "Failure log lines of the processor left out because their reason exceeded its budget (5 per minute).",
+            )?),
         };
+        for reason in dead_letter::REASONS {
+            m.dead_letters.with_label_values(&[reason]);
+        }
+        registry.register(Box::new(m.dead_letters.clone()))?;
+        registry.register(Box::new(m.visits_today_folded.clone()))?;
+        registry.register(Box::new(m.reconcile_folded.clone()))?;
+        registry.register(Box::new(m.reconcile_deferred.clone()))?;
+        registry.register(Box::new(m.kafka.brokers_up.clone()))?;
+        registry.register(Box::new(m.kafka.broker_rtt_seconds.clone()))?;
+        registry.register(Box::new(m.kafka.fetch_queue_messages.clone()))?;
+        registry.register(Box::new(m.kafka.fetch_queue_bytes.clone()))?;
         registry.register(Box::new(m.orphaned_partitions.clone()))?;
         registry.register(Box::new(m.forced_rejoins.clone()))?;
         // Series that alerts watch exist from the start (at 0), so a first error shows as an

@@ -7,7 +7,9 @@
 //! 1. on assignment, pauses the unit's topic partitions, loads its checkpoint from ClickHouse,
 //!    replays the stored facts of its open days into a fresh state under a new epoch, rewrites
 //!    its open buckets, then seeks to the checkpoint offsets and resumes;
-//! 2. applies each message to its unit's state;
+//! 2. applies each message to its unit's state; a message that does not decode (after re-reading
+//!    what is new in the schema registry topic, for an unknown writer schema) is recorded as a
+//!    dead letter and the partition moves on ([`PartitionState::dead_letter`]);
 //! 3. every `flush_interval` (or `max_batch_facts`) runs one flush ([`crate::flush`]: dedup
 //!    decisions and notices, then markers, facts with checkpoints (the commit point), buckets);
 //!    then commits the Kafka offsets those rows cover;
@@ -17,7 +19,7 @@
 //! ClickHouse writes are retried until they succeed (or shutdown); a write never happens for a
 //! unit after its revocation, and a fenced-off zombie loses to the new owner's higher epoch.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,17 +34,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use eventflow_core::avro::{CodecError, FactCodec};
+use eventflow_core::logs::{clip_display, LogLimiter};
+use eventflow_core::metrics::OTHER_CLIENTS;
 use eventflow_core::{time, ClientDirectory, FactKind};
-use eventflow_store::rows::ProgressRow;
+use eventflow_store::rows::{dead_letter, DeadLetterRow, ProgressRow};
 use eventflow_store::StoreError;
-use eventflow_topics::{registry, KafkaConfig, Topics};
+use eventflow_topics::{context, registry, KafkaConfig, Topics};
 
 use crate::config::ProcessorConfig;
 use crate::flush::{self, Retry};
-use crate::metrics::ProcessorMetrics;
+use crate::metrics::{KafkaGauges, ProcessorMetrics};
 use crate::sink::ProcessorStore;
 use crate::state::{Outcome, PartitionState, WindowConfig};
-use crate::watchdog;
+use crate::{series, watchdog};
 
 /// Shared view of the processor for health endpoints.
 #[derive(Debug, Default)]
@@ -82,17 +86,34 @@ enum RebalanceEvent {
     Revoked(Vec<(String, i32)>),
 }
 
+/// A flush is due once this many dead letters wait (their payloads are kept in memory).
+const MAX_PENDING_DEAD_LETTERS: usize = 1000;
+
 /// librdkafka callbacks: rebalance events are queued for the loop (they arrive inside `poll`,
-/// on the loop's thread).
+/// on the loop's thread); statistics become gauges; errors and log lines are rate-limited.
 struct LoopContext {
     events: Mutex<Vec<RebalanceEvent>>,
+    kafka: KafkaGauges,
+    logs: Arc<LogLimiter>,
 }
 
 fn tpl_entries(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
     tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect()
 }
 
-impl ClientContext for LoopContext {}
+impl ClientContext for LoopContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.kafka.record(&statistics);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        context::log_line(&self.logs, level, fac, log_message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        context::client_error(&self.logs, &error, reason);
+    }
+}
 
 impl ConsumerContext for LoopContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -107,7 +128,10 @@ impl ConsumerContext for LoopContext {
         if let Rebalance::Assign(tpl) = rebalance {
             // Nothing is consumed until the unit's state is rebuilt and positioned.
             if let Err(e) = consumer.pause(tpl) {
-                warn!(error = %e, "pausing newly assigned partitions");
+                self.logs.emit(
+                    "pause_assigned",
+                    |suppressed| warn!(error = %e, suppressed, "pausing newly assigned partitions"),
+                );
             }
             if let Ok(mut events) = self.events.lock() {
                 events.push(RebalanceEvent::Assigned(tpl_entries(tpl)));
@@ -127,14 +151,14 @@ struct Loop<S: ProcessorStore> {
     consumer: BaseConsumer<LoopContext>,
     topics: Topics,
     codec: FactCodec,
+    /// Reads what is new in the schema registry topic when a message has an unknown schema.
+    registry: Option<registry::Reader>,
     window: WindowConfig,
     flush_interval: Duration,
     instance: String,
     /// Topic partitions currently assigned, by partition number.
     assigned: BTreeMap<u16, BTreeSet<FactKind>>,
     units: BTreeMap<u16, Unit>,
-    /// Topic partitions paused because a message's schema is unknown, with the retry time.
-    stalled: HashMap<(FactKind, u16), Instant>,
     last_flush: Instant,
     last_heartbeat: Instant,
     last_metrics: Instant,
@@ -151,7 +175,11 @@ struct Loop<S: ProcessorStore> {
 pub fn run<S: ProcessorStore>(deps: ProcessorDeps<S>, shutdown: CancellationToken) -> anyhow::Result<()> {
     deps.config.validate()?;
     let topics = deps.kafka.topics();
-    let context = LoopContext { events: Mutex::new(Vec::new()) };
+    let context = LoopContext {
+        events: Mutex::new(Vec::new()),
+        kafka: deps.metrics.kafka.clone(),
+        logs: deps.metrics.logs.clone(),
+    };
     let consumer: BaseConsumer<LoopContext> = deps
         .kafka
         .consumer(&deps.config.group_id)
@@ -172,6 +200,7 @@ pub fn run<S: ProcessorStore>(deps: ProcessorDeps<S>, shutdown: CancellationToke
             every: Duration::from_secs(2),
             orphan_after: Duration::from_millis(u64::try_from(deps.config.orphan_after_ms()?).unwrap_or(30_000)),
             rejoin_backoff: Duration::from_millis(u64::try_from(deps.config.rejoin_backoff_ms()?).unwrap_or(60_000)),
+            logs: deps.metrics.logs.clone(),
         },
         watchdog_shared.clone(),
         watchdog::WatchdogMetrics {
@@ -187,12 +216,12 @@ pub fn run<S: ProcessorStore>(deps: ProcessorDeps<S>, shutdown: CancellationToke
         consumer,
         topics,
         codec: FactCodec::new()?,
+        registry: None,
         window,
         flush_interval,
         instance,
         assigned: BTreeMap::new(),
         units: BTreeMap::new(),
-        stalled: HashMap::new(),
         last_flush: now,
         last_heartbeat: now,
         last_metrics: now,
@@ -219,19 +248,26 @@ impl<S: ProcessorStore> Loop<S> {
             self.handle_rebalance_events();
             match message {
                 Some(Ok(m)) => self.handle_message(m.topic(), m.partition(), m.offset(), m.payload()),
-                Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
+                Some(Err(e)) => self
+                    .deps
+                    .metrics
+                    .logs
+                    .emit("kafka_consumer_error", |suppressed| warn!(error = %e, suppressed, "kafka consumer error")),
                 None => {}
             }
             if self.watchdog.rejoin.swap(false, Ordering::AcqRel) {
                 self.rejoin(shutdown);
             }
-            self.resume_stalled();
             if self.units.values().any(|u| matches!(u, Unit::Pending)) && Instant::now() >= self.next_rebuild {
                 self.activate_pending(shutdown);
             }
             let buffered: usize = self.ready_states().map(|s| s.unflushed()).sum();
+            let dead_letters: usize = self.ready_states().map(|s| s.unflushed_dead_letters()).sum();
             let due = self.last_flush.elapsed() >= self.flush_interval;
-            if (due && self.ready_states().any(|s| s.has_output())) || buffered >= self.deps.config.max_batch_facts {
+            if (due && self.ready_states().any(|s| s.has_output()))
+                || buffered >= self.deps.config.max_batch_facts
+                || dead_letters >= MAX_PENDING_DEAD_LETTERS
+            {
                 self.flush(shutdown);
             }
             if self.last_heartbeat.elapsed() >= Duration::from_secs(2) {
@@ -281,7 +317,6 @@ impl<S: ProcessorStore> Loop<S> {
                                 "partition revoked; unflushed facts will be re-read by its next owner"
                             );
                         }
-                        self.stalled.remove(&(kind, p));
                     }
                 }
                 RebalanceEvent::Assigned(parts) => {
@@ -315,7 +350,6 @@ impl<S: ProcessorStore> Loop<S> {
         self.consumer.unsubscribe();
         self.units.clear();
         self.assigned.clear();
-        self.stalled.clear();
         if let Ok(mut owned) = self.watchdog.owned.lock() {
             owned.clear();
         }
@@ -350,14 +384,19 @@ impl<S: ProcessorStore> Loop<S> {
                         let _ = tpl.add_partition(&topic, i32::from(p));
                     }
                     if let Err(e) = self.consumer.resume(&tpl) {
-                        error!(partition = p, error = %e, "resuming partition");
+                        self.deps.metrics.logs.emit(
+                            "resume_partition",
+                            |suppressed| error!(partition = p, error = %e, suppressed, "resuming partition"),
+                        );
                     }
                     info!(partition = p, epoch = state.epoch(), offsets = ?offsets, "partition ready");
                     self.units.insert(p, Unit::Ready(Box::new(state)));
                 }
             }
             Err(e) => {
-                warn!(error = %e, partitions = ?pending, "rebuilding partition state failed; retrying");
+                self.deps.metrics.logs.emit("rebuild_failed", |suppressed| {
+                    warn!(error = %clip_display(&e), partitions = ?pending, suppressed, "rebuilding partition state failed; retrying")
+                });
                 self.deps.status.healthy.store(false, Ordering::SeqCst);
                 self.next_rebuild = Instant::now() + Duration::from_secs(2);
             }
@@ -400,49 +439,51 @@ impl<S: ProcessorStore> Loop<S> {
         let (Some(kind), Ok(p)) = (self.topics.kind_of(topic), u16::try_from(partition)) else {
             return;
         };
-        if self.stalled.contains_key(&(kind, p)) {
-            return;
-        }
-        let Some(Unit::Ready(state)) = self.units.get_mut(&p) else {
-            return;
-        };
-        if offset < state.offsets().get(kind) {
-            return; // already in the stored state (fetched before the seek took effect)
+        match self.units.get(&p) {
+            Some(Unit::Ready(state)) if offset >= state.offsets().get(kind) => {}
+            // Not ready, or already in the stored state (fetched before the seek took effect).
+            _ => return,
         }
         let payload = payload.unwrap_or_default();
         let decoded = match self.codec.decode(kind, payload) {
-            Err(CodecError::UnknownSchema(fp)) => {
-                // A newer collector's schema: read the registry and try again.
-                if let Err(e) = registry::load(&self.deps.kafka, &self.codec, Duration::from_secs(5)) {
-                    warn!(error = %e, "reading the schema registry topic");
-                }
-                self.codec.decode(kind, payload).map_err(|e| (e, Some(fp)))
+            Err(CodecError::UnknownSchema(_)) => {
+                // Perhaps a newer collector's schema: read what is new in the registry topic
+                // (nothing new costs one round trip) and try once more.
+                self.refresh_registry();
+                self.codec.decode(kind, payload)
             }
-            other => other.map_err(|e| (e, None)),
+            other => other,
+        };
+        let Some(Unit::Ready(state)) = self.units.get_mut(&p) else {
+            return;
         };
         let fact = match decoded {
             Ok(fact) => fact,
-            Err((CodecError::UnknownSchema(fp), _)) | Err((_, Some(fp))) => {
-                // Never drop a fact we might decode later: park the partition and retry.
-                self.deps.metrics.decode_errors.with_label_values(&["unknown_schema"]).inc();
-                error!(
-                    topic,
-                    partition,
-                    offset,
-                    fingerprint = format!("{fp:016x}"),
-                    "unknown writer schema; pausing the partition for 30 s"
-                );
-                let _ = self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(5));
-                let mut tpl = TopicPartitionList::new();
-                let _ = tpl.add_partition(topic, partition);
-                let _ = self.consumer.pause(&tpl);
-                self.stalled.insert((kind, p), Instant::now() + Duration::from_secs(30));
-                return;
-            }
-            Err((e, None)) => {
-                self.deps.metrics.decode_errors.with_label_values(&["corrupt"]).inc();
-                error!(topic, partition, offset, error = %e, "undecodable message skipped (not written by an EventFlow collector)");
-                state.skip(kind, offset);
+            Err(e) => {
+                // Never counted, never blocking: recorded with the flush that moves past it.
+                let reason = if matches!(e, CodecError::UnknownSchema(_)) {
+                    dead_letter::UNKNOWN_SCHEMA
+                } else {
+                    dead_letter::CORRUPT
+                };
+                self.deps.metrics.decode_errors.with_label_values(&[reason]).inc();
+                let detail = e.to_string();
+                let now = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
+                let row = DeadLetterRow::new(topic, p, offset, reason, &detail, payload, now);
+                if state.dead_letter(kind, offset, row) {
+                    self.deps.metrics.logs.emit("dead_letter", |suppressed| {
+                        warn!(
+                            topic,
+                            partition,
+                            offset,
+                            reason,
+                            error = %clip_display(&detail),
+                            payload_bytes = payload.len(),
+                            suppressed,
+                            "undecodable message recorded in dead_letters; the partition moves on"
+                        )
+                    });
+                }
                 return;
             }
         };
@@ -460,14 +501,29 @@ impl<S: ProcessorStore> Loop<S> {
         self.deps.metrics.facts.with_label_values(&[kind.as_str(), label]).inc();
     }
 
-    fn resume_stalled(&mut self) {
-        let now = Instant::now();
-        let due: Vec<(FactKind, u16)> = self.stalled.iter().filter(|(_, t)| **t <= now).map(|(k, _)| *k).collect();
-        for (kind, p) in due {
-            self.stalled.remove(&(kind, p));
-            let mut tpl = TopicPartitionList::new();
-            let _ = tpl.add_partition(&self.topics.fact(kind), i32::from(p));
-            let _ = self.consumer.resume(&tpl);
+    /// Registers the schemas published to the registry topic since the last read.
+    fn refresh_registry(&mut self) {
+        if self.registry.is_none() {
+            match registry::Reader::new(&self.deps.kafka, self.deps.metrics.logs.clone()) {
+                Ok(r) => self.registry = Some(r),
+                Err(e) => {
+                    self.deps.metrics.logs.emit(
+                        "registry_read",
+                        |suppressed| warn!(error = %e, suppressed, "creating the schema registry reader"),
+                    );
+                    return;
+                }
+            }
+        }
+        if let Some(reader) = self.registry.as_mut() {
+            match reader.refresh(&self.codec, Duration::from_secs(5)) {
+                Ok(0) => {}
+                Ok(n) => info!(messages = n, "schema registry topic re-read"),
+                Err(e) => self.deps.metrics.logs.emit(
+                    "registry_read",
+                    |suppressed| warn!(error = %e, suppressed, "reading the schema registry topic"),
+                ),
+            }
         }
     }
 
@@ -497,6 +553,7 @@ impl<S: ProcessorStore> Loop<S> {
                 if let Some(r) = report {
                     let plain: Vec<&mut PartitionState> = states.iter_mut().map(|b| &mut **b).collect();
                     self.commit(&plain);
+                    self.deps.metrics.record_dead_letters(&r.dead_letters);
                     self.deps.metrics.record_decisions(&r.decisions, r.notices_written);
                     self.deps.metrics.record_flush(r.facts, r.aggregate_rows, started.elapsed());
                 }
@@ -654,17 +711,37 @@ impl<S: ProcessorStore> Loop<S> {
         }
         m.open_state_entries.set(self.ready_states().map(|s| s.state_entries() as i64).sum());
         // Visits today per client, over the partitions this instance owns (sum over instances).
+        // Configured clients always have a series; other clients with open days up to
+        // processor.metrics_max_clients, the rest summed into client="_other".
         let now = Utc::now().timestamp_millis();
-        let mut clients: BTreeSet<String> = self.deps.clients.clients().map(|c| c.to_string()).collect();
+        let configured: BTreeSet<String> = self.deps.clients.clients().map(|c| c.to_string()).collect();
+        let mut candidates: BTreeSet<String> = configured.clone();
         for s in self.ready_states() {
-            clients.extend(s.clients().map(str::to_owned));
+            candidates.extend(s.clients().map(str::to_owned));
         }
-        for client in &clients {
-            let tz = self.deps.clients.timezone(client);
-            let today = time::day_number(time::client_day(now, tz));
-            let visits: u64 = self.ready_states().map(|s| s.day_visits(client, today)).sum();
-            m.visits_today.with_label_values(&[client.as_str()]).set(visits as f64);
+        let visits: BTreeMap<String, u64> = candidates
+            .into_iter()
+            .map(|client| {
+                let tz = self.deps.clients.timezone(&client);
+                let today = time::day_number(time::client_day(now, tz));
+                let n = self.ready_states().map(|s| s.day_visits(&client, today)).sum();
+                (client, n)
+            })
+            .collect();
+        let split =
+            series::split(&configured, visits.iter().map(|(c, v)| (c, *v)), self.deps.config.metrics_max_clients);
+        let mut clients: BTreeSet<String> = BTreeSet::new();
+        for client in configured.iter().chain(split.own.iter()) {
+            let n = visits.get(client).copied().unwrap_or(0);
+            m.visits_today.with_label_values(&[client.as_str()]).set(n as f64);
+            clients.insert(client.clone());
         }
+        if !split.folded.is_empty() {
+            let other: u64 = split.folded.iter().filter_map(|c| visits.get(c)).sum();
+            m.visits_today.with_label_values(&[OTHER_CLIENTS]).set(other as f64);
+            clients.insert(OTHER_CLIENTS.to_owned());
+        }
+        m.visits_today_folded.set(i64::try_from(split.folded.len()).unwrap_or(i64::MAX));
         for gone in self.exported_clients.difference(&clients) {
             let _ = m.visits_today.remove_label_values(&[gone.as_str()]);
         }
@@ -689,10 +766,14 @@ impl Retry for LoopRetry<'_> {
             return false;
         }
         let backoff = if error.is_retryable() {
-            warn!(error = %error, attempt, "ClickHouse request failed; retrying");
+            self.metrics.logs.emit("clickhouse_retry", |suppressed| {
+                warn!(error = %clip_display(error), attempt, suppressed, "ClickHouse request failed; retrying")
+            });
             Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(5))
         } else {
-            error!(error = %error, attempt, "ClickHouse rejected a request (not retryable); retrying in 5 s in case the schema is being migrated");
+            self.metrics.logs.emit("clickhouse_rejected", |suppressed| {
+                error!(error = %clip_display(error), attempt, suppressed, "ClickHouse rejected a request (not retryable); retrying in 5 s in case the schema is being migrated")
+            });
             Duration::from_secs(5)
         };
         // The loop is blocked here: keep staleness honest while ClickHouse fails.

@@ -89,8 +89,9 @@ pub trait ProcessorStore: Send + Sync + 'static {
         refs: &[FactRef],
     ) -> impl std::future::Future<Output = Result<Vec<FactRow>, StoreError>> + Send;
 
-    /// Writes a flush in the order of [`FlushBatch`]: first-visit, late and fact-day markers,
-    /// then the facts with their checkpoints (one INSERT: the commit point), then the buckets.
+    /// Writes a flush in the order of [`FlushBatch`]: first-visit, late and fact-day markers and
+    /// dead letters, then the facts with their checkpoints (one INSERT: the commit point), then
+    /// the buckets.
     fn write(&self, batch: &FlushBatch) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
 
     /// The latest rebuild request of each of `partitions` that has one (`requested_ms`).
@@ -166,6 +167,9 @@ impl ProcessorStore for Store {
         self.insert("session_first_visits", &batch.first_visits).await?;
         self.insert("late_facts", &batch.late).await?;
         self.insert("fact_days", &batch.fact_days).await?;
+        // Before the checkpoint that moves past them: a crash in between makes the next owner
+        // consume the messages again and write the same keys again (folded by FINAL).
+        self.insert("dead_letters", &batch.dead_letters).await?;
         self.insert("facts", &batch.facts).await?;
         // After the commit point the aggregate tables are independent (each row is a versioned
         // full value, so any subset surviving a crash is overwritten by the rebuild): write them

@@ -22,7 +22,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
+use eventflow_core::logs::LogLimiter;
 use eventflow_core::FactKind;
+use eventflow_topics::context::QuietContext;
 use eventflow_topics::KafkaConfig;
 
 /// State shared between the watchdog and the consumer loop.
@@ -46,6 +48,8 @@ pub struct WatchdogConfig {
     pub every: Duration,
     pub orphan_after: Duration,
     pub rejoin_backoff: Duration,
+    /// The processor's failure-log budget (its client reports every failed reconnect).
+    pub logs: Arc<LogLimiter>,
 }
 
 /// Metrics of the watchdog.
@@ -65,14 +69,19 @@ pub fn spawn(
 }
 
 fn run(cfg: WatchdogConfig, shared: Arc<Shared>, metrics: WatchdogMetrics) {
-    let client: BaseConsumer =
-        match cfg.kafka.plain().set("group.id", &cfg.group_id).set("enable.auto.commit", "false").create() {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "partition watchdog could not create its Kafka client");
-                return;
-            }
-        };
+    let client: BaseConsumer<QuietContext> = match cfg
+        .kafka
+        .plain()
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .create_with_context(QuietContext::new(cfg.logs.clone()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "partition watchdog could not create its Kafka client");
+            return;
+        }
+    };
     let topics = cfg.kafka.topics();
     // Per partition number: committed total when it last changed, and when that was.
     let mut progress: HashMap<u16, (i64, Instant)> = HashMap::new();

@@ -82,14 +82,25 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Loaded> {
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("collector.allowed_origins")
-            .with_list_parse_key("collector.trusted_proxies"),
+            .with_list_parse_key("collector.trusted_proxies")
+            .with_list_parse_key("api.allowed_origins"),
     );
     let raw = builder.build().context("reading configuration")?;
     let explicit_brokers = raw.get_string("kafka.brokers").is_ok();
     let config: Config = raw.try_deserialize().context("invalid configuration")?;
     config.collector.validate().map_err(anyhow::Error::msg).context("invalid [collector] configuration")?;
     config.processor.validate().context("invalid [processor] configuration")?;
-    ClientDirectory::new(&config.tenancy, &config.clients).context("invalid [tenancy] or [clients] configuration")?;
+    let clients = ClientDirectory::new(&config.tenancy, &config.clients)
+        .context("invalid [tenancy] or [clients] configuration")?;
+    config.api.validate().map_err(anyhow::Error::msg).context("invalid [api] configuration")?;
+    // Every token form meets the strength rule; the error names the key (never the value).
+    eventflow_serve::auth::Tokens::new(
+        config.api.admin_token.as_deref(),
+        config.api.metrics_token.as_deref(),
+        &clients,
+    )
+    .map_err(anyhow::Error::msg)
+    .context("invalid API token")?;
     if config.kafka.partitions < 1 {
         anyhow::bail!("kafka.partitions must be at least 1");
     }
@@ -122,7 +133,18 @@ mod tests {
     #[test]
     fn the_example_configuration_loads_with_the_defaults() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/eventflow.example.toml");
-        let loaded = load(Some(&example)).unwrap();
+        // As shipped, its token is a placeholder that fails validation, naming the key.
+        let err = format!("{:#}", load(Some(&example)).unwrap_err());
+        assert!(err.contains("clients.acme.token") && err.contains("eventflow hash-token"), "{err}");
+        // With a real token in its place it loads.
+        let text = std::fs::read_to_string(&example).unwrap();
+        let placeholder = "sha256:<output of eventflow hash-token>";
+        assert!(text.contains(placeholder));
+        let token = eventflow_serve::auth::Tokens::hash_for_config("acme-Hb4Nq8Zr2VtK7xLm5Pw9");
+        let dir = tempfile::tempdir().unwrap();
+        let filled = dir.path().join("eventflow.toml");
+        std::fs::write(&filled, text.replace(placeholder, &token)).unwrap();
+        let loaded = load(Some(&filled)).unwrap();
         let (c, d) = (&loaded.config.collector, eventflow_collect::CollectorConfig::default());
         assert_eq!(c.session_lifetime, d.session_lifetime);
         assert_eq!(c.session_lifetime.get(), std::time::Duration::from_secs(30 * 60));
@@ -183,5 +205,12 @@ mod tests {
         std::fs::write(&path, "[collector]\nsession_lifetime = \"500ms\"\n").unwrap();
         let err = format!("{:#}", load(Some(&path)).unwrap_err());
         assert!(err.contains("session_lifetime"), "{err}");
+        // Tokens and origins are checked at load too, the key named, the value never printed.
+        std::fs::write(&path, "[api]\nadmin_token = \"hunter2hunter2hunter2hunter2\"\n").unwrap();
+        let err = format!("{:#}", load(Some(&path)).unwrap_err());
+        assert!(err.contains("api.admin_token") && !err.contains("hunter2"), "{err}");
+        std::fs::write(&path, "[api]\nallowed_origins = [\"null\"]\n").unwrap();
+        let err = format!("{:#}", load(Some(&path)).unwrap_err());
+        assert!(err.contains("api.allowed_origins"), "{err}");
     }
 }

@@ -88,8 +88,25 @@ enum Command {
         #[command(subcommand)]
         command: LinksCommand,
     },
-    /// Print the `sha256:` form of an API token for the configuration file.
-    HashToken { token: String },
+    /// Facts a collector's spool drainer moved aside because the broker refused them for good.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
+    /// Print the `sha256:` form of an API token for the configuration file; without a token,
+    /// generate a strong one and print it, then its `sha256:` form.
+    HashToken { token: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuarantineCommand {
+    /// Send quarantined facts to Kafka again (once the cause of the refusal is fixed); each file
+    /// delivered is renamed `*.replayed`.
+    Replay {
+        /// Quarantine files, or directories holding them (`<collector.spool_dir>/quarantine`).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,8 +218,18 @@ async fn run(command: Command, loaded: Loaded) -> anyhow::Result<std::process::E
         Command::Dev => dev(loaded).await?,
         Command::Simulate(args) => simulate::run(&cfg, args).await?,
         Command::Links { command } => links(&cfg, command).await?,
-        Command::HashToken { token } => {
+        Command::Quarantine { command: QuarantineCommand::Replay { paths } } => {
+            return replay_quarantine(&cfg, paths).await
+        }
+        Command::HashToken { token: Some(token) } => {
+            eventflow_serve::auth::check_strength(&token).map_err(|e| anyhow::anyhow!("token: {e}"))?;
             println!("{}", eventflow_serve::auth::Tokens::hash_for_config(&token))
+        }
+        Command::HashToken { token: None } => {
+            let token = generate_token();
+            eprintln!("a new token (give it to its user; configure only the sha256: form below):");
+            println!("{token}");
+            println!("{}", eventflow_serve::auth::Tokens::hash_for_config(&token));
         }
     }
     Ok(ok)
@@ -278,6 +305,8 @@ async fn run_processor(
         fold_every: ms(cfg.processor.fold_late_interval_ms().map_err(Into::into))?,
         reconcile_every: ms(cfg.processor.reconcile_interval_ms().map_err(Into::into))?,
         reconcile_days: cfg.processor.reconcile_days,
+        reconcile_max_clients: cfg.processor.reconcile_max_clients,
+        metrics_max_clients: cfg.processor.metrics_max_clients,
     };
     let background =
         tokio::spawn(eventflow_aggregate::maintenance::run(store, clients, metrics, maintenance, shutdown.clone()));
@@ -396,6 +425,43 @@ async fn dev(loaded: Loaded) -> anyhow::Result<()> {
     p?;
     a?;
     Ok(())
+}
+
+/// A new API token: `ef_` and 40 random letters and digits (about 238 bits).
+fn generate_token() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!("ef_{}", Alphanumeric.sample_string(&mut rand::rng(), 40))
+}
+
+/// `eventflow quarantine replay`: exit 1 when a file could not be delivered.
+async fn replay_quarantine(cfg: &Config, paths: Vec<PathBuf>) -> anyhow::Result<std::process::ExitCode> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path);
+        }
+    }
+    let kafka = cfg.kafka.clone();
+    let report =
+        tokio::task::spawn_blocking(move || eventflow_collect::drain::replay(&kafka, &files, Duration::from_secs(30)))
+            .await?
+            .map_err(anyhow::Error::msg)?;
+    for f in &report.replayed {
+        println!("replayed {}", f.display());
+    }
+    for (f, e) in &report.failed {
+        println!("FAILED {}: {e}", f.display());
+    }
+    println!("{} replayed, {} failed", report.replayed.len(), report.failed.len());
+    Ok(if report.failed.is_empty() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::from(1) })
 }
 
 async fn links(cfg: &Config, command: LinksCommand) -> anyhow::Result<()> {

@@ -115,6 +115,8 @@ pub async fn serve(
         metrics: metrics.clone(),
         stop: stop_drainer.clone(),
         grace,
+        quarantine: drain::Quarantine::new(std::path::Path::new(&c.spool_dir), &deps.registry)?,
+        logs: drain::drain_logs(&deps.registry)?,
     }
     .spawn()?;
     let link_metrics = LinkMetrics { lookups: metrics.link_lookups.clone(), cached: metrics.links_cached.clone() };

@@ -59,17 +59,52 @@ pub const SESSION_LINK_RATE: &str = "eventflow_session_link_rate";
 pub const UTM_MISSING_RATIO: &str = "eventflow_utm_missing_ratio";
 pub const API_QUALITY_CLIENTS_FOLDED: &str = "eventflow_api_quality_clients_folded";
 
+// Hostile input downstream of the collector (issue 11): dead letters, quarantine, librdkafka
+// statistics, rate-limited logs and capped per-client series.
+pub const PROCESSOR_DEAD_LETTERS_TOTAL: &str = "eventflow_processor_dead_letters_total";
+pub const PROCESSOR_LOG_LINES_SUPPRESSED_TOTAL: &str = "eventflow_processor_log_lines_suppressed_total";
+pub const PROCESSOR_KAFKA_BROKERS_UP: &str = "eventflow_processor_kafka_brokers_up";
+pub const PROCESSOR_KAFKA_BROKER_RTT_SECONDS: &str = "eventflow_processor_kafka_broker_rtt_seconds";
+pub const PROCESSOR_KAFKA_FETCH_QUEUE_MESSAGES: &str = "eventflow_processor_kafka_fetch_queue_messages";
+pub const PROCESSOR_KAFKA_FETCH_QUEUE_BYTES: &str = "eventflow_processor_kafka_fetch_queue_bytes";
+pub const VISITS_TODAY_CLIENTS_FOLDED: &str = "eventflow_visits_today_clients_folded";
+pub const RECONCILE_CLIENTS_FOLDED: &str = "eventflow_reconcile_clients_folded";
+pub const RECONCILE_CLIENTS_DEFERRED: &str = "eventflow_reconcile_clients_deferred";
+pub const API_LOG_LINES_SUPPRESSED_TOTAL: &str = "eventflow_api_log_lines_suppressed_total";
+pub const COLLECTOR_QUARANTINED_FACTS_TOTAL: &str = "eventflow_collector_quarantined_facts_total";
+pub const COLLECTOR_QUARANTINE_FACTS: &str = "eventflow_collector_quarantine_facts";
+pub const COLLECTOR_DRAIN_LOG_LINES_SUPPRESSED_TOTAL: &str = "eventflow_collector_drain_log_lines_suppressed_total";
+
+/// `client` label of the series standing for the clients beyond a series cap
+/// (`api.quality_max_clients`, `processor.metrics_max_clients`). Not a valid client id (those
+/// start with a letter or digit), so it never names a real client.
+pub const OTHER_CLIENTS: &str = "_other";
+
 /// Latency buckets (seconds) for request histograms: fine below 100 ms where the targets are.
 pub const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Prometheus text exposition of `registry`.
 pub fn render(registry: &prometheus::Registry) -> (String, &'static str) {
+    render_filtered(registry, |_| true)
+}
+
+/// Prometheus text exposition of the metric families of `registry` that `keep` accepts.
+pub fn render_filtered(
+    registry: &prometheus::Registry,
+    keep: impl Fn(&prometheus::proto::MetricFamily) -> bool,
+) -> (String, &'static str) {
     use prometheus::Encoder;
     let encoder = prometheus::TextEncoder::new();
+    let families: Vec<_> = registry.gather().into_iter().filter(|f| keep(f)).collect();
     let mut buf = Vec::new();
-    if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
+    if let Err(e) = encoder.encode(&families, &mut buf) {
         return (format!("# encoding metrics failed: {e}\n"), "text/plain; charset=utf-8");
     }
     (String::from_utf8_lossy(&buf).into_owned(), "text/plain; version=0.0.4; charset=utf-8")
+}
+
+/// Whether some series of `family` carries a `client` label (names a tenant).
+pub fn names_clients(family: &prometheus::proto::MetricFamily) -> bool {
+    family.get_metric().iter().any(|m| m.get_label().iter().any(|l| l.name() == "client"))
 }

@@ -4,6 +4,11 @@
 //! the processor and falls back to a raw recount only when an aggregate is missing or not yet
 //! complete; each response names its sources and freshness (watermark, staleness). A small
 //! dashboard page (`GET /`) renders the overview for a person holding a token.
+//!
+//! Tenancy at the edges: `/metrics` names no client (the per-client quality gauges are left
+//! out) unless the admin token or the scrape-only `api.metrics_token` is presented; CORS answers
+//! only the origins of `api.allowed_origins`, never `*` or `null`, and never with credentials
+//! (tokens travel in `Authorization`, not cookies).
 
 pub mod auth;
 pub mod overview;
@@ -14,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -26,8 +31,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::{info, warn};
 
+use eventflow_core::logs::{clip_display, LogLimiter};
 use eventflow_core::metrics as names;
 use eventflow_core::{time, ClientDirectory, ClientId};
 use eventflow_store::read::QualityCounters;
@@ -43,9 +50,19 @@ pub struct ApiConfig {
     /// Address of the HTTP listener (`EVENTFLOW__API__LISTEN`).
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// Token that may read every client (`sha256:<hex>` or plain). Admin access is off unless set.
+    /// Token that may read every client (`sha256:<hex>` or plain). Admin access is off unless set
+    /// (an empty value counts as not set).
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Scrape-only token: `/metrics` in full (per-client series included) and nothing else.
+    /// Same forms and strength rule as the admin token; off unless set.
+    #[serde(default)]
+    pub metrics_token: Option<String>,
+    /// Origins (`https://host[:port]`) whose pages may call the API from a browser (CORS for
+    /// `GET` with `Authorization`, no credentials mode). Empty (default): none. `*` and `null`
+    /// are refused.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
     /// Longest accepted range, in days.
     #[serde(default = "default_max_days")]
     pub max_range_days: u32,
@@ -83,12 +100,42 @@ impl Default for ApiConfig {
         Self {
             listen: default_listen(),
             admin_token: None,
+            metrics_token: None,
+            allowed_origins: Vec::new(),
             max_range_days: default_max_days(),
             campaign_limit: default_campaign_limit(),
             quality_refresh_secs: default_quality_refresh_secs(),
             quality_max_clients: default_quality_max_clients(),
         }
     }
+}
+
+impl ApiConfig {
+    /// Checks what can be checked before starting: every allowed origin is an origin.
+    pub fn validate(&self) -> Result<(), String> {
+        for origin in &self.allowed_origins {
+            if !is_origin(origin) {
+                return Err(format!(
+                    "api.allowed_origins: {:?} is not an origin like https://dash.example.com (scheme, host and \
+                     optional port; `*` and `null` are not allowed)",
+                    eventflow_core::logs::clip(origin, 100)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `http(s)://host[:port]`, nothing else (the form browsers send in `Origin`; names and IPv4
+/// addresses).
+fn is_origin(value: &str) -> bool {
+    let Some(rest) = value.strip_prefix("https://").or_else(|| value.strip_prefix("http://")) else {
+        return false;
+    };
+    let (host, port) = rest.split_once(':').map_or((rest, None), |(h, p)| (h, Some(p)));
+    let host_ok = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    let port_ok = port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    host_ok && port_ok
 }
 
 /// Errors starting the API.
@@ -111,6 +158,8 @@ pub struct ApiMetrics {
     pub session_link_rate: GaugeVec,
     pub utm_missing_ratio: GaugeVec,
     pub quality_clients_folded: Gauge,
+    /// Failure logs of the API: a budget per reason, the rest counted.
+    pub logs: Arc<LogLimiter>,
 }
 
 impl ApiMetrics {
@@ -153,6 +202,11 @@ impl ApiMetrics {
                 names::API_QUALITY_CLIENTS_FOLDED,
                 "Clients with data today whose quality gauges are folded into client=\"_other\" (beyond api.quality_max_clients).",
             )?,
+            logs: Arc::new(LogLimiter::register(
+                registry,
+                names::API_LOG_LINES_SUPPRESSED_TOTAL,
+                "Failure log lines of the API left out because their reason exceeded its budget (5 per minute).",
+            )?),
         };
         for section in overview::SECTIONS {
             m.fallback.with_label_values(&[section]);
@@ -186,7 +240,7 @@ impl ApiMetrics {
 
 /// Label of the quality-gauge series standing for the clients beyond `api.quality_max_clients`.
 /// Not a valid client id (those start with a letter or digit), so it never names a real client.
-pub const OTHER_CLIENTS: &str = "_other";
+pub const OTHER_CLIENTS: &str = names::OTHER_CLIENTS;
 
 /// Today's data-quality figures of one gauge series.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -273,7 +327,9 @@ struct AppState {
 
 /// Serves the API on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, deps: ApiDeps, shutdown: CancellationToken) -> Result<(), ApiError> {
-    let tokens = Tokens::new(deps.config.admin_token.as_deref(), &deps.clients).map_err(ApiError::Config)?;
+    deps.config.validate().map_err(ApiError::Config)?;
+    let tokens = Tokens::new(deps.config.admin_token.as_deref(), deps.config.metrics_token.as_deref(), &deps.clients)
+        .map_err(ApiError::Config)?;
     let metrics = ApiMetrics::new(&deps.registry)?;
     let state = Arc::new(AppState {
         deps,
@@ -295,7 +351,9 @@ pub async fn serve(listener: TcpListener, deps: ApiDeps, shutdown: CancellationT
 }
 
 fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let origins: Vec<HeaderValue> =
+        state.deps.config.allowed_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    let router = Router::new()
         .route("/v1/clients/{client_id}/statistics/overview", get(overview))
         .route("/v1/clients/{client_id}/statistics/live/{webinar_id}", get(live_series))
         .route("/openapi.json", get(openapi))
@@ -305,7 +363,20 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
-        .with_state(state)
+        .with_state(state);
+    if origins.is_empty() {
+        return router;
+    }
+    // Outermost: a preflight is answered here. A listed origin is echoed; any other (`null`
+    // included) gets no Access-Control-Allow-Origin, so the browser keeps the response from the
+    // page. No Access-Control-Allow-Credentials: bearer tokens need none.
+    router.layer(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET])
+            .allow_headers([header::AUTHORIZATION])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -326,15 +397,18 @@ fn error(status: StatusCode, code: &str, detail: impl Into<String>) -> Response 
     r
 }
 
-/// Authenticates the request and authorizes it for `client`. Returns the client's time zone.
-async fn authorize(st: &AppState, headers: &HeaderMap, client: &str) -> Result<Tz, Response> {
-    let bearer = headers
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
-        .filter(|t| !t.is_empty());
-    let Some(bearer) = bearer else {
+        .filter(|t| !t.is_empty())
+}
+
+/// Authenticates the request and authorizes it for `client`. Returns the client's time zone.
+async fn authorize(st: &AppState, headers: &HeaderMap, client: &str) -> Result<Tz, Response> {
+    let Some(bearer) = bearer(headers) else {
         return Err(error(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <token>"));
     };
     let Some(principal) = st.tokens.authenticate(bearer) else {
@@ -477,6 +551,11 @@ async fn overview(
     };
     let q = OverviewQuery { client_id: client.clone(), from, to, tz, campaign_limit: st.deps.config.campaign_limit };
     let s = overview::sections(&st.deps.store, &q).await;
+    if let Some(e) = &s.doubt_error {
+        st.metrics.logs.emit("doubt_read", |suppressed| {
+            warn!(error = %clip_display(e), client_id = %client, suppressed, "reading reconcile findings failed; meta.doubt left out")
+        });
+    }
     for (section, source) in &s.sources {
         match source {
             Source::Raw => st.metrics.fallback.with_label_values(&[section]).inc(),
@@ -554,7 +633,10 @@ async fn live_series(
                 (Source::Raw, m)
             }
             Err(e) => {
-                warn!(error = %e, "live series failed");
+                st.metrics.logs.emit(
+                    "live_series",
+                    |suppressed| warn!(error = %clip_display(&e), suppressed, "live series failed"),
+                );
                 st.metrics.section_errors.with_label_values(&["live"]).inc();
                 (Source::Error, Vec::new())
             }
@@ -598,8 +680,20 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let (body, content_type) = names::render(&st.deps.registry);
+/// `GET /metrics`: without `Authorization`, every family that names no client; with the admin
+/// or metrics token, everything; another token is refused.
+async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let full = match bearer(&headers) {
+        None => false,
+        Some(b) => match st.tokens.authenticate(b) {
+            Some(p) if p.may_scrape_tenants() => true,
+            Some(_) => {
+                return error(StatusCode::FORBIDDEN, "forbidden", "this token may not read the metrics");
+            }
+            None => return error(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"),
+        },
+    };
+    let (body, content_type) = names::render_filtered(&st.deps.registry, |f| full || !names::names_clients(f));
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
@@ -637,7 +731,9 @@ async fn quality_gauges(st: Arc<AppState>, shutdown: CancellationToken) {
                 let series = quality_series(&configured, &today, st.deps.config.quality_max_clients);
                 st.metrics.set_quality(&series, &mut shown);
             }
-            Err(e) => warn!(error = %e, "refreshing the data-quality gauges failed; will retry"),
+            Err(e) => st.metrics.logs.emit("quality_refresh", |suppressed| {
+                warn!(error = %clip_display(&e), suppressed, "refreshing the data-quality gauges failed; will retry")
+            }),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -674,6 +770,27 @@ mod tests {
 
     fn ids(v: &[&str]) -> BTreeSet<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn allowed_origins_are_origins() {
+        for ok in ["https://dash.example.com", "http://127.0.0.1:8080", "https://a-b.example:443"] {
+            assert!(is_origin(ok), "{ok}");
+        }
+        for bad in [
+            "*",
+            "null",
+            "https://dash.example.com/",
+            "https://x/path",
+            "ftp://x",
+            "https://",
+            "https://x:",
+            "https://x:port",
+        ] {
+            assert!(!is_origin(bad), "{bad}");
+        }
+        let c = ApiConfig { allowed_origins: vec!["null".into()], ..ApiConfig::default() };
+        assert!(c.validate().unwrap_err().starts_with("api.allowed_origins: "));
     }
 
     #[test]

@@ -330,6 +330,8 @@ pub struct Sections {
     pub sources: BTreeMap<&'static str, Source>,
     /// For `meta.doubt`.
     pub doubt: Option<Doubt>,
+    /// Why `doubt` could not be read (the caller logs it, within its log budget).
+    pub doubt_error: Option<String>,
 }
 
 /// Computes every section of `q` (the decision rules are in the module docs).
@@ -346,12 +348,9 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
         store.reconcile_findings(c, q.from, q.to),
         store.link_clicks(c, from_s, to_s),
     );
-    let doubt = match findings {
-        Ok(f) => doubt(&f, q.tz),
-        Err(e) => {
-            warn!(error = %e, client_id = %c, "reading reconcile findings failed; meta.doubt left out");
-            None
-        }
+    let (doubt, doubt_error) = match findings {
+        Ok(f) => (doubt(&f, q.tz), None),
+        Err(e) => (None, Some(e.to_string())),
     };
     let complete = matches!(&pending, Ok(p) if p.is_empty());
     let list = q.days();
@@ -468,7 +467,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
             Vec::new()
         }
     };
-    Sections { totals, by_page, by_day, campaigns, link_clicks, live, quality, sources, doubt }
+    Sections { totals, by_page, by_day, campaigns, link_clicks, live, quality, sources, doubt, doubt_error }
 }
 
 /// The link-clicks section: most clicks first, then by cid, at most `limit` rows.

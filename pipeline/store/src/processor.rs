@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::rows::{checkpoint_fact_id, Checkpoint, ClaimRow, CopyRow, FactRow, NoticeRow};
+use crate::rows::{checkpoint_fact_id, Checkpoint, ClaimRow, CopyRow, DeadLetterRow, FactRow, NoticeRow};
 use crate::{bind_all, in_placeholders, Result, Store, StoreError};
 
 #[derive(clickhouse::Row, serde::Deserialize)]
@@ -62,6 +62,19 @@ impl Store {
             out.insert(row.kafka_partition, cp);
         }
         Ok(out)
+    }
+
+    /// Dead letters (one row per topic, partition and offset: `FINAL`), in that order, at most
+    /// `limit`.
+    pub async fn dead_letters(&self, limit: u64) -> Result<Vec<DeadLetterRow>> {
+        self.timed(async {
+            Ok(self
+                .query("SELECT ?fields FROM dead_letters FINAL ORDER BY topic, kafka_partition, kafka_offset LIMIT ?")?
+                .bind(limit)
+                .fetch_all::<DeadLetterRow>()
+                .await?)
+        })
+        .await
     }
 
     /// Clients with any fact on a day of `[from, to]`.

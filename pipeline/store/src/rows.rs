@@ -815,6 +815,81 @@ pub struct CampaignLinkRow {
     pub updated_at: u32,
 }
 
+/// Why a message became a dead letter (`dead_letters.reason`).
+pub mod dead_letter {
+    /// Avro single-object encoded with a writer schema that neither the processor nor the
+    /// schema registry topic knows.
+    pub const UNKNOWN_SCHEMA: &str = "unknown_schema";
+    /// Anything else that does not decode into a fact of the topic's kind.
+    pub const CORRUPT: &str = "corrupt";
+    /// Every reason, in label order.
+    pub const REASONS: [&str; 2] = [UNKNOWN_SCHEMA, CORRUPT];
+    /// Bytes of a message's payload kept in `payload` (the rest is counted in `payload_bytes`
+    /// only; the full message stays in Kafka for its retention).
+    pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024;
+    /// Bytes of the decoder's error kept in `detail`.
+    pub const MAX_DETAIL_BYTES: usize = 512;
+}
+
+/// `dead_letters` row: a message of a fact topic that could not be decoded, recorded in the
+/// flush that moves its partition's checkpoint past it.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct DeadLetterRow {
+    pub topic: String,
+    pub kafka_partition: u16,
+    pub kafka_offset: i64,
+    /// [`dead_letter::UNKNOWN_SCHEMA`] or [`dead_letter::CORRUPT`].
+    pub reason: String,
+    /// The decoder's error, at most [`dead_letter::MAX_DETAIL_BYTES`].
+    pub detail: String,
+    /// Lowercase hex of the first [`dead_letter::MAX_PAYLOAD_BYTES`] bytes of the payload.
+    pub payload: String,
+    /// Length of the whole payload.
+    pub payload_bytes: u32,
+    /// When the processor recorded it (unix ms; the version: a rewrite keeps one row per key).
+    pub recorded_ms: u64,
+}
+
+impl DeadLetterRow {
+    /// The row for `payload` consumed at `topic`/`partition`/`offset`, bounded in size.
+    pub fn new(
+        topic: &str,
+        partition: u16,
+        offset: i64,
+        reason: &'static str,
+        detail: &str,
+        payload: &[u8],
+        recorded_ms: u64,
+    ) -> Self {
+        let kept = &payload[..payload.len().min(dead_letter::MAX_PAYLOAD_BYTES)];
+        DeadLetterRow {
+            topic: topic.to_owned(),
+            kafka_partition: partition,
+            kafka_offset: offset,
+            reason: reason.to_owned(),
+            detail: eventflow_core::logs::clip(detail, dead_letter::MAX_DETAIL_BYTES).into_owned(),
+            payload: to_hex(kept),
+            payload_bytes: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+            recorded_ms,
+        }
+    }
+
+    /// Bytes this row holds in memory (payload and detail), for batching limits.
+    pub fn size(&self) -> usize {
+        self.payload.len() + self.detail.len() + self.topic.len() + 32
+    }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
 /// `link_clicks` row: one collector boot's running count of clicks on one link in one UTC
 /// minute (`sql/007_link_clicks.sql`). `clicks` is also the version: a retried or later write
 /// of the same key carries the same or a higher count.
@@ -832,6 +907,17 @@ pub struct LinkClickRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letters_keep_a_bounded_hex_payload_and_the_full_length() {
+        let row = DeadLetterRow::new("ef.visits", 3, 41, dead_letter::CORRUPT, "bad", b"\x00\xffab", 7);
+        assert_eq!((row.payload.as_str(), row.payload_bytes), ("00ff6162", 4));
+        let big = vec![0xabu8; 100_000];
+        let row = DeadLetterRow::new("ef.visits", 3, 42, dead_letter::UNKNOWN_SCHEMA, &"e".repeat(10_000), &big, 7);
+        assert_eq!(row.payload.len(), 2 * dead_letter::MAX_PAYLOAD_BYTES);
+        assert_eq!(row.payload_bytes, 100_000);
+        assert!(row.detail.len() < dead_letter::MAX_DETAIL_BYTES + 32);
+    }
 
     fn header() -> FactHeader {
         FactHeader {

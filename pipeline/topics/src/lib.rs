@@ -7,9 +7,11 @@
 //! every topic). Writer schemas are published to `<prefix>.schemas` (see [`registry`]).
 //!
 //! This crate owns every librdkafka setting, so the guarantees (idempotent `acks=all` producer,
-//! manual offset storage, co-partitioned assignment) are stated in one place.
+//! manual offset storage, co-partitioned assignment) are stated in one place, and the callbacks
+//! that keep librdkafka's errors and statistics out of the logs ([`context`]).
 
 pub mod admin;
+pub mod context;
 pub mod embedded;
 pub mod registry;
 
@@ -153,6 +155,7 @@ impl KafkaConfig {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             .set("max.poll.interval.ms", "300000")
+            // Statistics feed the processor's eventflow_processor_kafka_* gauges (never the log).
             .set("statistics.interval.ms", "5000")
             .set("enable.partition.eof", "false");
         c

@@ -43,9 +43,9 @@ use eventflow_core::fact::{Fact, FactKind, PageKind};
 use eventflow_core::time;
 use eventflow_core::ClientDirectory;
 use eventflow_store::rows::{
-    Checkpoint, CopyKey, DailyMarketingRow, DailyTotalsRow, DayCounters, DaySessionRow, FactDayRow, FactRow,
-    LateFactRow, MarketingCounters, MarketingDims, MinuteLiveRow, MinuteVisitsRow, Provenance, SessionFirstVisitRow,
-    SpoolMark, TopicOffsets,
+    Checkpoint, CopyKey, DailyMarketingRow, DailyTotalsRow, DayCounters, DaySessionRow, DeadLetterRow, FactDayRow,
+    FactRow, LateFactRow, MarketingCounters, MarketingDims, MinuteLiveRow, MinuteVisitsRow, Provenance,
+    SessionFirstVisitRow, SpoolMark, TopicOffsets,
 };
 
 pub use dedup::{Decisions, FactRef};
@@ -91,6 +91,10 @@ pub struct FlushBatch {
     pub late: Vec<LateFactRow>,
     /// Client days with facts in this flush (markers: written ahead of the facts).
     pub fact_days: Vec<FactDayRow>,
+    /// Undecodable messages the checkpoint below moves past: written ahead of it, keyed by
+    /// topic, partition and offset, so a crash before the commit rewrites the same rows and a
+    /// crash after it cannot lose them.
+    pub dead_letters: Vec<DeadLetterRow>,
     /// The commit point: facts plus the checkpoint row, one atomic INSERT.
     pub facts: Vec<FactRow>,
     pub minute_visits: Vec<MinuteVisitsRow>,
@@ -116,6 +120,7 @@ impl FlushBatch {
         self.first_visits.extend(other.first_visits);
         self.late.extend(other.late);
         self.fact_days.extend(other.fact_days);
+        self.dead_letters.extend(other.dead_letters);
         self.facts.extend(other.facts);
         self.minute_visits.extend(other.minute_visits);
         self.minute_live.extend(other.minute_live);
@@ -229,6 +234,8 @@ pub struct PartitionState {
 
     // Output accumulated until the next flush.
     raw: Vec<FactRow>,
+    /// Messages moved past without a fact, recorded with the next flush.
+    dead_letters: Vec<DeadLetterRow>,
     first_visits: FxHashMap<u128, SessionFirstVisitRow>,
     late: FxHashMap<(ClientRef, u16), u64>,
     /// Client days of the facts applied since the last flush.
@@ -307,6 +314,7 @@ impl PartitionState {
             sessions: FxHashMap::default(),
             dedup: dedup::DedupState::new(checkpoint.notice_cursor.clone(), checkpoint.claim_cursor.clone()),
             raw: Vec::new(),
+            dead_letters: Vec::new(),
             first_visits: FxHashMap::default(),
             late: FxHashMap::default(),
             fact_days: FxHashSet::default(),
@@ -359,14 +367,20 @@ impl PartitionState {
         self.rebuild_request_ms = self.rebuild_request_ms.max(ms);
     }
 
-    /// Facts applied since the last flush.
+    /// Messages consumed since the last flush (facts and dead letters).
     pub fn unflushed(&self) -> usize {
-        self.raw.len()
+        self.raw.len() + self.dead_letters.len()
+    }
+
+    /// Dead letters waiting for the next flush.
+    pub fn unflushed_dead_letters(&self) -> usize {
+        self.dead_letters.len()
     }
 
     /// Whether a flush has anything to write.
     pub fn has_output(&self) -> bool {
         !self.raw.is_empty()
+            || !self.dead_letters.is_empty()
             || !self.dirty_days.is_empty()
             || !self.dirty_minutes.is_empty()
             || !self.dirty_live.is_empty()
@@ -422,11 +436,17 @@ impl PartitionState {
     // -----------------------------------------------------------------------------------------
     // Applying facts
 
-    /// Moves past a message that is not a fact (undecodable), so the checkpoint advances.
-    pub fn skip(&mut self, kind: FactKind, offset: i64) {
-        if offset >= self.offsets.get(kind) {
-            self.offsets.set(kind, offset + 1);
+    /// Moves past a message that is not a fact (undecodable) and records it as a dead letter:
+    /// the row is written by the flush whose checkpoint moves past `offset`, ahead of that
+    /// checkpoint, so the two are durable together (or the message is consumed again). Returns
+    /// false, recording nothing, for a message before the current position (already handled).
+    pub fn dead_letter(&mut self, kind: FactKind, offset: i64, row: DeadLetterRow) -> bool {
+        if offset < self.offsets.get(kind) {
+            return false;
         }
+        self.offsets.set(kind, offset + 1);
+        self.dead_letters.push(row);
+        true
     }
 
     /// Applies a fact consumed at `offset` of its kind's topic.

@@ -90,6 +90,7 @@ impl PartitionState {
                 .drain()
                 .map(|(client, day)| FactDayRow { client_id: client.to_string(), day, kafka_partition: partition })
                 .collect(),
+            dead_letters: std::mem::take(&mut self.dead_letters),
             facts,
             day_sessions: self
                 .session_rows

@@ -9,7 +9,8 @@
 //! version per key wins), crashes at random store calls (and half way through the aggregate
 //! inserts), moves partitions between instances, restarts from the stored checkpoint with a
 //! new epoch and replays. Whatever happened, once quiet the merged aggregates must equal the
-//! recount and no fact may be stored twice.
+//! recount and no fact may be stored twice. Undecodable messages sprinkled among the facts must
+//! each end up in the dead letters, exactly once per message, with the partition moving on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -20,7 +21,7 @@ use crate::flush::{self, NoRetry};
 use crate::memory::{Crash, MemoryStore};
 use eventflow_core::fact::{Entry, FactHeader, Ping, SessionOrigin, Utm, Visit};
 use eventflow_core::{ClientSettings, TenancyConfig};
-use eventflow_store::rows::kind;
+use eventflow_store::rows::{dead_letter, kind, DeadLetterRow};
 
 const H: i64 = 3_600_000;
 /// 2026-11-25T00:00:00Z.
@@ -283,8 +284,17 @@ impl std::fmt::Debug for Gen {
 #[derive(Debug, Clone)]
 struct Scenario {
     facts: Vec<Gen>,
+    /// Undecodable messages: (position, topic slot); see [`simulate`].
+    poison: Vec<(usize, usize)>,
     /// Drives interleavings, flush points, crash points and rebalances.
     seed: u64,
+}
+
+/// A message of a partition's topic log: a fact, or bytes that do not decode.
+type Message = Option<Fact>;
+
+fn topic_name(slot: usize) -> &'static str {
+    ["t.visits", "t.entries", "t.pings"][slot]
 }
 
 struct Rng(u64);
@@ -388,8 +398,13 @@ fn build(spec: Spec, spool_seq: u64, partitions: u16) -> Gen {
 }
 
 fn scenario(partitions: u16) -> impl Strategy<Value = Scenario> {
-    (proptest::collection::vec(arb_fact(), 1..120), any::<u64>(), proptest::collection::vec(0usize..120, 0..6))
-        .prop_map(move |(specs, seed, redeliver)| {
+    (
+        proptest::collection::vec(arb_fact(), 1..120),
+        any::<u64>(),
+        proptest::collection::vec(0usize..120, 0..6),
+        proptest::collection::vec((0usize..400, 0usize..3), 0..5),
+    )
+        .prop_map(move |(specs, seed, redeliver, poison)| {
             let mut facts: Vec<Gen> =
                 specs.into_iter().enumerate().map(|(i, s)| build(s, i as u64 + 1, partitions)).collect();
             // Collector redeliveries: the same fact (same spool sequence) appended again later.
@@ -398,7 +413,7 @@ fn scenario(partitions: u16) -> impl Strategy<Value = Scenario> {
                     facts.push(g);
                 }
             }
-            Scenario { facts, seed: seed | 1 }
+            Scenario { facts, poison, seed: seed | 1 }
         })
 }
 
@@ -411,7 +426,7 @@ struct Instance {
 
 struct Sim<'a> {
     model: &'a MemoryStore,
-    logs: BTreeMap<u16, [Vec<Fact>; 3]>,
+    logs: BTreeMap<u16, [Vec<Message>; 3]>,
     instances: Vec<Instance>,
     cfg: WindowConfig,
     rng: Rng,
@@ -509,7 +524,12 @@ impl Sim<'_> {
         let (p, t) = candidates[self.rng.below(candidates.len() as u64) as usize];
         let state = self.instances[i].states.get_mut(&p).unwrap();
         let offset = state.offsets().get(FactKind::ALL[t]);
-        let fact = self.logs[&p][t][offset as usize].clone();
+        let Some(fact) = self.logs[&p][t][offset as usize].clone() else {
+            let row = DeadLetterRow::new(topic_name(t), p, offset, dead_letter::CORRUPT, "not avro", b"\x00poison", 1);
+            let recorded = state.dead_letter(FactKind::ALL[t], offset, row);
+            trace(|| format!("instance {i} p{p} dead letter at {t}/{offset}: {recorded}"));
+            return true;
+        };
         let seq = fact.header().spool_seq;
         let outcome = state.apply(offset, fact);
         trace(|| format!("instance {i} p{p} applies #{seq}: {outcome:?}"));
@@ -568,17 +588,41 @@ impl Sim<'_> {
     }
 }
 
-fn simulate(s: &Scenario, partitions: u16, instances: usize, lateness_ms: i64) -> MemoryStore {
-    let model = MemoryStore::new();
-    let mut logs: BTreeMap<u16, [Vec<Fact>; 3]> = (0..partitions).map(|p| (p, Default::default())).collect();
+/// Where the poisoned messages of `s` sit: (topic slot, partition, offset), in insertion order.
+fn poison_offsets(s: &Scenario, partitions: u16) -> BTreeSet<(usize, u16, i64)> {
+    logs_of(s, partitions)
+        .iter()
+        .flat_map(|(p, logs)| {
+            logs.iter().enumerate().flat_map(move |(slot, log)| {
+                log.iter().enumerate().filter(|(_, m)| m.is_none()).map(move |(o, _)| (slot, *p, o as i64))
+            })
+        })
+        .collect()
+}
+
+/// The topic logs of every partition: the facts in order, with the poisoned messages inserted
+/// at `position % (len + 1)` of partition `position % partitions`.
+fn logs_of(s: &Scenario, partitions: u16) -> BTreeMap<u16, [Vec<Message>; 3]> {
+    let mut logs: BTreeMap<u16, [Vec<Message>; 3]> = (0..partitions).map(|p| (p, Default::default())).collect();
     for g in &s.facts {
         let slot = match g.fact.kind() {
             FactKind::Visit => 0,
             FactKind::Entry => 1,
             FactKind::Ping => 2,
         };
-        logs.get_mut(&g.partition).unwrap()[slot].push(g.fact.clone());
+        logs.get_mut(&g.partition).unwrap()[slot].push(Some(g.fact.clone()));
     }
+    for (position, slot) in &s.poison {
+        let p = (*position % usize::from(partitions)) as u16;
+        let log = &mut logs.get_mut(&p).unwrap()[*slot];
+        log.insert(position % (log.len() + 1), None);
+    }
+    logs
+}
+
+fn simulate(s: &Scenario, partitions: u16, instances: usize, lateness_ms: i64) -> MemoryStore {
+    let model = MemoryStore::new();
+    let logs = logs_of(s, partitions);
     let mut insts: Vec<Instance> = (0..instances).map(|_| Instance::default()).collect();
     for p in 0..partitions {
         insts[usize::from(p) % instances].owned.insert(p);
@@ -635,6 +679,18 @@ fn dump(model: &MemoryStore) {
     });
 }
 
+/// Every poisoned message is a dead letter (one row per message, none for anything else), and
+/// no more rows were inserted than the crashes can explain (a rewrite needs a lost commit).
+fn check_dead_letters(model: &MemoryStore, s: &Scenario, partitions: u16) -> Result<(), TestCaseError> {
+    let want: BTreeSet<(String, u16, i64)> =
+        poison_offsets(s, partitions).into_iter().map(|(slot, p, o)| (topic_name(slot).to_owned(), p, o)).collect();
+    let t = model.tables();
+    let got: BTreeSet<(String, u16, i64)> = t.dead_letters.keys().cloned().collect();
+    prop_assert_eq!(&got, &want, "dead letters");
+    prop_assert!(t.dead_letter_inserts >= want.len());
+    Ok(())
+}
+
 fn check(model: &MemoryStore, s: &Scenario) -> Result<(), TestCaseError> {
     let raw = model.raw();
     prop_assert_eq!(model.physical_duplicates(), 0, "a fact was stored twice");
@@ -657,12 +713,14 @@ proptest! {
     fn aggregates_equal_recount_despite_crashes_and_replays(s in scenario(1)) {
         let model = simulate(&s, 1, 1, 48 * H);
         check(&model, &s)?;
+        check_dead_letters(&model, &s, 1)?;
     }
 
     #[test]
     fn copies_across_partitions_count_once(s in scenario(3)) {
         let model = simulate(&s, 3, 2, 48 * H);
         check(&model, &s)?;
+        check_dead_letters(&model, &s, 3)?;
     }
 
     #[test]
