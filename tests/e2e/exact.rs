@@ -315,3 +315,72 @@ async fn backfill_cid_moves_visits_stored_before_the_link_was_imported() {
     let (code, out) = d.run(&["reconcile", "--from", &today, "--to", &today]);
     assert_eq!(code, 0, "reconcile: {out}");
 }
+
+/// A dedup notice reaches a partition that receives no more facts. Another partition's owner
+/// stores an earlier copy of a view this partition already counted (it lagged behind, e.g. after
+/// a broker outage) and notifies this partition after its last flush; the processor must take
+/// the copy out without waiting for new traffic. Found by the ledger drill (`ledger.rs`, seed
+/// 20261010): the aggregates kept 3 visits too many after the traffic stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_reaches_a_partition_that_gets_no_more_facts() {
+    let dir = TestDir::new("exact-idle-notice");
+    let ch = ClickHouse::start(&dir);
+    let broker = Tansu::start(&dir);
+    let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "");
+    d.migrate();
+    let _collector = d.start("collector");
+    let _processor = d.start("processor");
+    let _api = d.start("api");
+    let v = json!([
+        {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "today", "event_uid": "found-late"},
+        {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "today", "event_uid": "only-today"},
+    ]);
+    assert_eq!(post(&d.collector_url(), v).await["accepted"], 2);
+    wait_processed(&d, 2, Duration::from_secs(60)).await;
+    let today = seoul_today().to_string();
+    let visits_are = |want: u64| {
+        let (d, today) = (&d, &today);
+        async move {
+            let o = overview(d, today, today).await;
+            o["totals"]["visits"] == want && all_aggregated(&o)
+        }
+    };
+    eventually(Duration::from_secs(30), "both views counted", || visits_are(2)).await;
+
+    // What the owner of another partition writes when it stores an earlier copy of "found-late"
+    // (received a week ago, so none of that partition's open buckets changes): the fact, its
+    // copy row, and a notice to the partition holding today's copy.
+    let target = ch.number("SELECT kafka_partition FROM eventflow.facts FINAL WHERE event_uid = 'found-late'");
+    let writer = (target + 1) % 3;
+    let week_ago = Utc::now() - chrono::Duration::days(7);
+    let ms = week_ago.timestamp_millis();
+    let day = week_ago.with_timezone(&chrono_tz::Asia::Seoul).date_naive();
+    ch.query(&format!(
+        "INSERT INTO eventflow.facts (client_id, day, kind, fact_id, seq, kafka_partition, spool_id, spool_seq, \
+         event_time, event_time_ms, received_at_ms, session_id, page, event_id, event_uid, dedup) VALUES \
+         ('acme', '{day}', 'visit', '{:016x}-1', 1, {writer}, 77, 1, {}, {ms}, {ms}, 'earlier', 'landing', 'summit', 'found-late', 'counted')",
+        77,
+        ms / 1000
+    ))
+    .unwrap();
+    ch.query(&format!(
+        "INSERT INTO eventflow.fact_copies VALUES ('acme', 'visit', 'found-late', {ms}, 77, 1, {writer}, '{day}')"
+    ))
+    .unwrap();
+    ch.query(&format!(
+        "INSERT INTO eventflow.dedup_notices VALUES ({writer}, {}, {target}, 'acme', 'visit', 'found-late', {ms}, 77, 1)",
+        (1u64 << 40) | 1000
+    ))
+    .unwrap();
+
+    // No fact arrives any more; today's copy is taken out all the same.
+    eventually(Duration::from_secs(20), "today's copy of found-late taken out", || visits_are(1)).await;
+    assert_eq!(
+        ch.query("SELECT dedup FROM eventflow.facts FINAL WHERE event_uid = 'found-late' AND session_id = 'today'")
+            .unwrap()
+            .trim(),
+        "duplicate"
+    );
+    let (code, out) = d.run(&["reconcile", "--from", &today, "--to", &today]);
+    assert_eq!(code, 0, "reconcile: {out}");
+}
