@@ -14,6 +14,7 @@ mod drill;
 mod exact;
 mod faults;
 mod harness;
+mod ledger;
 mod pipeline;
 mod portability;
 mod quality;
