@@ -154,6 +154,67 @@ fn end_to_end(day: &[Msg]) {
     );
 }
 
+/// A partition takeover after 4 days of 1 M facts each: the facts are written to ClickHouse
+/// 18.16 through the real flush protocol, then the real `eventflow processor` binary starts on
+/// them (with empty topics): the time until every partition is rebuilt and ready, and the
+/// process's peak resident memory.
+fn takeover(rt: &tokio::runtime::Runtime, codec: &FactCodec) {
+    let days: i64 = std::env::var("BENCH_TAKEOVER_DAYS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let per_day: usize = std::env::var("BENCH_TAKEOVER_FACTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    println!("== takeover: {days} days of {per_day} facts, {PARTITIONS} partitions");
+    let dir = harness::TestDir::new("bench-takeover");
+    let ch = harness::ClickHouse::start(&dir);
+    let broker = harness::Tansu::start(&dir);
+    let d = harness::Deployment::new(&dir, &ch.url(), &broker.brokers(), u32::from(PARTITIONS), "");
+    d.migrate();
+    let config = ClickHouseConfig { url: ch.url(), database: "eventflow".into(), ..ClickHouseConfig::default() };
+    let store = Store::new(&config);
+    let t = Instant::now();
+    let mut feeder = Feeder::new();
+    for k in 0..days {
+        let day = generate_day(
+            DaySpec {
+                facts: per_day,
+                sessions: per_day as u64 / 3,
+                day_start_ms: T0 + k * DAY_MS,
+                big_client_percent: 1,
+            },
+            codec,
+        );
+        rt.block_on(feeder.feed(&day, &store, 50_000));
+    }
+    drop(feeder);
+    let stored = ch.number("SELECT count() FROM eventflow.facts WHERE kind != 'checkpoint'");
+    println!("loaded {stored} facts through the flush protocol in {:.1}s", t.elapsed().as_secs_f64());
+
+    let t = Instant::now();
+    let mut processor = d.start("processor");
+    let status = format!("/proc/{}/status", processor.pid());
+    let peak = || -> u64 {
+        std::fs::read_to_string(&status)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut ready = 0;
+    while t.elapsed().as_secs() < 1800 {
+        ready = processor.log_text().matches("partition ready").count();
+        if ready >= usize::from(PARTITIONS) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let hwm = peak();
+    processor.stop(std::time::Duration::from_secs(30));
+    println!(
+        "takeover of {PARTITIONS} partitions ({ready} ready) over {stored} stored facts: {secs:.1}s, peak RSS {} MiB",
+        hwm / 1024
+    );
+}
+
 fn main() {
     let n: usize = std::env::var("BENCH_FACTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_200_000);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
@@ -202,7 +263,15 @@ fn main() {
     if std::env::var("BENCH_SKIP_BROKER").is_err() {
         end_to_end(&day);
     }
+    drop(day);
 
+    if std::env::var("BENCH_SKIP_TAKEOVER").is_err() {
+        takeover(&rt, &codec);
+    }
+
+    if std::env::var("BENCH_SKIP_MEMORY").is_ok() {
+        return;
+    }
     // Memory: one day each with more distinct sessions (same number of facts per session).
     println!("== heap held by the open windows vs distinct sessions per day (3 facts per session)");
     for sessions in [25_000u64, 50_000, 100_000, 200_000, 400_000] {

@@ -347,6 +347,8 @@ def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--path", required=True, help="data directory for chdb.session.Session")
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--config", help="a ClickHouse server configuration file for the session (e.g. a "
+                                     "cluster in remote_servers and macros)")
     ap.add_argument("--lenient-database", action="store_true",
                     help="run statements in `default` when the `database` parameter names a "
                          "missing database (real ClickHouse answers code 81 instead)")
@@ -354,7 +356,7 @@ def main():
     LENIENT_DATABASE = opts.lenient_database
 
     os.makedirs(opts.path, exist_ok=True)
-    SESSION = chdb.session.Session(opts.path)
+    SESSION = chdb.session.Session(f"{opts.path}?config-file={opts.config}" if opts.config else opts.path)
     SESSION.query("SET session_timezone = 'UTC'")
     VERSION = SESSION.query("SELECT version()", "TabSeparated").bytes().decode().strip()
 

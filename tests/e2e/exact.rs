@@ -384,3 +384,66 @@ async fn a_notice_reaches_a_partition_that_gets_no_more_facts() {
     let (code, out) = d.run(&["reconcile", "--from", &today, "--to", &today]);
     assert_eq!(code, 0, "reconcile: {out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staleness_stays_honest_while_a_backlog_is_consumed() {
+    let dir = TestDir::new("exact-staleness");
+    let ch = ClickHouse::start(&dir);
+    let broker = Tansu::start(&dir);
+    // Small flushes make the backlog last several seconds.
+    let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "");
+    let config =
+        std::fs::read_to_string(&d.config).unwrap().replace("[processor]\n", "[processor]\nmax_batch_facts = 200\n");
+    std::fs::write(&d.config, config).unwrap();
+    d.migrate();
+    let _collector = d.start("collector");
+    // 20 000 visits that happened 10 minutes ago wait in Kafka before any processor runs.
+    let ten_minutes_ago = (Utc::now() - chrono::Duration::minutes(10)).to_rfc3339();
+    let mut sent = 0;
+    for b in 0..200 {
+        let batch: Vec<Value> = (0..100)
+            .map(|i| {
+                json!({"type": "visit", "client_id": "acme", "page": "landing", "event_id": "e",
+                            "session_id": format!("s{b}-{i}"), "ts": ten_minutes_ago})
+            })
+            .collect();
+        sent += post(&d.collector_url(), Value::Array(batch)).await["accepted"].as_u64().unwrap();
+    }
+    assert_eq!(sent, 20_000);
+    let metrics = format!("{}/metrics", d.collector_url());
+    eventually(Duration::from_secs(60), "the spool drained to Kafka", || {
+        let m = metrics.clone();
+        async move { metric_sum(&get_text(&m).await, "eventflow_collector_spool_facts") == 0.0 }
+    })
+    .await;
+
+    // Sample the processor's metrics from its first answer until it has caught up.
+    let url = format!("{}/metrics", d.processor_url());
+    let sampler = tokio::spawn(async move {
+        let mut samples: Vec<(f64, f64)> = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while std::time::Instant::now() < deadline {
+            if let Ok(r) = http().get(&url).send().await {
+                let page = r.text().await.unwrap_or_default();
+                let lag = metric_sum(&page, "eventflow_processor_consumer_lag");
+                let stale = metric_value(&page, "eventflow_processor_staleness_seconds", &[]).unwrap_or(-1.0);
+                let processed = metric_sum(&page, "eventflow_processor_facts_total");
+                samples.push((lag, stale));
+                if processed >= 20_000.0 && lag == 0.0 && stale >= 0.0 && stale < 30.0 {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        samples
+    });
+    let _processor = d.start("processor");
+    let samples = sampler.await.unwrap();
+    let during: Vec<f64> = samples.iter().filter(|(lag, _)| *lag > 0.0).map(|(_, s)| *s).collect();
+    assert!(!during.is_empty(), "no sample saw the backlog: {samples:?}");
+    // While a backlog exists the watermark is the event time of what was written (10 minutes
+    // ago), never now.
+    assert!(during.iter().all(|s| *s >= 500.0), "staleness read fresh during the backlog: {samples:?}");
+    let last = samples.last().unwrap();
+    assert!(last.0 == 0.0 && last.1 < 30.0, "caught up at the end: {samples:?}");
+}

@@ -616,12 +616,38 @@ pub struct Chdb {
 
 impl Chdb {
     pub fn start(dir: &TestDir) -> Self {
+        Self::start_named(dir, "chdb", None)
+    }
+
+    /// A chdb server whose ClickHouse configuration defines cluster `cluster` with one shard,
+    /// this process (Distributed tables over it run locally; Replicated engines and
+    /// `ON CLUSTER` need Keeper, which is not here).
+    pub fn start_cluster(dir: &TestDir, cluster: &str) -> Self {
+        let config = dir.join("chdb-cluster.xml");
+        let tcp = free_port();
+        fs::write(
+            &config,
+            format!(
+                "<clickhouse><tcp_port>{tcp}</tcp_port><remote_servers><{cluster}><shard>\
+                 <internal_replication>true</internal_replication><replica><host>localhost</host>\
+                 <port>{tcp}</port></replica></shard></{cluster}></remote_servers>\
+                 <macros><shard>01</shard><replica>r1</replica></macros></clickhouse>"
+            ),
+        )
+        .expect("chdb cluster config");
+        Self::start_named(dir, "chdb-cluster", Some(&config))
+    }
+
+    fn start_named(dir: &TestDir, name: &str, config: Option<&Path>) -> Self {
         let port = free_port();
-        let data = dir.join("chdb");
+        let data = dir.join(name);
         fs::create_dir_all(&data).expect("chdb dir");
         let mut cmd = Command::new("python3");
         cmd.arg(tests_path("chdb_http.py")).arg("--port").arg(port.to_string()).arg("--path").arg(&data);
-        let mut proc = Proc::spawn("chdb", cmd, dir.join("chdb.log"));
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let mut proc = Proc::spawn(name, cmd, dir.join(&format!("{name}.log")));
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if !proc.is_running() {

@@ -233,7 +233,9 @@ fn sorted<T: std::fmt::Debug>(v: impl IntoIterator<Item = T>) -> Vec<String> {
 }
 
 /// Every query's result, as text.
-async fn snapshot(store: &Store) -> BTreeMap<&'static str, Vec<String>> {
+type Snapshot = BTreeMap<&'static str, Vec<String>>;
+
+async fn snapshot(store: &Store) -> Snapshot {
     let day = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
     let (from, to) = (day("2026-11-19"), day("2026-11-22"));
     let tz = chrono_tz::Asia::Seoul;
@@ -246,6 +248,7 @@ async fn snapshot(store: &Store) -> BTreeMap<&'static str, Vec<String>> {
         .map(|i| ("acme".to_owned(), 1, format!("acme-u{i}")))
         .chain((0..11).map(|i| ("acme".to_owned(), 2, format!("acme-e{i}"))))
         .collect();
+    let keys: Vec<(&str, i8, &str)> = keys.iter().map(|(c, k, u)| (c.as_str(), *k, u.as_str())).collect();
     m.insert("first_copies", sorted(store.first_copies_of(&keys, 2).await.unwrap()));
     m.insert("copy_partitions", sorted(store.copy_partitions_of(&keys).await.unwrap()));
     m.insert("copies_in", sorted(store.copies_of_in(&keys, &[1]).await.unwrap()));
@@ -307,6 +310,39 @@ async fn snapshot(store: &Store) -> BTreeMap<&'static str, Vec<String>> {
     m
 }
 
+/// Loads the data set through `store`, snapshots every query, reconciles, backfills (the range,
+/// then a campaign), and snapshots again; asserts the flow's invariants on the way.
+async fn flow(store: &Store) -> (Snapshot, Snapshot) {
+    store.ping().await.unwrap();
+    load(store).await;
+    let before = snapshot(store).await;
+    assert!(!before["pending"].is_empty(), "the data set has late facts awaiting backfill");
+
+    // Reconcile finds exactly the late facts; backfill folds them in; then nothing differs.
+    let tz = chrono_tz::Asia::Seoul;
+    let (from, to) = (NaiveDate::from_ymd_opt(2026, 11, 19).unwrap(), NaiveDate::from_ymd_opt(2026, 11, 22).unwrap());
+    let mismatches = reconcile::client(store, "acme", tz, from, to).await.unwrap();
+    let unexplained: Vec<_> = mismatches.iter().filter(|m| !m.pending_backfill).map(ToString::to_string).collect();
+    assert!(!mismatches.is_empty() && unexplained.is_empty(), "{unexplained:#?}");
+    let dir_clients = clients();
+    let req = backfill::BackfillRequest { from, to, client: None, cid: None, chunk_days: 2 };
+    let report = backfill::run(store, &dir_clients, &req, &mut |_, _| {}).await.unwrap();
+    assert_eq!(report.client_days, 8);
+    let versions = store.all_checkpoints().await.unwrap().into_iter().map(|(p, c)| (p, c.seq)).collect();
+    store.backfill_day_sessions(&Scope { client_id: "acme".into(), from, to, tz, cid: None }, &versions).await.unwrap();
+    for client in ["acme", "globex"] {
+        let tz = dir_clients.timezone(client);
+        let left = reconcile::client(store, client, tz, from, to).await.unwrap();
+        assert!(left.is_empty(), "{client}: {left:#?}");
+    }
+    let cid_req =
+        backfill::BackfillRequest { from, to, client: Some("acme".into()), cid: Some("known".into()), chunk_days: 7 };
+    backfill::run(store, &dir_clients, &cid_req, &mut |_, _| {}).await.unwrap();
+    let after = snapshot(store).await;
+    assert!(after["pending"].is_empty());
+    (before, after)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_query_gives_the_same_answer_on_18_16_and_current_clickhouse() {
     let dir = TestDir::new("portability");
@@ -323,44 +359,7 @@ async fn every_query_gives_the_same_answer_on_18_16_and_current_clickhouse() {
         assert_eq!(report.applied.len(), eventflow_store::migrate::MIGRATIONS.len());
         // Applying again is a no-op.
         assert!(eventflow_store::migrate::apply(&config).await.unwrap().applied.is_empty());
-        let store = Store::new(&config);
-        store.ping().await.unwrap();
-        load(&store).await;
-        let before = snapshot(&store).await;
-        assert!(!before["pending"].is_empty(), "the data set has late facts awaiting backfill");
-
-        // Reconcile finds exactly the late facts; backfill folds them in; then nothing differs.
-        let tz = chrono_tz::Asia::Seoul;
-        let (from, to) =
-            (NaiveDate::from_ymd_opt(2026, 11, 19).unwrap(), NaiveDate::from_ymd_opt(2026, 11, 22).unwrap());
-        let mismatches = reconcile::client(&store, "acme", tz, from, to).await.unwrap();
-        let unexplained: Vec<_> = mismatches.iter().filter(|m| !m.pending_backfill).map(ToString::to_string).collect();
-        assert!(!mismatches.is_empty() && unexplained.is_empty(), "{unexplained:#?}");
-        let dir_clients = clients();
-        let req = backfill::BackfillRequest { from, to, client: None, cid: None, chunk_days: 2 };
-        let report = backfill::run(&store, &dir_clients, &req, &mut |_, _| {}).await.unwrap();
-        assert_eq!(report.client_days, 8);
-        let versions = store.all_checkpoints().await.unwrap().into_iter().map(|(p, c)| (p, c.seq)).collect();
-        store
-            .backfill_day_sessions(&Scope { client_id: "acme".into(), from, to, tz, cid: None }, &versions)
-            .await
-            .unwrap();
-        for client in ["acme", "globex"] {
-            let tz = dir_clients.timezone(client);
-            let left = reconcile::client(&store, client, tz, from, to).await.unwrap();
-            assert!(left.is_empty(), "{client}: {left:#?}");
-        }
-        let cid_req = backfill::BackfillRequest {
-            from,
-            to,
-            client: Some("acme".into()),
-            cid: Some("known".into()),
-            chunk_days: 7,
-        };
-        backfill::run(&store, &dir_clients, &cid_req, &mut |_, _| {}).await.unwrap();
-        let after = snapshot(&store).await;
-        assert!(after["pending"].is_empty());
-        results.push((before, after));
+        results.push(flow(&Store::new(&config)).await);
     }
     let (old_r, new_r) = (&results[0], &results[1]);
     for (name, value) in &old_r.0 {
@@ -375,4 +374,58 @@ async fn every_query_gives_the_same_answer_on_18_16_and_current_clickhouse() {
     assert!(old_r.1["reconcile_findings"][0].contains("mismatches: 0"), "{:#?}", old_r.1["reconcile_findings"]);
     assert!(old_r.1["overview"][0].contains("doubt: Some"), "{:#?}", old_r.1["overview"]);
     let _ = time::MINUTE_MS;
+}
+
+/// The cluster variant of the schema (`sql/cluster/`: `T_local` tables under Distributed tables
+/// with the application's names) on a current ClickHouse with a one-shard cluster: the
+/// processor's flush protocol, every reader query, the recount, reconcile and backfill run
+/// through the Distributed tables and give the single-server answers. (`ON CLUSTER` and the
+/// Replicated engines need Keeper, which is not here: they are removed, as in
+/// scripts/validate_deploy.sh.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_schema_gives_the_single_server_answers() {
+    let dir = TestDir::new("portability-cluster");
+    let single = Chdb::start(&dir);
+    let cluster = Chdb::start_cluster(&dir, "ef_test");
+    let config = ClickHouseConfig { url: single.url(), database: "portability".into(), ..ClickHouseConfig::default() };
+    eventflow_store::migrate::apply(&config).await.expect("migrations");
+    let want = flow(&Store::new(&config)).await;
+
+    let config = ClickHouseConfig {
+        url: cluster.url(),
+        database: "ef_cluster".into(),
+        cluster: Some("ef_test".into()),
+        ..ClickHouseConfig::default()
+    };
+    let client = config.client();
+    let mut tables = 0;
+    for m in eventflow_store::migrate::CLUSTER_MIGRATIONS {
+        let sql = m.sql.replace("{cluster}", "ef_test").replace("{database}", "ef_cluster");
+        for stmt in eventflow_store::migrate::statements(&sql) {
+            let stmt = without_keeper(&stmt.replace(" ON CLUSTER 'ef_test'", ""));
+            tables += usize::from(stmt.contains("ENGINE = Distributed"));
+            client.query(&stmt).execute().await.unwrap_or_else(|e| panic!("{stmt}: {e}"));
+        }
+    }
+    assert!(tables >= 15, "{tables} Distributed tables");
+    let got = flow(&Store::new(&config)).await;
+    for (name, value) in &want.0 {
+        assert_eq!(Some(value), got.0.get(name), "before backfill, `{name}` differs through Distributed tables");
+    }
+    for (name, value) in &want.1 {
+        assert_eq!(Some(value), got.1.get(name), "after backfill, `{name}` differs through Distributed tables");
+    }
+    assert!(cluster.version().split('.').next().unwrap().parse::<u32>().unwrap() >= 23);
+}
+
+/// `ReplicatedXMergeTree('/path', '{replica}', args)` -> `XMergeTree(args)`.
+fn without_keeper(stmt: &str) -> String {
+    let Some(at) = stmt.find("Replicated") else { return stmt.to_owned() };
+    let rest = &stmt[at + "Replicated".len()..];
+    let open = rest.find('(').expect("engine arguments");
+    let engine = &rest[..open];
+    let args = &rest[open + 1..];
+    let close = args.find(')').expect("engine arguments");
+    let kept: Vec<&str> = args[..close].split(", ").skip(2).collect();
+    format!("{}{engine}({}){}", &stmt[..at], kept.join(", "), &args[close + 1..])
 }

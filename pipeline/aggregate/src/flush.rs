@@ -25,7 +25,9 @@
 //! (shutdown, or a simulated crash) the states must be dropped: facts not yet committed are
 //! consumed again by the next owner, and every step before the commit point is idempotent.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -33,7 +35,7 @@ use eventflow_core::ClientDirectory;
 use eventflow_store::rows::{Checkpoint, CopyKey, CopyRow, NoticeRow};
 use eventflow_store::StoreError;
 
-use crate::sink::{ProcessorStore, UidKey};
+use crate::sink::{uid_id, uid_ref, ProcessorStore, UidKey, UidRef};
 use crate::state::{Decisions, FlushBatch, PartitionState, WindowConfig, EPOCH_SHIFT};
 
 /// What to do when a store call fails.
@@ -116,19 +118,28 @@ pub async fn flush<S: ProcessorStore, R: Retry>(
     }))
 }
 
-fn uid_key(c: &CopyRow) -> UidKey {
-    (c.client_id.clone(), c.kind, c.uid.clone())
+fn copy_id(c: &CopyRow) -> u128 {
+    uid_id(&c.client_id, c.kind, &c.uid)
 }
 
 /// Step 1: writes the copies of this flush, reads the first copies of their keys, decides
 /// every copy and writes the notices. Returns the number of notices written.
+///
+/// The hot path of every flush: keys are handled by their 128-bit identity ([`uid_id`]), and
+/// strings are neither hashed again nor cloned beyond the rows the store needs.
 async fn decide_copies<S: ProcessorStore, R: Retry>(
     store: &S,
     states: &mut [&mut PartitionState],
     retry: &R,
 ) -> Result<usize, StoreError> {
-    let claims: Vec<Vec<CopyRow>> = states.iter().map(|s| s.claims()).collect();
-    let all: Vec<CopyRow> = claims.iter().flatten().cloned().collect();
+    let mut all: Vec<CopyRow> = Vec::new();
+    // Which state each copy belongs to (copies of one state are consecutive, in its order).
+    let mut owner: Vec<usize> = Vec::new();
+    for (i, s) in states.iter().enumerate() {
+        let claims = s.claims();
+        owner.extend(std::iter::repeat_n(i, claims.len()));
+        all.extend(claims);
+    }
     if all.is_empty() {
         return Ok(0);
     }
@@ -136,50 +147,63 @@ async fn decide_copies<S: ProcessorStore, R: Retry>(
 
     // How many copies of one key this flush holds: the first `n + 1` copies of a key then
     // include the first copy that is not ours (at most `n` of ours can precede it).
-    let mut ours_per_key: HashMap<UidKey, usize> = HashMap::new();
-    let mut ours: HashSet<(UidKey, CopyKey)> = HashSet::new();
-    for c in &all {
-        *ours_per_key.entry(uid_key(c)).or_default() += 1;
-        ours.insert((uid_key(c), c.key()));
+    let ids: Vec<u128> = all.iter().map(copy_id).collect();
+    let mut first_claim: FxHashMap<u128, (usize, usize)> = FxHashMap::default();
+    first_claim.reserve(all.len());
+    let mut ours: FxHashSet<(u128, CopyKey)> = FxHashSet::default();
+    ours.reserve(all.len());
+    for (j, c) in all.iter().enumerate() {
+        first_claim.entry(ids[j]).or_insert((j, 0)).1 += 1;
+        ours.insert((ids[j], c.key()));
     }
-    let per_key = ours_per_key.values().copied().max().unwrap_or(1) + 1;
-    let keys: Vec<UidKey> = ours_per_key.keys().cloned().collect();
+    let per_key = first_claim.values().map(|(_, n)| *n).max().unwrap_or(1) + 1;
+    let keys: Vec<UidRef<'_>> =
+        first_claim.values().map(|(j, _)| (all[*j].client_id.as_str(), all[*j].kind, all[*j].uid.as_str())).collect();
     let found = call(retry, || store.first_copies(&keys, per_key)).await?;
-    let mut copies: HashMap<UidKey, Vec<CopyRow>> = HashMap::new();
+    drop(keys);
+    let mut copies: FxHashMap<u128, Vec<CopyRow>> = FxHashMap::default();
+    copies.reserve(first_claim.len());
     for c in found {
-        copies.entry(uid_key(&c)).or_default().push(c);
+        copies.entry(copy_id(&c)).or_default().push(c);
     }
     for list in copies.values_mut() {
-        list.sort_by_key(CopyRow::key);
-        list.dedup_by_key(|c| c.key());
+        if list.len() > 1 {
+            list.sort_by_key(CopyRow::key);
+            list.dedup_by_key(|c| c.key());
+        }
     }
 
-    for (s, claims) in states.iter_mut().zip(&claims) {
-        // A key whose copies are not visible yet (cannot happen on one server: ours were just
-        // written) is decided in favour of our copy.
-        let first =
-            claims.iter().map(|c| copies.get(&uid_key(c)).and_then(|l| l.first()).is_none_or(|f| f.key() == c.key()));
-        s.decide(first.collect::<Vec<bool>>());
+    // A key whose copies are not visible yet (cannot happen on one server: ours were just
+    // written) is decided in favour of our copy.
+    let mut firsts: Vec<Vec<bool>> = vec![Vec::new(); states.len()];
+    for (j, c) in all.iter().enumerate() {
+        let first = copies.get(&ids[j]).and_then(|l| l.first()).is_none_or(|f| f.key() == c.key());
+        firsts[owner[j]].push(first);
+    }
+    for (s, first) in states.iter_mut().zip(firsts) {
+        s.decide(first);
     }
 
     // Notices: the first copy is ours and other copies were stored before it: every partition
     // holding copies of the key is told which copy is first (its owner takes out any later copy
     // it counted; copies claimed but never stored are decided when they are consumed again).
-    let contested: Vec<UidKey> = copies
+    let contested: Vec<(u128, &CopyRow)> = copies
         .iter()
-        .filter(|(key, list)| {
-            list.first().is_some_and(|f| ours.contains(&((*key).clone(), f.key())))
-                && list.iter().any(|c| !ours.contains(&((*key).clone(), c.key())))
+        .filter(|(id, list)| {
+            list.first().is_some_and(|f| ours.contains(&(**id, f.key())))
+                && list.iter().any(|c| !ours.contains(&(**id, c.key())))
         })
-        .map(|(key, _)| key.clone())
+        .filter_map(|(id, list)| Some((*id, list.first()?)))
         .collect();
     if contested.is_empty() {
         return Ok(0);
     }
-    let holders = call(retry, || store.copy_partitions(&contested)).await?;
+    let keys: Vec<UidRef<'_>> = contested.iter().map(|(_, f)| (f.client_id.as_str(), f.kind, f.uid.as_str())).collect();
+    let holders = call(retry, || store.copy_partitions(&keys)).await?;
+    let winners: FxHashMap<u128, &CopyRow> = contested.iter().copied().collect();
     let mut notices: Vec<NoticeRow> = Vec::new();
     for (key, target) in holders {
-        let Some(first) = copies.get(&key).and_then(|l| l.first()) else { continue };
+        let Some(first) = winners.get(&uid_id(&key.0, key.1, &key.2)) else { continue };
         notices.push(NoticeRow {
             writer_partition: first.kafka_partition,
             writer_seq: 0,
@@ -233,7 +257,8 @@ async fn apply_notices<S: ProcessorStore, R: Retry>(
     if keys.is_empty() {
         return Ok(());
     }
-    let copies = call(retry, || store.copies_in(&keys, &targets)).await?;
+    let refs: Vec<UidRef<'_>> = keys.iter().map(uid_ref).collect();
+    let copies = call(retry, || store.copies_in(&refs, &targets)).await?;
     let fetch: Vec<_> = states.iter_mut().flat_map(|s| s.notice_candidates(&copies)).collect();
     if fetch.is_empty() {
         return Ok(());
@@ -275,6 +300,7 @@ pub async fn rebuild<S: ProcessorStore, R: Retry>(
     retry: &R,
 ) -> Result<(Vec<PartitionState>, Option<FlushReport>), StoreError> {
     let checkpoints = call(retry, || store.checkpoints(partitions)).await?;
+    let checkpoints_of = |s: &PartitionState| checkpoints.get(&s.partition()).cloned().unwrap_or_default();
     let mut states: BTreeMap<u16, PartitionState> = BTreeMap::new();
     for p in partitions {
         let cp = checkpoints.get(p).cloned().unwrap_or_else(Checkpoint::default);
@@ -283,13 +309,39 @@ pub async fn rebuild<S: ProcessorStore, R: Retry>(
     }
     let since = states.values().map(PartitionState::replay_from_ms).min().unwrap_or(0);
     let from_day = states.values().map(PartitionState::replay_from_day).min().unwrap_or(0);
-    let rows = call(retry, || store.facts_since(partitions, since, from_day)).await?;
-    let mut by_partition: BTreeMap<u16, Vec<_>> = BTreeMap::new();
-    for row in rows {
-        by_partition.entry(row.kafka_partition).or_default().push(row);
-    }
+    // Rows stream into the states as they arrive (replay does not depend on their order): a
+    // takeover holds the states, never the rows. A failed read leaves half-replayed states, so
+    // every attempt starts again from fresh ones.
+    let fresh = |states: &BTreeMap<u16, PartitionState>| -> BTreeMap<u16, PartitionState> {
+        states
+            .iter()
+            .map(|(p, s)| (*p, PartitionState::new(*p, window, clients.clone(), &checkpoints_of(s), s.epoch())))
+            .collect()
+    };
+    let template = states;
+    let mut attempt = 0;
+    let mut states = loop {
+        let mut states = fresh(&template);
+        let result = {
+            let mut each = |row: eventflow_store::rows::FactRow| {
+                if let Some(s) = states.get_mut(&row.kafka_partition) {
+                    s.replay_row(row);
+                }
+            };
+            store.facts_since(partitions, since, from_day, &mut each).await
+        };
+        match result {
+            Ok(_) => break states,
+            Err(e) => {
+                attempt += 1;
+                if !retry.again(&e, attempt).await {
+                    return Err(e);
+                }
+            }
+        }
+    };
     for (p, state) in states.iter_mut() {
-        state.replay(by_partition.remove(p).unwrap_or_default());
+        state.replay_done();
         if let Some(ms) = rebuild_requests.get(p) {
             state.set_rebuild_request_ms(*ms);
         }

@@ -16,7 +16,9 @@ use eventflow_store::rows::{
 };
 use eventflow_store::StoreError;
 
-use crate::sink::{ProcessorStore, UidKey};
+use rustc_hash::FxHashMap;
+
+use crate::sink::{uid_id, ProcessorStore, UidKey, UidRef};
 use crate::state::{FactRef, FlushBatch, SessionRef};
 
 /// The tables, as the last successful writes left them.
@@ -32,8 +34,9 @@ pub struct Tables {
     pub marketing: HashMap<(String, u16, MarketingDims, u16), DailyMarketingRow>,
     pub day_sessions: HashMap<(String, u16, String, u16), DaySessionRow>,
     pub first_visits: HashMap<(String, String), i64>,
-    /// `fact_copies`: per key, copy -> (partition, day).
-    pub copies: HashMap<UidKey, BTreeMap<CopyKey, (u16, u16)>>,
+    /// `fact_copies`: per key identity ([`uid_id`]), its copies in copy order with their
+    /// partition and day.
+    pub copies: FxHashMap<u128, Vec<(CopyKey, u16, u16)>>,
     pub notices: Vec<NoticeRow>,
     /// Client days with late facts (pending backfill).
     pub late_days: BTreeSet<(String, u16)>,
@@ -75,11 +78,11 @@ fn keep_max<K: std::hash::Hash + Eq, R>(map: &mut HashMap<K, R>, key: K, row: R,
     }
 }
 
-fn copy_row(key: &UidKey, copy: &CopyKey, (partition, day): (u16, u16)) -> CopyRow {
+fn copy_row(key: &UidRef<'_>, copy: &CopyKey, partition: u16, day: u16) -> CopyRow {
     CopyRow {
-        client_id: key.0.clone(),
+        client_id: key.0.to_owned(),
         kind: key.1,
-        uid: key.2.clone(),
+        uid: key.2.to_owned(),
         received_at_ms: copy.received_at_ms,
         spool_id: copy.spool_id,
         spool_seq: copy.spool_seq,
@@ -133,17 +136,25 @@ impl ProcessorStore for MemoryStore {
         Ok(partitions.iter().filter_map(|p| t.checkpoints.get(p).map(|c| (*p, c.clone()))).collect())
     }
 
-    async fn facts_since(&self, partitions: &[u16], since_ms: i64, from_day: u16) -> Result<Vec<FactRow>, StoreError> {
+    async fn facts_since(
+        &self,
+        partitions: &[u16],
+        since_ms: i64,
+        from_day: u16,
+        each: &mut (dyn FnMut(FactRow) + Send),
+    ) -> Result<usize, StoreError> {
         self.check()?;
         let t = self.tables();
-        let mut rows: Vec<FactRow> = t
+        let rows = t
             .facts
             .values()
-            .filter(|r| partitions.contains(&r.kafka_partition) && r.received_at_ms >= since_ms && r.day >= from_day)
-            .cloned()
-            .collect();
-        rows.sort_by_key(|r| (r.kafka_partition, r.seq));
-        Ok(rows)
+            .filter(|r| partitions.contains(&r.kafka_partition) && r.received_at_ms >= since_ms && r.day >= from_day);
+        let mut n = 0;
+        for r in rows {
+            each(r.clone());
+            n += 1;
+        }
+        Ok(n)
     }
 
     async fn first_visits(&self, sessions: &[SessionRef]) -> Result<Vec<(SessionRef, Option<i64>)>, StoreError> {
@@ -159,46 +170,47 @@ impl ProcessorStore for MemoryStore {
         self.check()?;
         let mut t = self.tables();
         for r in rows {
-            t.copies
-                .entry((r.client_id.clone(), r.kind, r.uid.clone()))
-                .or_default()
-                .insert(r.key(), (r.kafka_partition, r.day));
+            let list = t.copies.entry(uid_id(&r.client_id, r.kind, &r.uid)).or_default();
+            let key = r.key();
+            if let Err(at) = list.binary_search_by_key(&key, |(k, ..)| *k) {
+                list.insert(at, (key, r.kafka_partition, r.day));
+            }
         }
         Ok(())
     }
 
-    async fn first_copies(&self, keys: &[UidKey], per_key: usize) -> Result<Vec<CopyRow>, StoreError> {
+    async fn first_copies(&self, keys: &[UidRef<'_>], per_key: usize) -> Result<Vec<CopyRow>, StoreError> {
         self.check()?;
         let t = self.tables();
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(keys.len());
         for k in keys {
-            if let Some(copies) = t.copies.get(k) {
-                out.extend(copies.iter().take(per_key).map(|(c, at)| copy_row(k, c, *at)));
+            if let Some(copies) = t.copies.get(&uid_id(k.0, k.1, k.2)) {
+                out.extend(copies.iter().take(per_key).map(|(c, p, day)| copy_row(k, c, *p, *day)));
             }
         }
         Ok(out)
     }
 
-    async fn copy_partitions(&self, keys: &[UidKey]) -> Result<Vec<(UidKey, u16)>, StoreError> {
+    async fn copy_partitions(&self, keys: &[UidRef<'_>]) -> Result<Vec<(UidKey, u16)>, StoreError> {
         self.check()?;
         let t = self.tables();
         let mut out = BTreeSet::new();
         for k in keys {
-            for (p, _) in t.copies.get(k).into_iter().flat_map(|c| c.values()) {
-                out.insert((k.clone(), *p));
+            for (_, p, _) in t.copies.get(&uid_id(k.0, k.1, k.2)).into_iter().flatten() {
+                out.insert(((k.0.to_owned(), k.1, k.2.to_owned()), *p));
             }
         }
         Ok(out.into_iter().collect())
     }
 
-    async fn copies_in(&self, keys: &[UidKey], partitions: &[u16]) -> Result<Vec<CopyRow>, StoreError> {
+    async fn copies_in(&self, keys: &[UidRef<'_>], partitions: &[u16]) -> Result<Vec<CopyRow>, StoreError> {
         self.check()?;
         let t = self.tables();
         let mut out = Vec::new();
         for k in keys {
-            for (c, at) in t.copies.get(k).into_iter().flatten() {
-                if partitions.contains(&at.0) {
-                    out.push(copy_row(k, c, *at));
+            for (c, p, day) in t.copies.get(&uid_id(k.0, k.1, k.2)).into_iter().flatten() {
+                if partitions.contains(p) {
+                    out.push(copy_row(k, c, *p, *day));
                 }
             }
         }

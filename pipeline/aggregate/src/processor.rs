@@ -558,7 +558,7 @@ impl<S: ProcessorStore> Loop<S> {
         let hw = self.watchdog.high_watermarks.lock().map(|h| h.clone()).unwrap_or_default();
         let now = Utc::now().timestamp_millis();
         self.ready_states()
-            .map(|s| {
+            .filter_map(|s| {
                 let mut lag = 0i64;
                 let mut known = true;
                 for kind in FactKind::ALL {
@@ -568,10 +568,11 @@ impl<S: ProcessorStore> Loop<S> {
                     }
                 }
                 let caught_up = known && lag == 0 && s.unflushed() == 0;
-                (s.partition(), if caught_up { now } else { s.written_event_watermark_ms() }, lag)
+                let wm = if caught_up { now } else { s.written_event_watermark_ms() };
+                // A partition that never had a fact and whose end is not known yet says
+                // nothing; one with a backlog and nothing written yet is as stale as can be.
+                (wm > 0 || lag > 0 || s.unflushed() > 0).then_some((s.partition(), wm, lag))
             })
-            // A partition that never had a fact and whose end is not known yet says nothing.
-            .filter(|(_, wm, _)| *wm > 0)
             .collect()
     }
 

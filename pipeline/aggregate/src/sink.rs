@@ -12,6 +12,23 @@ use crate::state::{FactRef, FlushBatch, SessionRef};
 /// A dedup key: `(client_id, kind code, uid)`.
 pub type UidKey = (String, i8, String);
 
+/// A dedup key by reference.
+pub type UidRef<'a> = (&'a str, i8, &'a str);
+
+/// 128-bit identity of a dedup key, for in-memory maps (no string kept or cloned).
+pub fn uid_id(client_id: &str, kind: i8, uid: &str) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(client_id.as_bytes());
+    h.update(&[0xff, kind.to_le_bytes()[0], 0xff]);
+    h.update(uid.as_bytes());
+    h.digest128()
+}
+
+/// `key` as references.
+pub fn uid_ref(key: &UidKey) -> UidRef<'_> {
+    (&key.0, key.1, &key.2)
+}
+
 /// The processor's storage operations. Every write is idempotent: retrying a failed step with
 /// the same rows is always safe.
 pub trait ProcessorStore: Send + Sync + 'static {
@@ -22,13 +39,15 @@ pub trait ProcessorStore: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<HashMap<u16, Checkpoint>, StoreError>> + Send;
 
     /// Stored facts of `partitions` received since `received_since_ms` (on client days from
-    /// `from_day`), one row per fact, in `(kafka_partition, seq)` order.
+    /// `from_day`), one row per fact (its latest version), handed to `each` in any order;
+    /// returns how many.
     fn facts_since(
         &self,
         partitions: &[u16],
         received_since_ms: i64,
         from_day: u16,
-    ) -> impl std::future::Future<Output = Result<Vec<FactRow>, StoreError>> + Send;
+        each: &mut (dyn FnMut(FactRow) + Send),
+    ) -> impl std::future::Future<Output = Result<usize, StoreError>> + Send;
 
     /// Earliest stored visit of each session (`None` when it has none).
     fn first_visits(
@@ -42,20 +61,20 @@ pub trait ProcessorStore: Send + Sync + 'static {
     /// The `per_key` first copies of each key, by [`eventflow_store::rows::CopyKey`] order.
     fn first_copies(
         &self,
-        keys: &[UidKey],
+        keys: &[UidRef<'_>],
         per_key: usize,
     ) -> impl std::future::Future<Output = Result<Vec<CopyRow>, StoreError>> + Send;
 
     /// Partitions holding copies of each key: `(key, partition)` pairs.
     fn copy_partitions(
         &self,
-        keys: &[UidKey],
+        keys: &[UidRef<'_>],
     ) -> impl std::future::Future<Output = Result<Vec<(UidKey, u16)>, StoreError>> + Send;
 
     /// Every copy of `keys` held by one of `partitions`.
     fn copies_in(
         &self,
-        keys: &[UidKey],
+        keys: &[UidRef<'_>],
         partitions: &[u16],
     ) -> impl std::future::Future<Output = Result<Vec<CopyRow>, StoreError>> + Send;
 
@@ -104,8 +123,9 @@ impl ProcessorStore for Store {
         partitions: &[u16],
         received_since_ms: i64,
         from_day: u16,
-    ) -> Result<Vec<FactRow>, StoreError> {
-        self.partition_facts_since(partitions, received_since_ms, from_day).await
+        each: &mut (dyn FnMut(FactRow) + Send),
+    ) -> Result<usize, StoreError> {
+        self.stream_partition_facts_since(partitions, received_since_ms, from_day, each).await
     }
 
     async fn first_visits(&self, sessions: &[SessionRef]) -> Result<Vec<(SessionRef, Option<i64>)>, StoreError> {
@@ -122,15 +142,15 @@ impl ProcessorStore for Store {
         self.insert("fact_copies", rows).await
     }
 
-    async fn first_copies(&self, keys: &[UidKey], per_key: usize) -> Result<Vec<CopyRow>, StoreError> {
+    async fn first_copies(&self, keys: &[UidRef<'_>], per_key: usize) -> Result<Vec<CopyRow>, StoreError> {
         self.first_copies_of(keys, per_key).await
     }
 
-    async fn copy_partitions(&self, keys: &[UidKey]) -> Result<Vec<(UidKey, u16)>, StoreError> {
+    async fn copy_partitions(&self, keys: &[UidRef<'_>]) -> Result<Vec<(UidKey, u16)>, StoreError> {
         self.copy_partitions_of(keys).await
     }
 
-    async fn copies_in(&self, keys: &[UidKey], partitions: &[u16]) -> Result<Vec<CopyRow>, StoreError> {
+    async fn copies_in(&self, keys: &[UidRef<'_>], partitions: &[u16]) -> Result<Vec<CopyRow>, StoreError> {
         self.copies_of_in(keys, partitions).await
     }
 

@@ -78,36 +78,56 @@ impl Store {
     }
 
     /// Stored facts of `partitions` received since `received_since_ms` on client days from
-    /// `from_day`, one row per fact (`FINAL`: a fact a fenced-off zombie also wrote comes once),
-    /// in `(partition, seq)` order. The day bound keeps the read to primary-key ranges.
+    /// `from_day`, one row per fact (`FINAL`: a fact stored again comes once, as its latest
+    /// version), handed to `each` as they stream in: the read covers primary-key ranges from
+    /// `from_day`, has no ORDER BY (replay does not depend on order) and never holds the rows in
+    /// memory. Returns the number of rows.
+    pub async fn stream_partition_facts_since(
+        &self,
+        partitions: &[u16],
+        received_since_ms: i64,
+        from_day: u16,
+        each: &mut (dyn FnMut(FactRow) + Send),
+    ) -> Result<usize> {
+        if partitions.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "SELECT ?fields FROM facts FINAL WHERE day >= ? AND kind != 'checkpoint' AND kafka_partition IN {} \
+             AND received_at_ms >= ?",
+            in_placeholders(partitions.len())
+        );
+        let from = eventflow_core::time::format_day(eventflow_core::time::day_from_number(from_day));
+        // No request timeout around the whole read: a takeover of busy days streams for a while;
+        // each chunk still arrives over a live connection.
+        let mut cursor =
+            bind_all(self.query(&sql)?.bind(from), partitions).bind(received_since_ms).fetch::<FactRow>()?;
+        let mut n = 0;
+        while let Some(row) = cursor.next().await? {
+            each(row);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// [`Self::stream_partition_facts_since`], collected (tests and tools; ordered by
+    /// partition and sequence).
     pub async fn partition_facts_since(
         &self,
         partitions: &[u16],
         received_since_ms: i64,
         from_day: u16,
     ) -> Result<Vec<FactRow>> {
-        if partitions.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sql = format!(
-            "SELECT ?fields FROM facts FINAL WHERE day >= ? AND kind != 'checkpoint' AND kafka_partition IN {} \
-             AND received_at_ms >= ? ORDER BY kafka_partition, seq",
-            in_placeholders(partitions.len())
-        );
-        let from = eventflow_core::time::format_day(eventflow_core::time::day_from_number(from_day));
-        self.timed(async {
-            Ok(bind_all(self.query(&sql)?.bind(from), partitions)
-                .bind(received_since_ms)
-                .fetch_all::<FactRow>()
-                .await?)
-        })
-        .await
+        let mut rows = Vec::new();
+        self.stream_partition_facts_since(partitions, received_since_ms, from_day, &mut |r| rows.push(r)).await?;
+        rows.sort_by_key(|r| (r.kafka_partition, r.seq));
+        Ok(rows)
     }
 
     /// Rows of `sql`, whose `{keys}` is replaced by a list of `(client_id, kind, uid)` tuples,
     /// run once per chunk of `keys` (chunks keep each statement well below max_query_size,
     /// 256 KiB on 18.16); `extra` binds the placeholders after the list.
-    async fn fetch_by_keys<T>(&self, sql: &str, keys: &[(String, i8, String)], extra: &[u16]) -> Result<Vec<T>>
+    async fn fetch_by_keys<T>(&self, sql: &str, keys: &[(&str, i8, &str)], extra: &[u16]) -> Result<Vec<T>>
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
@@ -117,9 +137,7 @@ impl Store {
             let rows = self
                 .timed(async {
                     let q = chunk.iter().fold(self.query(&sql)?, |q, (c, k, u)| {
-                        q.bind(c.as_str())
-                            .bind(if *k == crate::rows::kind::VISIT { "visit" } else { "entry" })
-                            .bind(u.as_str())
+                        q.bind(*c).bind(if *k == crate::rows::kind::VISIT { "visit" } else { "entry" }).bind(*u)
                     });
                     Ok(bind_all(q, extra).fetch_all::<T>().await?)
                 })
@@ -131,7 +149,7 @@ impl Store {
 
     /// The `per_key` first copies of each `(client_id, kind, uid)` in `fact_copies`, by
     /// `(received_at_ms, spool_id, spool_seq)`.
-    pub async fn first_copies_of(&self, keys: &[(String, i8, String)], per_key: usize) -> Result<Vec<CopyRow>> {
+    pub async fn first_copies_of(&self, keys: &[(&str, i8, &str)], per_key: usize) -> Result<Vec<CopyRow>> {
         let sql = format!(
             "SELECT client_id, kind, uid, received_at_ms, spool_id, spool_seq, \
              any(kafka_partition) AS kafka_partition, any(day) AS day FROM fact_copies \
@@ -143,7 +161,7 @@ impl Store {
     }
 
     /// Partitions holding copies of each key.
-    pub async fn copy_partitions_of(&self, keys: &[(String, i8, String)]) -> Result<Vec<((String, i8, String), u16)>> {
+    pub async fn copy_partitions_of(&self, keys: &[(&str, i8, &str)]) -> Result<Vec<((String, i8, String), u16)>> {
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct KeyPartition {
             client_id: String,
@@ -157,7 +175,7 @@ impl Store {
     }
 
     /// Every copy of `keys` held by one of `partitions`.
-    pub async fn copies_of_in(&self, keys: &[(String, i8, String)], partitions: &[u16]) -> Result<Vec<CopyRow>> {
+    pub async fn copies_of_in(&self, keys: &[(&str, i8, &str)], partitions: &[u16]) -> Result<Vec<CopyRow>> {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }

@@ -511,54 +511,59 @@ impl PartitionState {
         time::day_number(time::client_day(from.max(0), chrono_tz::UTC))
     }
 
-    /// Replays facts already stored for this partition (ordered by `seq`, all received since
-    /// [`Self::replay_from_ms`]) after an assignment.
+    /// Replays facts already stored for this partition (all received since
+    /// [`Self::replay_from_ms`], in any order), then [`Self::replay_done`].
+    pub fn replay(&mut self, rows: impl IntoIterator<Item = FactRow>) {
+        for row in rows {
+            self.replay_row(row);
+        }
+        self.replay_done();
+    }
+
+    /// Replays one stored fact after an assignment (see [`Self::replay_done`]); the order of
+    /// rows does not matter: everything replay restores is a maximum, a minimum, a set or a
+    /// sum.
     ///
     /// Facts of days still open at the checkpoint's aggregates watermark are counted as their
     /// stored decision says (a copy taken out after a notice was stored again as a duplicate),
     /// so those days' rows are rewritten as full recounts (days closed before it were written
     /// completely). Session first visits are restored from every replayed fact.
-    pub fn replay(&mut self, rows: impl IntoIterator<Item = FactRow>) {
+    pub fn replay_row(&mut self, row: FactRow) {
         self.replaying = true;
-        let final_watermark = self.watermark_ms;
-        let open_at = self.aggregates_watermark_ms;
-        let mut replay_watermark = i64::MIN;
-        for row in rows {
-            let Some(kind) = row.fact_kind() else { continue };
-            // Facts a fenced-off previous owner stored beyond its last checkpoint are in the
-            // store already; raising the spool marks makes their Kafka copies redeliveries.
-            let mark = self.spools.entry((row.spool_id, kind)).or_insert(SpoolMark {
-                spool_id: row.spool_id,
-                topic: kind,
-                high_seq: 0,
-                seen_ms: i64::MIN,
-            });
-            mark.high_seq = mark.high_seq.max(row.spool_seq);
-            mark.seen_ms = mark.seen_ms.max(row.received_at_ms);
-            let (day, tz) = self.day_of(&row.client_id, row.event_time_ms);
-            // A day being rebuilt gets all of its facts, late ones included: its rows are then
-            // the full recount (what backfill writes), never less.
-            let closed = self.day_is_closed(day, tz, open_at);
-            let client = self.intern(&row.client_id);
-            replay_watermark = replay_watermark.max(row.received_at_ms);
-            self.watermark_ms = replay_watermark;
-            if row.kind == eventflow_store::rows::kind::VISIT {
-                self.observe_visit(&client, &row);
-            }
-            if closed {
-                continue;
-            }
-            let counted = row.dedup_uid().is_none() || row.dedup != eventflow_store::rows::dedup::DUPLICATE;
-            if counted {
-                self.count(&client, day, tz, &row);
-            } else {
-                self.not_counted(&client, day, tz, &row);
-            }
+        let Some(kind) = row.fact_kind() else { return };
+        // Facts a fenced-off previous owner stored beyond its last checkpoint are in the
+        // store already; raising the spool marks makes their Kafka copies redeliveries.
+        let mark = self.spools.entry((row.spool_id, kind)).or_insert(SpoolMark {
+            spool_id: row.spool_id,
+            topic: kind,
+            high_seq: 0,
+            seen_ms: i64::MIN,
+        });
+        mark.high_seq = mark.high_seq.max(row.spool_seq);
+        mark.seen_ms = mark.seen_ms.max(row.received_at_ms);
+        let (day, tz) = self.day_of(&row.client_id, row.event_time_ms);
+        // A day being rebuilt gets all of its facts, late ones included: its rows are then
+        // the full recount (what backfill writes), never less.
+        let closed = self.day_is_closed(day, tz, self.aggregates_watermark_ms);
+        let client = self.intern(&row.client_id);
+        if row.kind == eventflow_store::rows::kind::VISIT {
+            self.observe_visit(&client, &row);
         }
-        self.watermark_ms = final_watermark;
+        if closed {
+            return;
+        }
+        let counted = row.dedup_uid().is_none() || row.dedup != eventflow_store::rows::dedup::DUPLICATE;
+        if counted {
+            self.count(&client, day, tz, &row);
+        } else {
+            self.not_counted(&client, day, tz, &row);
+        }
+    }
+
+    /// Ends a replay: every open bucket is rewritten under the new epoch (a crash between the
+    /// facts insert and the aggregate inserts may have left older versions behind).
+    pub fn replay_done(&mut self) {
         self.replaying = false;
-        // Every open bucket is rewritten under the new epoch: a crash between the facts insert
-        // and the aggregate inserts may have left older versions behind.
         self.mark_all_dirty();
     }
 
