@@ -529,6 +529,7 @@ SHARDING = {
     "session_first_visits": "cityHash64(client_id, session_id)",
     "fact_copies": "cityHash64(client_id, uid)",
     "dedup_notices": "writer_partition",
+    "copy_log": "writer_partition",
     "rebuild_requests": "kafka_partition",
     "fact_days": "kafka_partition",
     "campaign_links": "cityHash64(cid)",

@@ -2,10 +2,10 @@
 -- See docs/adr/0003-exact-dedup-across-partitions.md.
 --
 -- The counting rule (CONTRACT.md §1): a visit counts once per (client_id, event_uid), an entry
--- once per (client_id, entry_id). Of all copies, the FIRST one counts, "first" meaning the
--- smallest (received_at_ms, spool_id, spool_seq): the collector's receive time, then the fact's
--- identity in the collector spool that acknowledged it. Copies are compared over the whole
--- stored history (the dedup horizon is the raw retention).
+-- once per (client_id, entry_id), within the dedup horizon (72 hours). Copies are ordered by
+-- (received_at_ms, spool_id, spool_seq): the collector's receive time, then the fact's identity
+-- in the collector spool that acknowledged it. A copy counts when no copy comes before it, or
+-- when the copy just before it was received more than the horizon earlier.
 
 -- What the processor decided about a fact when it stored it: counted, or a duplicate of a copy
 -- that came first. When a notice (dedup_notices) turns a counted copy into a duplicate, the
@@ -14,9 +14,8 @@
 ALTER TABLE facts ADD COLUMN dedup Enum8('undecided' = 0, 'counted' = 1, 'duplicate' = 2) DEFAULT 'undecided';
 
 -- Every stored copy of a visit with an event_uid or of an entry, ordered by its dedup key: an
--- index of `facts` by (client_id, kind, uid). The processor writes a flush's copies before the
--- facts themselves (a copy row only says "this fact exists"), then reads the first copies of
--- the flush's keys from here; the raw recount uses it to find the first copy of a key without
+-- index of `facts` by (client_id, kind, uid), written by the processor before the facts (a copy
+-- row only says "this fact exists"). The raw recount reads the copies of a key here instead of
 -- scanning a client's whole history. `eventflow backfill` rebuilds it from `facts`.
 CREATE TABLE IF NOT EXISTS fact_copies
 (
@@ -33,11 +32,30 @@ ENGINE = ReplacingMergeTree
 ORDER BY (client_id, kind, uid, received_at_ms, spool_id, spool_seq)
 SETTINGS index_granularity = 1024;
 
--- "The first copy of this key is `winner`": written by the processor that holds the first copy
--- (writer) for every partition holding copies of the key (target), when other copies were
--- stored before. The target's owner reads the notices above its cursor (per writer partition,
--- kept in its checkpoint), takes any of its copies after the winner out of its buckets and
--- stores them again marked duplicate; a copy on a day already closed is marked for backfill.
+-- The same copies as a log, in the order each partition wrote them: every processor reads the
+-- copies the other partitions wrote since its cursor (per writer partition, kept in each
+-- partition's checkpoint) and compares them with its own copies of the same keys.
+CREATE TABLE IF NOT EXISTS copy_log
+(
+    writer_partition UInt16,
+    writer_seq       UInt64,
+    client_id        String,
+    kind             Enum8('visit' = 1, 'entry' = 2),
+    uid              String,
+    received_at_ms   Int64,
+    spool_id         UInt64,
+    spool_seq        UInt64,
+    day              Date
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (writer_partition, writer_seq, client_id, kind, uid, received_at_ms, spool_id, spool_seq);
+
+-- "Your copy `loser` comes after `winner` within the dedup horizon, so it does not count":
+-- written by the processor that holds `winner` for the partition that holds `loser` (target),
+-- when it sees the loser in copy_log. The target's owner reads the notices above its cursor
+-- (per writer partition, in its checkpoint), takes the loser out of its buckets if it counted
+-- it, and stores its fact again marked duplicate; on a day already closed it marks the day for
+-- backfill.
 CREATE TABLE IF NOT EXISTS dedup_notices
 (
     writer_partition      UInt16,
@@ -46,12 +64,16 @@ CREATE TABLE IF NOT EXISTS dedup_notices
     client_id             String,
     kind                  Enum8('visit' = 1, 'entry' = 2),
     uid                   String,
+    day                   Date,
+    loser_received_at_ms  Int64,
+    loser_spool_id        UInt64,
+    loser_spool_seq       UInt64,
     winner_received_at_ms Int64,
     winner_spool_id       UInt64,
     winner_spool_seq      UInt64
 )
 ENGINE = ReplacingMergeTree
-ORDER BY (writer_partition, writer_seq, target_partition, client_id, kind, uid);
+ORDER BY (writer_partition, writer_seq, target_partition, client_id, kind, uid, loser_spool_id, loser_spool_seq);
 
 -- Sessions with a counted visit per client day, versioned like the other aggregates (replaces
 -- the insert-only daily_sessions set, which could not be corrected). `present = 0` takes a

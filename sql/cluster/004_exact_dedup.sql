@@ -2,8 +2,8 @@
 --
 -- Sharding keys (made of ORDER BY columns, so every version of a row key lands on one shard):
 --   fact_copies: cityHash64(client_id, uid). All copies of one dedup key are on one shard, so
---     the first copies of a key are read from one shard.
---   dedup_notices: writer_partition (notices are read by writer and sequence).
+--     the recount sorts the copies of a key on one shard.
+--   copy_log, dedup_notices: writer_partition (both are read by writer and sequence).
 --   day_sessions: kafka_partition, like the other per-partition aggregates: a session lives in
 --     one Kafka partition. uniqExact over the Distributed table merges the shards exactly.
 --   rebuild_requests, fact_days: kafka_partition.
@@ -32,6 +32,25 @@ CREATE TABLE IF NOT EXISTS {database}.fact_copies ON CLUSTER '{cluster}'
 AS {database}.fact_copies_local
 ENGINE = Distributed('{cluster}', '{database}', 'fact_copies_local', cityHash64(client_id, uid));
 
+CREATE TABLE IF NOT EXISTS {database}.copy_log_local ON CLUSTER '{cluster}'
+(
+    writer_partition UInt16,
+    writer_seq       UInt64,
+    client_id        String,
+    kind             Enum8('visit' = 1, 'entry' = 2),
+    uid              String,
+    received_at_ms   Int64,
+    spool_id         UInt64,
+    spool_seq        UInt64,
+    day              Date
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/copy_log_local', '{replica}')
+ORDER BY (writer_partition, writer_seq, client_id, kind, uid, received_at_ms, spool_id, spool_seq);
+
+CREATE TABLE IF NOT EXISTS {database}.copy_log ON CLUSTER '{cluster}'
+AS {database}.copy_log_local
+ENGINE = Distributed('{cluster}', '{database}', 'copy_log_local', writer_partition);
+
 CREATE TABLE IF NOT EXISTS {database}.dedup_notices_local ON CLUSTER '{cluster}'
 (
     writer_partition      UInt16,
@@ -40,12 +59,16 @@ CREATE TABLE IF NOT EXISTS {database}.dedup_notices_local ON CLUSTER '{cluster}'
     client_id             String,
     kind                  Enum8('visit' = 1, 'entry' = 2),
     uid                   String,
+    day                   Date,
+    loser_received_at_ms  Int64,
+    loser_spool_id        UInt64,
+    loser_spool_seq       UInt64,
     winner_received_at_ms Int64,
     winner_spool_id       UInt64,
     winner_spool_seq      UInt64
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/dedup_notices_local', '{replica}')
-ORDER BY (writer_partition, writer_seq, target_partition, client_id, kind, uid);
+ORDER BY (writer_partition, writer_seq, target_partition, client_id, kind, uid, loser_spool_id, loser_spool_seq);
 
 CREATE TABLE IF NOT EXISTS {database}.dedup_notices ON CLUSTER '{cluster}'
 AS {database}.dedup_notices_local

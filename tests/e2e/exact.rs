@@ -3,7 +3,8 @@
 //! - copies of one visit and one registration sent from 8 sessions count once, the first copy
 //!   by receive time wins (so its session is the unique session and its linkage counts);
 //! - a literal `"unknown"` UTM source counts as missing, in the stream and in the recount;
-//! - a copy stored a week earlier still makes a new copy a duplicate (no dedup horizon);
+//! - a copy stored 2 days earlier makes a new copy a duplicate, one stored 4 days earlier does
+//!   not (72-hour dedup horizon, the same in the recount);
 //! - `eventflow backfill` repairs every aggregate table, the session sets included, and
 //!   re-buckets days in the client's current time zone.
 //!
@@ -136,48 +137,58 @@ async fn copies_from_other_sessions_count_once_and_backfill_repairs_every_table(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_copy_a_week_after_the_first_is_still_a_duplicate() {
+async fn a_copy_within_the_horizon_is_a_duplicate_and_a_later_one_counts_again() {
     let dir = TestDir::new("exact-horizon");
     let ch = ClickHouse::start(&dir);
     let broker = Tansu::start(&dir);
     let d = Deployment::new(&dir, &ch.url(), &broker.brokers(), 3, "");
     d.migrate();
-    // The first copy, stored by a processor a week ago (received then): its fact and its
-    // dedup-index row, as the processor writes them.
-    let week_ago = Utc::now() - chrono::Duration::days(7);
-    let ms = week_ago.timestamp_millis();
-    let day = week_ago.with_timezone(&chrono_tz::Asia::Seoul).date_naive();
-    ch.query(&format!(
-        "INSERT INTO eventflow.facts (client_id, day, kind, fact_id, seq, kafka_partition, spool_id, spool_seq, \
-         event_time, event_time_ms, received_at_ms, session_id, page, event_id, event_uid, dedup) VALUES \
-         ('acme', '{day}', 'visit', '{:016x}-1', 1, 0, 77, 1, {}, {ms}, {ms}, 'old', 'landing', 'summit', 'kept-view', 'counted')",
-        77,
-        ms / 1000
-    ))
-    .unwrap();
-    ch.query(&format!(
-        "INSERT INTO eventflow.fact_copies VALUES ('acme', 'visit', 'kept-view', {ms}, 77, 1, 0, '{day}')"
-    ))
-    .unwrap();
+    // Two first copies, stored by a processor of partition 0 before this one started: one
+    // received 2 days ago (within the 72-hour horizon of today's copy), one 4 days ago (beyond
+    // it). Each as the processor writes it: the fact, its dedup-index row and its copy-log row.
+    for (seq, uid, days_ago) in [(1u64, "kept-view", 2i64), (2, "old-view", 4)] {
+        let at = Utc::now() - chrono::Duration::days(days_ago);
+        let ms = at.timestamp_millis();
+        let day = at.with_timezone(&chrono_tz::Asia::Seoul).date_naive();
+        ch.query(&format!(
+            "INSERT INTO eventflow.facts (client_id, day, kind, fact_id, seq, kafka_partition, spool_id, spool_seq, \
+             event_time, event_time_ms, received_at_ms, session_id, page, event_id, event_uid, dedup) VALUES \
+             ('acme', '{day}', 'visit', '{:016x}-{seq}', {seq}, 0, 77, {seq}, {}, {ms}, {ms}, 'old', 'landing', 'summit', '{uid}', 'counted')",
+            77,
+            ms / 1000
+        ))
+        .unwrap();
+        ch.query(&format!(
+            "INSERT INTO eventflow.fact_copies VALUES ('acme', 'visit', '{uid}', {ms}, 77, {seq}, 0, '{day}')"
+        ))
+        .unwrap();
+        ch.query(&format!(
+            "INSERT INTO eventflow.copy_log VALUES (0, {seq}, 'acme', 'visit', '{uid}', {ms}, 77, {seq}, '{day}')"
+        ))
+        .unwrap();
+    }
     let _collector = d.start("collector");
     let _processor = d.start("processor");
     let _api = d.start("api");
     let c = d.collector_url();
     let v = json!([
         {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "new", "event_uid": "kept-view"},
+        {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "new", "event_uid": "old-view"},
         {"type": "visit", "client_id": "acme", "page": "landing", "event_id": "summit", "session_id": "new", "event_uid": "fresh-view"},
     ]);
-    assert_eq!(post(&c, v).await["accepted"], 2);
-    wait_processed(&d, 2, Duration::from_secs(60)).await;
+    assert_eq!(post(&c, v).await["accepted"], 3);
+    wait_processed(&d, 3, Duration::from_secs(60)).await;
     let today = seoul_today().to_string();
     let o = overview(&d, &today, &today).await;
-    assert_eq!(o["totals"]["visits"], 1, "only the fresh view counts today: {o}");
-    assert_eq!(
-        ch.query("SELECT dedup FROM eventflow.facts FINAL WHERE event_uid = 'kept-view' AND session_id = 'new'")
+    assert_eq!(o["totals"]["visits"], 2, "the old view (4 days) and the fresh view count today: {o}");
+    let decision = |uid: &str| {
+        ch.query(&format!("SELECT dedup FROM eventflow.facts FINAL WHERE event_uid = '{uid}' AND session_id = 'new'"))
             .unwrap()
-            .trim(),
-        "duplicate"
-    );
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(decision("kept-view"), "duplicate");
+    assert_eq!(decision("old-view"), "counted");
     let (code, out) = d.run(&["reconcile", "--from", &today, "--to", &today]);
     assert_eq!(code, 0, "the recount applies the same rule: {out}");
 }
@@ -429,7 +440,7 @@ async fn staleness_stays_honest_while_a_backlog_is_consumed() {
                 let stale = metric_value(&page, "eventflow_processor_staleness_seconds", &[]).unwrap_or(-1.0);
                 let processed = metric_sum(&page, "eventflow_processor_facts_total");
                 samples.push((lag, stale));
-                if processed >= 20_000.0 && lag == 0.0 && stale >= 0.0 && stale < 30.0 {
+                if processed >= 20_000.0 && lag == 0.0 && (0.0..30.0).contains(&stale) {
                     break;
                 }
             }

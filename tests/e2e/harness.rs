@@ -371,6 +371,7 @@ impl Deployment {
 listen = "127.0.0.1:{collector}"
 spool_dir = "{dir}/spool"
 rate_limit_per_ip = {{ per_second = 100000.0, burst = 100000.0 }}
+fact_rate_limit_per_ip = {{ per_second = 1000000.0, burst = 1000000.0 }}
 links_refresh = "1s"
 
 [processor]
@@ -427,7 +428,11 @@ token = "{globex}"
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventflow"));
+        self.command_of(env!("CARGO_BIN_EXE_eventflow"), args)
+    }
+
+    fn command_of(&self, binary: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(binary);
         cmd.arg("--config").arg(&self.config).args(args).current_dir(&self.dir);
         cmd
     }
@@ -451,7 +456,12 @@ token = "{globex}"
     }
 
     pub fn start_with(&self, service: &str, env: &[(&str, String)]) -> Proc {
-        let mut cmd = self.command(&[service]);
+        self.start_binary(env!("CARGO_BIN_EXE_eventflow"), service, env)
+    }
+
+    /// [`Deployment::start_with`] with another build of the `eventflow` binary.
+    pub fn start_binary(&self, binary: &str, service: &str, env: &[(&str, String)]) -> Proc {
+        let mut cmd = self.command_of(binary, &[service]);
         for (k, v) in env {
             cmd.env(k, v);
         }

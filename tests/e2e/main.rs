@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api_contract;
+mod attacks;
 mod collector;
 mod dashboard;
 mod dev;

@@ -249,15 +249,41 @@ async fn snapshot(store: &Store) -> Snapshot {
         .chain((0..11).map(|i| ("acme".to_owned(), 2, format!("acme-e{i}"))))
         .collect();
     let keys: Vec<(&str, i8, &str)> = keys.iter().map(|(c, k, u)| (c.as_str(), *k, u.as_str())).collect();
-    m.insert("first_copies", sorted(store.first_copies_of(&keys, 2).await.unwrap()));
-    m.insert("copy_partitions", sorted(store.copy_partitions_of(&keys).await.unwrap()));
-    m.insert("copies_in", sorted(store.copies_of_in(&keys, &[1]).await.unwrap()));
+    m.insert("copies", sorted(store.copies_of(&keys).await.unwrap()));
+    let log = store.copy_log_since(&BTreeMap::new()).await.unwrap();
+    assert!(!log.is_empty(), "the data set writes the copy log");
+    m.insert("copy_log", sorted(log.clone()));
+    m.insert(
+        "copy_log_above",
+        // Above the lowest (writer, sequence): rows come in no particular order.
+        sorted(
+            store
+                .copy_log_since(&BTreeMap::from([log
+                    .iter()
+                    .map(|r| (r.writer_partition, r.writer_seq))
+                    .min()
+                    .unwrap()]))
+                .await
+                .unwrap(),
+        ),
+    );
     let notices = store.dedup_notices_since(&[0, 1], &BTreeMap::new()).await.unwrap();
     assert!(!notices.is_empty(), "the data set makes notices");
     m.insert("notices", sorted(notices.clone()));
     m.insert(
         "notices_above",
-        sorted(store.dedup_notices_since(&[0], &BTreeMap::from([(1, notices[0].writer_seq)])).await.unwrap()),
+        sorted(
+            store
+                .dedup_notices_since(
+                    &[0],
+                    &BTreeMap::from([(
+                        1,
+                        notices.iter().filter(|n| n.writer_partition == 1).map(|n| n.writer_seq).min().unwrap_or(0),
+                    )]),
+                )
+                .await
+                .unwrap(),
+        ),
     );
     let ids: Vec<(String, u16, i8, String)> = store
         .partition_facts_since(&[0, 1], 0, 0)

@@ -59,7 +59,8 @@ async fn quality_gauges_cover_unconfigured_clients_up_to_the_cap() {
         }
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
-    let mut p = start_pipeline("quality-gauges", "").await;
+    // Unknown clients are refused by default; this test is about them.
+    let mut p = start_pipeline("quality-gauges", "\n[tenancy]\nallow_unknown_clients = true\n").await;
     let now = Utc::now();
     let at = |s: i64| (now - chrono::Duration::seconds(s)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let visit = |client: &str, session: &str, page: &str, utm: bool, s: i64| {

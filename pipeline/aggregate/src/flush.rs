@@ -3,18 +3,17 @@
 //! property tests (`state/tests.rs`, against an in-memory model with crashes) both run it.
 //!
 //! A flush of the partitions one processor owns:
-//! 1. **Copies.** Every copy of a dedup key applied since the last flush is written to
-//!    `fact_copies` (before its fact: a copy row only says "this fact exists"), then the first
-//!    copies of those keys are read back. A copy counts iff it is the first of its key
-//!    ([`eventflow_store::rows::CopyKey`] order); when the first copy is one of ours and other
-//!    copies were written before, every partition holding copies of the key gets a notice
-//!    naming the first copy (ADR 0003). Two processors deciding copies of one key at the same
-//!    time: each writes its copies before reading, so at least one of them sees both, and
-//!    either it loses or it notifies the other.
-//! 2. **Notices.** Notices for our partitions above their cursors are read; our copies of a
-//!    noticed key after its first copy become duplicates: deferred ones at once, stored ones are
-//!    taken out of the buckets (a closed day is marked for backfill) and stored again marked
-//!    duplicate, so the commit below makes the change durable.
+//! 1. **Decide.** Each copy of a dedup key applied since the last flush is decided against its
+//!    partition's own copies: it counts unless the copy just before it (by
+//!    [`eventflow_store::rows::CopyKey`]) was received within the dedup horizon (ADR 0003).
+//! 2. **Compare.** The copies are written to `copy_log` (and `fact_copies`), then the copies the
+//!    other partitions wrote since each partition's cursor are read back and compared: an own
+//!    copy that a remote copy precedes within the horizon no longer counts; a remote copy that
+//!    an own copy precedes gets a notice to its partition. Each writes before it reads, so of
+//!    two processors deciding copies of one key at the same time at least one compares them.
+//!    Notices for our partitions above their cursors are read; an own copy they name no longer
+//!    counts. A copy decided in this flush is simply a duplicate; one stored earlier is taken out
+//!    of the buckets (a closed day is marked for backfill) and stored again marked duplicate.
 //! 3. **Fold and link.** Decided copies are folded; sessions of new entries are looked up in
 //!    `session_first_visits`.
 //! 4. **Write.** First-visit and late markers, then facts with the checkpoints (the commit
@@ -25,18 +24,16 @@
 //! (shutdown, or a simulated crash) the states must be dropped: facts not yet committed are
 //! consumed again by the next owner, and every step before the commit point is idempotent.
 
-use std::collections::{BTreeMap, HashSet};
-
-use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 
 use eventflow_core::ClientDirectory;
-use eventflow_store::rows::{Checkpoint, CopyKey, CopyRow, NoticeRow};
+use eventflow_store::rows::{Checkpoint, NoticeRow};
 use eventflow_store::StoreError;
 
-use crate::sink::{uid_id, uid_ref, ProcessorStore, UidKey, UidRef};
-use crate::state::{Decisions, FlushBatch, PartitionState, WindowConfig, EPOCH_SHIFT};
+use crate::sink::ProcessorStore;
+use crate::state::{Decisions, FactRef, FlushBatch, PartitionState, WindowConfig, EPOCH_SHIFT};
 
 /// What to do when a store call fails.
 pub trait Retry {
@@ -91,8 +88,7 @@ pub async fn flush<S: ProcessorStore, R: Retry>(
     always: bool,
     retry: &R,
 ) -> Result<Option<FlushReport>, StoreError> {
-    let notices_written = decide_copies(store, states, retry).await?;
-    apply_notices(store, states, retry).await?;
+    let notices_written = dedup(store, states, retry).await?;
     let mut decisions = Decisions::default();
     for s in states.iter_mut() {
         s.fold_decided();
@@ -118,156 +114,78 @@ pub async fn flush<S: ProcessorStore, R: Retry>(
     }))
 }
 
-fn copy_id(c: &CopyRow) -> u128 {
-    uid_id(&c.client_id, c.kind, &c.uid)
-}
-
-/// Step 1: writes the copies of this flush, reads the first copies of their keys, decides
-/// every copy and writes the notices. Returns the number of notices written.
-///
-/// The hot path of every flush: keys are handled by their 128-bit identity ([`uid_id`]), and
-/// strings are neither hashed again nor cloned beyond the rows the store needs.
-async fn decide_copies<S: ProcessorStore, R: Retry>(
+/// Steps 1-3: decides this flush's copies against each partition's own copies, writes them to
+/// `copy_log` (and `fact_copies`), compares them with what the other partitions wrote since
+/// each partition's cursor, writes the resulting notices, reads the notices for our partitions,
+/// and takes out the stored copies that no longer count. Returns the number of notices written.
+async fn dedup<S: ProcessorStore, R: Retry>(
     store: &S,
     states: &mut [&mut PartitionState],
     retry: &R,
 ) -> Result<usize, StoreError> {
-    let mut all: Vec<CopyRow> = Vec::new();
-    // Which state each copy belongs to (copies of one state are consecutive, in its order).
-    let mut owner: Vec<usize> = Vec::new();
-    for (i, s) in states.iter().enumerate() {
-        let claims = s.claims();
-        owner.extend(std::iter::repeat_n(i, claims.len()));
-        all.extend(claims);
-    }
-    if all.is_empty() {
+    if states.is_empty() {
         return Ok(0);
     }
-    call(retry, || store.write_copies(&all)).await?;
-
-    // How many copies of one key this flush holds: the first `n + 1` copies of a key then
-    // include the first copy that is not ours (at most `n` of ours can precede it).
-    let ids: Vec<u128> = all.iter().map(copy_id).collect();
-    let mut first_claim: FxHashMap<u128, (usize, usize)> = FxHashMap::default();
-    first_claim.reserve(all.len());
-    let mut ours: FxHashSet<(u128, CopyKey)> = FxHashSet::default();
-    ours.reserve(all.len());
-    for (j, c) in all.iter().enumerate() {
-        first_claim.entry(ids[j]).or_insert((j, 0)).1 += 1;
-        ours.insert((ids[j], c.key()));
-    }
-    let per_key = first_claim.values().map(|(_, n)| *n).max().unwrap_or(1) + 1;
-    let keys: Vec<UidRef<'_>> =
-        first_claim.values().map(|(j, _)| (all[*j].client_id.as_str(), all[*j].kind, all[*j].uid.as_str())).collect();
-    let found = call(retry, || store.first_copies(&keys, per_key)).await?;
-    drop(keys);
-    let mut copies: FxHashMap<u128, Vec<CopyRow>> = FxHashMap::default();
-    copies.reserve(first_claim.len());
-    for c in found {
-        copies.entry(copy_id(&c)).or_default().push(c);
-    }
-    for list in copies.values_mut() {
-        if list.len() > 1 {
-            list.sort_by_key(CopyRow::key);
-            list.dedup_by_key(|c| c.key());
-        }
-    }
-
-    // A key whose copies are not visible yet (cannot happen on one server: ours were just
-    // written) is decided in favour of our copy.
-    let mut firsts: Vec<Vec<bool>> = vec![Vec::new(); states.len()];
-    for (j, c) in all.iter().enumerate() {
-        let first = copies.get(&ids[j]).and_then(|l| l.first()).is_none_or(|f| f.key() == c.key());
-        firsts[owner[j]].push(first);
-    }
-    for (s, first) in states.iter_mut().zip(firsts) {
-        s.decide(first);
-    }
-
-    // Notices: the first copy is ours and other copies were stored before it: every partition
-    // holding copies of the key is told which copy is first (its owner takes out any later copy
-    // it counted; copies claimed but never stored are decided when they are consumed again).
-    let contested: Vec<(u128, &CopyRow)> = copies
-        .iter()
-        .filter(|(id, list)| {
-            list.first().is_some_and(|f| ours.contains(&(**id, f.key())))
-                && list.iter().any(|c| !ours.contains(&(**id, c.key())))
-        })
-        .filter_map(|(id, list)| Some((*id, list.first()?)))
-        .collect();
-    if contested.is_empty() {
-        return Ok(0);
-    }
-    let keys: Vec<UidRef<'_>> = contested.iter().map(|(_, f)| (f.client_id.as_str(), f.kind, f.uid.as_str())).collect();
-    let holders = call(retry, || store.copy_partitions(&keys)).await?;
-    let winners: FxHashMap<u128, &CopyRow> = contested.iter().copied().collect();
-    let mut notices: Vec<NoticeRow> = Vec::new();
-    for (key, target) in holders {
-        let Some(first) = winners.get(&uid_id(&key.0, key.1, &key.2)) else { continue };
-        notices.push(NoticeRow {
-            writer_partition: first.kafka_partition,
-            writer_seq: 0,
-            target_partition: target,
-            client_id: key.0,
-            kind: key.1,
-            uid: key.2,
-            winner_received_at_ms: first.received_at_ms,
-            winner_spool_id: first.spool_id,
-            winner_spool_seq: first.spool_seq,
-        });
-    }
-    let mut seqs: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut claims = Vec::new();
     for s in states.iter_mut() {
-        if notices.iter().any(|n| n.writer_partition == s.partition()) {
-            seqs.insert(s.partition(), s.notice_seq());
+        s.decide();
+        if s.has_deferred() {
+            let seq = s.writer_seq();
+            claims.extend(s.claims(seq));
         }
     }
-    for n in &mut notices {
-        n.writer_seq = seqs.get(&n.writer_partition).copied().unwrap_or(0);
+    if !claims.is_empty() {
+        call(retry, || store.write_claims(&claims)).await?;
     }
-    call(retry, || store.write_notices(&notices)).await?;
-    Ok(notices.len())
+    drop(claims);
+
+    // The other partitions' copies since the lowest cursor of each writer (each state skips
+    // what it has compared, and its own).
+    let cursor = lowest(states, PartitionState::claim_cursor);
+    let log = call(retry, || store.claims_since(&cursor)).await?;
+    let mut notices: Vec<NoticeRow> = Vec::new();
+    for s in states.iter_mut() {
+        let mut mine = s.compare_claims(&log);
+        if !mine.is_empty() {
+            let seq = s.writer_seq();
+            for n in &mut mine {
+                n.writer_seq = seq;
+            }
+            notices.extend(mine);
+        }
+    }
+    drop(log);
+    let written = notices.len();
+    if !notices.is_empty() {
+        call(retry, || store.write_notices(&notices)).await?;
+    }
+
+    let targets: Vec<u16> = states.iter().map(|s| s.partition()).collect();
+    let cursor = lowest(states, PartitionState::notice_cursor);
+    let received = call(retry, || store.notices_since(&targets, &cursor)).await?;
+    for s in states.iter_mut() {
+        s.take_notices(&received);
+    }
+    let fetch: Vec<FactRef> = states.iter_mut().flat_map(|s| s.stored_to_retract()).collect();
+    if !fetch.is_empty() {
+        let rows = call(retry, || store.facts_by_ref(&fetch)).await?;
+        for s in states.iter_mut() {
+            s.retract_stored(&rows);
+        }
+    }
+    Ok(written)
 }
 
-/// Step 2: reads the notices for our partitions and takes the named copies out.
-async fn apply_notices<S: ProcessorStore, R: Retry>(
-    store: &S,
-    states: &mut [&mut PartitionState],
-    retry: &R,
-) -> Result<(), StoreError> {
-    if states.is_empty() {
-        return Ok(());
-    }
-    let targets: Vec<u16> = states.iter().map(|s| s.partition()).collect();
-    // One read for all our partitions, from the lowest cursor of each writer; each state
-    // skips what it has seen.
-    let mut cursor: BTreeMap<u16, u64> = BTreeMap::new();
-    let writers: HashSet<u16> = states.iter().flat_map(|s| s.notice_cursor().keys().copied()).collect();
-    for w in writers {
-        let low = states.iter().map(|s| s.notice_cursor().get(&w).copied().unwrap_or(0)).min().unwrap_or(0);
-        cursor.insert(w, low);
-    }
-    let notices = call(retry, || store.notices_since(&targets, &cursor)).await?;
-    if notices.is_empty() {
-        return Ok(());
-    }
-    let mut keys: Vec<UidKey> = states.iter_mut().flat_map(|s| s.take_notices(&notices)).collect();
-    keys.sort();
-    keys.dedup();
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let refs: Vec<UidRef<'_>> = keys.iter().map(uid_ref).collect();
-    let copies = call(retry, || store.copies_in(&refs, &targets)).await?;
-    let fetch: Vec<_> = states.iter_mut().flat_map(|s| s.notice_candidates(&copies)).collect();
-    if fetch.is_empty() {
-        return Ok(());
-    }
-    let rows = call(retry, || store.facts_by_ref(&fetch)).await?;
-    for s in states.iter_mut() {
-        s.retract_stored(&rows);
-    }
-    Ok(())
+/// For each writer partition in any state's cursor, the lowest position over the states.
+fn lowest(
+    states: &[&mut PartitionState],
+    cursor: impl Fn(&PartitionState) -> &BTreeMap<u16, u64>,
+) -> BTreeMap<u16, u64> {
+    let writers: BTreeSet<u16> = states.iter().flat_map(|s| cursor(s).keys().copied().collect::<Vec<_>>()).collect();
+    writers
+        .into_iter()
+        .map(|w| (w, states.iter().map(|s| cursor(s).get(&w).copied().unwrap_or(0)).min().unwrap_or(0)))
+        .collect()
 }
 
 /// Step 3b: earliest visits of the sessions of new entries that the state does not know.

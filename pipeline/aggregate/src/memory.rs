@@ -11,14 +11,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use eventflow_store::rows::{
-    dedup, kind, Checkpoint, CopyKey, CopyRow, DailyMarketingRow, DailyTotalsRow, DaySessionRow, FactRow,
-    MarketingDims, MinuteLiveRow, MinuteVisitsRow, NoticeRow, ProgressRow,
+    dedup, kind, Checkpoint, ClaimRow, DailyMarketingRow, DailyTotalsRow, DaySessionRow, FactRow, MarketingDims,
+    MinuteLiveRow, MinuteVisitsRow, NoticeRow, ProgressRow,
 };
 use eventflow_store::StoreError;
 
-use rustc_hash::FxHashMap;
-
-use crate::sink::{uid_id, ProcessorStore, UidKey, UidRef};
+use crate::sink::ProcessorStore;
 use crate::state::{FactRef, FlushBatch, SessionRef};
 
 /// The tables, as the last successful writes left them.
@@ -34,9 +32,8 @@ pub struct Tables {
     pub marketing: HashMap<(String, u16, MarketingDims, u16), DailyMarketingRow>,
     pub day_sessions: HashMap<(String, u16, String, u16), DaySessionRow>,
     pub first_visits: HashMap<(String, String), i64>,
-    /// `fact_copies`: per key identity ([`uid_id`]), its copies in copy order with their
-    /// partition and day.
-    pub copies: FxHashMap<u128, Vec<(CopyKey, u16, u16)>>,
+    /// `copy_log`, by writer partition and sequence.
+    pub log: BTreeMap<(u16, u64), Vec<ClaimRow>>,
     pub notices: Vec<NoticeRow>,
     /// Client days with late facts (pending backfill).
     pub late_days: BTreeSet<(String, u16)>,
@@ -75,19 +72,6 @@ fn keep_max<K: std::hash::Hash + Eq, R>(map: &mut HashMap<K, R>, key: K, row: R,
         _ => {
             map.insert(key, row);
         }
-    }
-}
-
-fn copy_row(key: &UidRef<'_>, copy: &CopyKey, partition: u16, day: u16) -> CopyRow {
-    CopyRow {
-        client_id: key.0.to_owned(),
-        kind: key.1,
-        uid: key.2.to_owned(),
-        received_at_ms: copy.received_at_ms,
-        spool_id: copy.spool_id,
-        spool_seq: copy.spool_seq,
-        kafka_partition: partition,
-        day,
     }
 }
 
@@ -166,52 +150,24 @@ impl ProcessorStore for MemoryStore {
             .collect())
     }
 
-    async fn write_copies(&self, rows: &[CopyRow]) -> Result<(), StoreError> {
+    async fn write_claims(&self, rows: &[ClaimRow]) -> Result<(), StoreError> {
         self.check()?;
         let mut t = self.tables();
         for r in rows {
-            let list = t.copies.entry(uid_id(&r.client_id, r.kind, &r.uid)).or_default();
-            let key = r.key();
-            if let Err(at) = list.binary_search_by_key(&key, |(k, ..)| *k) {
-                list.insert(at, (key, r.kafka_partition, r.day));
-            }
+            t.log.entry((r.writer_partition, r.writer_seq)).or_default().push(r.clone());
         }
         Ok(())
     }
 
-    async fn first_copies(&self, keys: &[UidRef<'_>], per_key: usize) -> Result<Vec<CopyRow>, StoreError> {
+    async fn claims_since(&self, cursor: &BTreeMap<u16, u64>) -> Result<Vec<ClaimRow>, StoreError> {
         self.check()?;
         let t = self.tables();
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            if let Some(copies) = t.copies.get(&uid_id(k.0, k.1, k.2)) {
-                out.extend(copies.iter().take(per_key).map(|(c, p, day)| copy_row(k, c, *p, *day)));
-            }
-        }
-        Ok(out)
-    }
-
-    async fn copy_partitions(&self, keys: &[UidRef<'_>]) -> Result<Vec<(UidKey, u16)>, StoreError> {
-        self.check()?;
-        let t = self.tables();
-        let mut out = BTreeSet::new();
-        for k in keys {
-            for (_, p, _) in t.copies.get(&uid_id(k.0, k.1, k.2)).into_iter().flatten() {
-                out.insert(((k.0.to_owned(), k.1, k.2.to_owned()), *p));
-            }
-        }
-        Ok(out.into_iter().collect())
-    }
-
-    async fn copies_in(&self, keys: &[UidRef<'_>], partitions: &[u16]) -> Result<Vec<CopyRow>, StoreError> {
-        self.check()?;
-        let t = self.tables();
+        let writers: BTreeSet<u16> = t.log.keys().map(|(w, _)| *w).collect();
         let mut out = Vec::new();
-        for k in keys {
-            for (c, p, day) in t.copies.get(&uid_id(k.0, k.1, k.2)).into_iter().flatten() {
-                if partitions.contains(p) {
-                    out.push(copy_row(k, c, *p, *day));
-                }
+        for w in writers {
+            let from = cursor.get(&w).copied().unwrap_or(0).saturating_add(1);
+            for rows in t.log.range((w, from)..=(w, u64::MAX)).map(|(_, r)| r) {
+                out.extend(rows.iter().cloned());
             }
         }
         Ok(out)

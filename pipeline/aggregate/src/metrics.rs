@@ -92,7 +92,7 @@ impl ProcessorMetrics {
             )?,
             dedup_notices: IntCounter::new(
                 names::PROCESSOR_DEDUP_NOTICES_TOTAL,
-                "Dedup notices written: a first copy decided after other copies of its key were stored.",
+                "Dedup notices written: a copy in another partition comes after one of this partition's within the dedup horizon.",
             )?,
             flush_duration: Histogram::with_opts(
                 HistogramOpts::new(names::PROCESSOR_FLUSH_DURATION_SECONDS, "Duration of a flush to ClickHouse.")

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use eventflow_store::rows::{kind, Checkpoint, CopyRow, FactRow, NoticeRow, ProgressRow};
+use eventflow_store::rows::{kind, Checkpoint, ClaimRow, CopyRow, FactRow, NoticeRow, ProgressRow};
 use eventflow_store::{Store, StoreError};
 
 use crate::state::{FactRef, FlushBatch, SessionRef};
@@ -55,28 +55,16 @@ pub trait ProcessorStore: Send + Sync + 'static {
         sessions: &[SessionRef],
     ) -> impl std::future::Future<Output = Result<Vec<(SessionRef, Option<i64>)>, StoreError>> + Send;
 
-    /// Records copies of dedup keys (`fact_copies`).
-    fn write_copies(&self, rows: &[CopyRow]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    /// Records copies of dedup keys: in `fact_copies` (by key, for the recount) and in
+    /// `copy_log` (by writer partition and sequence, for the other partitions).
+    fn write_claims(&self, rows: &[ClaimRow]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
 
-    /// The `per_key` first copies of each key, by [`eventflow_store::rows::CopyKey`] order.
-    fn first_copies(
+    /// Copies in `copy_log` whose `writer_seq` is above `cursor[writer_partition]` (above 0 for
+    /// writers not in `cursor`).
+    fn claims_since(
         &self,
-        keys: &[UidRef<'_>],
-        per_key: usize,
-    ) -> impl std::future::Future<Output = Result<Vec<CopyRow>, StoreError>> + Send;
-
-    /// Partitions holding copies of each key: `(key, partition)` pairs.
-    fn copy_partitions(
-        &self,
-        keys: &[UidRef<'_>],
-    ) -> impl std::future::Future<Output = Result<Vec<(UidKey, u16)>, StoreError>> + Send;
-
-    /// Every copy of `keys` held by one of `partitions`.
-    fn copies_in(
-        &self,
-        keys: &[UidRef<'_>],
-        partitions: &[u16],
-    ) -> impl std::future::Future<Output = Result<Vec<CopyRow>, StoreError>> + Send;
+        cursor: &BTreeMap<u16, u64>,
+    ) -> impl std::future::Future<Output = Result<Vec<ClaimRow>, StoreError>> + Send;
 
     /// Records dedup notices.
     fn write_notices(&self, rows: &[NoticeRow]) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
@@ -138,20 +126,14 @@ impl ProcessorStore for Store {
             .collect())
     }
 
-    async fn write_copies(&self, rows: &[CopyRow]) -> Result<(), StoreError> {
-        self.insert("fact_copies", rows).await
+    async fn write_claims(&self, rows: &[ClaimRow]) -> Result<(), StoreError> {
+        let copies: Vec<CopyRow> = rows.iter().map(ClaimRow::copy_row).collect();
+        tokio::try_join!(self.insert("fact_copies", &copies), self.insert("copy_log", rows))?;
+        Ok(())
     }
 
-    async fn first_copies(&self, keys: &[UidRef<'_>], per_key: usize) -> Result<Vec<CopyRow>, StoreError> {
-        self.first_copies_of(keys, per_key).await
-    }
-
-    async fn copy_partitions(&self, keys: &[UidRef<'_>]) -> Result<Vec<(UidKey, u16)>, StoreError> {
-        self.copy_partitions_of(keys).await
-    }
-
-    async fn copies_in(&self, keys: &[UidRef<'_>], partitions: &[u16]) -> Result<Vec<CopyRow>, StoreError> {
-        self.copies_of_in(keys, partitions).await
+    async fn claims_since(&self, cursor: &BTreeMap<u16, u64>) -> Result<Vec<ClaimRow>, StoreError> {
+        self.copy_log_since(cursor).await
     }
 
     async fn write_notices(&self, rows: &[NoticeRow]) -> Result<(), StoreError> {

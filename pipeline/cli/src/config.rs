@@ -81,7 +81,8 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Loaded> {
             .separator("__")
             .try_parsing(true)
             .list_separator(",")
-            .with_list_parse_key("collector.allowed_origins"),
+            .with_list_parse_key("collector.allowed_origins")
+            .with_list_parse_key("collector.trusted_proxies"),
     );
     let raw = builder.build().context("reading configuration")?;
     let explicit_brokers = raw.get_string("kafka.brokers").is_ok();
@@ -134,6 +135,20 @@ mod tests {
             (d.links_lookup_concurrency, d.links_lookup_rate, d.links_negative_entries)
         );
         assert_eq!(c.shutdown_grace, d.shutdown_grace);
+        assert_eq!(
+            (c.spool_max_bytes, c.spool_segment_bytes, c.max_header_bytes, c.header_timeout, c.body_timeout),
+            (d.spool_max_bytes, d.spool_segment_bytes, d.max_header_bytes, d.header_timeout, d.body_timeout)
+        );
+        assert_eq!(
+            (c.max_connections, c.spool_client_share, c.rate_limit_keys, c.max_client_series),
+            (d.max_connections, d.spool_client_share, d.rate_limit_keys, d.max_client_series)
+        );
+        assert_eq!(
+            (c.rate_limit_per_ip, c.fact_rate_limit_per_ip, c.rate_limit_per_client, c.request_rate_limit_per_client),
+            (d.rate_limit_per_ip, d.fact_rate_limit_per_ip, d.rate_limit_per_client, d.request_rate_limit_per_client)
+        );
+        assert_eq!((c.trust_forwarded_for, &c.trusted_proxies), (d.trust_forwarded_for, &d.trusted_proxies));
+        assert!(!loaded.config.tenancy.allow_unknown_clients, "unknown clients are refused by default");
     }
 
     #[test]

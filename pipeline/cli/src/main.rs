@@ -361,6 +361,12 @@ async fn reconcile_cmd(
 
 async fn dev(loaded: Loaded) -> anyhow::Result<()> {
     let mut cfg = loaded.config;
+    if cfg.clients.is_empty() && !cfg.tenancy.allow_unknown_clients {
+        // A first run without any [clients]: every client id is welcome (a deployment lists
+        // its clients; unknown ones are refused there by default).
+        info!("dev: no [clients] configured; accepting facts of any client id");
+        cfg.tenancy.allow_unknown_clients = true;
+    }
     let mut _broker = None;
     if loaded.explicit_brokers {
         info!(brokers = %cfg.kafka.brokers, "dev: using the configured Kafka");

@@ -7,7 +7,7 @@
 //! deleted. If the producer hits a fatal error it is recreated and the records after the cursor
 //! are sent again; the processor recognises those redeliveries by spool id and sequence.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use eventflow_core::avro::FactCodec;
 use eventflow_topics::{registry, KafkaConfig, Topics};
 
 use crate::metrics::CollectorMetrics;
-use crate::spool::Shared;
+use crate::spool::{client_of_key, Shared};
 
 /// Records produced but not yet acknowledged, at most.
 const WINDOW: usize = 20_000;
@@ -110,10 +110,11 @@ impl Drainer {
         let producer: BaseProducer<DrainContext> =
             self.kafka.producer().create_with_context(context).map_err(|e| format!("creating producer: {e}"))?;
         let mut reader = self.shared.reader(self.shared.cursor());
-        // In flight: sequence -> (record bytes, receive time).
-        let mut in_flight: BTreeMap<u64, (u64, i64)> = BTreeMap::new();
+        // In flight: sequence -> (record bytes, receive time, client).
+        let mut in_flight: BTreeMap<u64, (u64, i64, String)> = BTreeMap::new();
         let mut next_unread = self.shared.cursor();
         let mut delivered_bytes = 0u64;
+        let mut delivered_by_client: HashMap<String, u64> = HashMap::new();
         let mut last_commit = Instant::now();
         let mut stopping_since: Option<Instant> = None;
         loop {
@@ -122,8 +123,9 @@ impl Drainer {
             for (seq, outcome) in acks {
                 match outcome {
                     Ok(()) => {
-                        if let Some((bytes, _)) = in_flight.remove(&seq) {
+                        if let Some((bytes, _, client)) = in_flight.remove(&seq) {
                             delivered_bytes += bytes;
+                            *delivered_by_client.entry(client).or_default() += bytes;
                             self.metrics.delivered.inc();
                         }
                     }
@@ -139,15 +141,16 @@ impl Drainer {
 
             // Everything before the first record in flight (or not yet read) is in Kafka.
             let cursor = in_flight.keys().next().copied().unwrap_or(next_unread);
-            let oldest = in_flight.values().next().map(|(_, received)| *received);
+            let oldest = in_flight.values().next().map(|(_, received, _)| *received);
             self.metrics.spool_oldest_age.set(oldest.map_or(0.0, |r| ((now_ms() - r).max(0)) as f64 / 1000.0));
             if cursor > self.shared.cursor()
                 && (last_commit.elapsed() >= Duration::from_millis(100) || in_flight.is_empty())
             {
-                if let Err(e) = self.shared.commit_cursor(cursor, delivered_bytes) {
+                if let Err(e) = self.shared.commit_cursor(cursor, delivered_bytes, &delivered_by_client) {
                     error!(error = %e, "persisting the spool cursor");
                 } else {
                     delivered_bytes = 0;
+                    delivered_by_client.clear();
                 }
                 last_commit = Instant::now();
             }
@@ -192,7 +195,7 @@ impl Drainer {
                     }
                 }
                 let bytes = (record.key.len() + record.value.len() + 27) as u64;
-                in_flight.insert(record.seq, (bytes, record.received_ms));
+                in_flight.insert(record.seq, (bytes, record.received_ms, client_of_key(&record.key).to_owned()));
                 next_unread = record.seq + 1;
                 sent += 1;
             }

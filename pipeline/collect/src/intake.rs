@@ -4,13 +4,18 @@
 //! tested and fuzzed. A body is one fact object or an array of up to 100; each element is
 //! validated on its own, so good facts in a batch are kept when others are rejected.
 //! Strings are kept verbatim (SQL or script fragments are just text); empty strings count as
-//! absent; control characters and over-long values are rejected with a named field.
+//! absent; control characters, bidirectional-text controls and over-long values are rejected with
+//! a named field. [`check_text`] is the one rule for every value that can reach a fact, whatever
+//! carried it: the body, the `ef_utm` cookie ([`crate::session`]), the `/r/{cid}` path and
+//! campaign-link metadata ([`crate::links`]).
 
 use serde_json::{Map, Value};
 
 use eventflow_core::fact::{FactKind, PageKind, Utm};
 use eventflow_core::ClientId;
 
+/// Largest accepted body (CONTRACT.md §2).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Most facts in one request.
 pub const MAX_BATCH: usize = 100;
 /// Longest id (`event_id`, `webinar_id`, `entry_id`, `session_id`, `event_uid`, `cid`).
@@ -21,6 +26,49 @@ pub const MAX_UTM_CHARS: usize = 256;
 pub const MAX_URL_CHARS: usize = 2048;
 /// Longest `ts`.
 pub const MAX_TS_CHARS: usize = 64;
+/// Largest spool record of one fact (its encoded value, key and record header). Within the field
+/// limits a fact of ASCII values takes at most about 9 KiB; this cap stops what the limits in
+/// characters still allow (four-byte characters everywhere). Such a fact is rejected with
+/// reason `fact_too_large`.
+pub const MAX_FACT_BYTES: usize = 16 * 1024;
+
+/// Why a string value is refused (the `detail` of `invalid_field`).
+pub fn check_text(value: &str, max_chars: usize) -> Result<(), &'static str> {
+    if value.chars().count() > max_chars {
+        return Err(match max_chars {
+            MAX_ID_CHARS => "longer than 128 characters",
+            MAX_UTM_CHARS => "longer than 256 characters",
+            MAX_URL_CHARS => "longer than 2048 characters",
+            _ => "too long",
+        });
+    }
+    if value.chars().any(char::is_control) {
+        return Err("contains control characters");
+    }
+    if value.chars().any(is_bidi_control) {
+        return Err("contains bidirectional text controls");
+    }
+    Ok(())
+}
+
+/// Unicode bidirectional formatting characters (and the line and paragraph separators), which
+/// can make a value display differently from what it is (Trojan Source, CVE-2021-42574).
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+}
+
+/// Whether every field of `utm` passes [`check_text`].
+pub fn valid_utm(utm: &Utm) -> bool {
+    [&utm.source, &utm.medium, &utm.campaign, &utm.term, &utm.content]
+        .into_iter()
+        .flatten()
+        .all(|v| check_text(v, MAX_UTM_CHARS).is_ok())
+}
+
+/// Whether `cid` is a campaign link id a fact may carry.
+pub fn valid_cid(cid: &str) -> bool {
+    !cid.is_empty() && check_text(cid, MAX_ID_CHARS).is_ok()
+}
 
 /// Why a whole request body is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +119,11 @@ pub enum Reason {
         detail: String,
     },
     RateLimited,
+    /// The fact's spool record would be larger than [`MAX_FACT_BYTES`].
+    FactTooLarge,
+    /// Storing the fact would take the request beyond the spool bytes it may add (a multiple
+    /// of the bytes it sent, [`crate::collect::SPOOL_BYTES_PER_BYTE_SENT`]).
+    OverBudget,
     /// The collector could not store the fact (spool full or failing): answered 503.
     SpoolUnavailable,
 }
@@ -92,6 +145,8 @@ impl Reason {
             Reason::MissingSessionId => "missing_session_id",
             Reason::InvalidField { .. } => "invalid_field",
             Reason::RateLimited => "rate_limited",
+            Reason::FactTooLarge => "fact_too_large",
+            Reason::OverBudget => "over_budget",
             Reason::SpoolUnavailable => "spool_unavailable",
         }
     }
@@ -178,6 +233,22 @@ pub fn parse_body(bytes: &[u8]) -> Result<Vec<Value>, BodyError> {
     }
 }
 
+/// The kind and client id of a body's first fact, as far as they can be read: names the
+/// `*TrackFail` event of a request refused as a whole.
+pub fn peek_identity(values: &[Value]) -> (Option<FactKind>, Option<String>) {
+    let Some(Value::Object(first)) = values.first() else {
+        return (None, None);
+    };
+    let kind = match first.get("type").and_then(Value::as_str) {
+        Some("visit") => Some(FactKind::Visit),
+        Some("entry") => Some(FactKind::Entry),
+        Some("ping") => Some(FactKind::Ping),
+        _ => None,
+    };
+    let client = first.get("client_id").and_then(Value::as_str).and_then(|c| ClientId::parse(c).ok());
+    (kind, client.map(|c| c.to_string()))
+}
+
 /// Validates every element of a parsed body.
 pub fn validate_all(values: &[Value]) -> Vec<Result<FactIn, Rejection>> {
     values.iter().enumerate().map(|(i, v)| validate(i, v)).collect()
@@ -197,12 +268,7 @@ fn opt_str_named(obj: &Map<String, Value>, key: &str, name: &str, max_chars: usi
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
         Some(Value::String(s)) => {
-            if s.chars().count() > max_chars {
-                return Err(invalid(name, format!("longer than {max_chars} characters")));
-            }
-            if s.chars().any(char::is_control) {
-                return Err(invalid(name, "contains control characters"));
-            }
+            check_text(s, max_chars).map_err(|detail| invalid(name, detail))?;
             Ok(Some(s.clone()))
         }
         Some(_) => Err(invalid(name, "must be a string")),
@@ -364,6 +430,14 @@ mod tests {
             invalid("utm.source", "longer than 256 characters")
         );
         assert_eq!(base(json!({"referrer": "a\u{0007}b"})), invalid("referrer", "contains control characters"));
+        assert_eq!(
+            base(json!({"utm": {"campaign": "sale\u{202E}gpj.exe"}})),
+            invalid("utm.campaign", "contains bidirectional text controls")
+        );
+        assert_eq!(
+            base(json!({"event_uid": "a\u{2066}b"})),
+            invalid("event_uid", "contains bidirectional text controls")
+        );
         assert_eq!(base(json!({"ts": 1_700_000_000})), invalid("ts", "must be a string"));
     }
 
@@ -391,6 +465,54 @@ mod tests {
         assert_eq!(parse_body(b"[1, {\"type\": \"visit\"}]").unwrap().len(), 2);
     }
 
+    /// Every string a validated fact carries, with its limit.
+    fn strings(f: &FactIn) -> Vec<(String, usize)> {
+        let mut out = vec![(f.client_id.to_string(), 64)];
+        let ids: Vec<&Option<String>>;
+        let mut urls: Vec<&Option<String>> = Vec::new();
+        let mut utm: Option<&Utm> = None;
+        match &f.body {
+            Body::Visit(v) => {
+                ids = vec![&v.event_id, &v.webinar_id, &v.session_id, &v.event_uid, &v.cid];
+                urls = vec![&v.path, &v.referrer];
+                utm = Some(&v.utm);
+            }
+            Body::Entry(e) => {
+                out.push((e.entry_id.clone(), MAX_ID_CHARS));
+                ids = vec![&e.event_id, &e.webinar_id, &e.session_id, &e.cid];
+                utm = Some(&e.utm);
+            }
+            Body::Ping(p) => {
+                out.push((p.webinar_id.clone(), MAX_ID_CHARS));
+                ids = vec![&p.session_id];
+            }
+        }
+        let mut push = |v: &Option<String>, max: usize| out.extend(v.iter().map(|s| (s.clone(), max)));
+        push(&f.ts, MAX_TS_CHARS);
+        ids.into_iter().for_each(|v| push(v, MAX_ID_CHARS));
+        urls.into_iter().for_each(|v| push(v, MAX_URL_CHARS));
+        if let Some(u) = utm {
+            for v in [&u.source, &u.medium, &u.campaign, &u.term, &u.content] {
+                push(v, MAX_UTM_CHARS);
+            }
+        }
+        out
+    }
+
+    /// The bounds, checked independently of `check_text`.
+    fn within_bounds(value: &str, max: usize) -> bool {
+        value.chars().count() <= max
+            && !value.is_empty()
+            && value.chars().all(|c| {
+                let cp = u32::from(c);
+                cp >= 0x20
+                    && !(0x7f..=0x9f).contains(&cp)
+                    && ![0x061c, 0x200e, 0x200f, 0x2028, 0x2029].contains(&cp)
+                    && !(0x202a..=0x202e).contains(&cp)
+                    && !(0x2066..=0x2069).contains(&cp)
+            })
+    }
+
     proptest! {
         // Arbitrary bytes never panic the parser, and every outcome is either a body error or
         // one result per element.
@@ -399,6 +521,32 @@ mod tests {
             if let Ok(values) = parse_body(&bytes) {
                 prop_assert!(!values.is_empty() && values.len() <= MAX_BATCH);
                 prop_assert_eq!(validate_all(&values).len(), values.len());
+            }
+        }
+
+        // Facts built from arbitrary strings (any Unicode, controls and bidi included, up to
+        // 300 characters): whatever is accepted is within the validation bounds.
+        #[test]
+        fn accepted_values_are_within_bounds(
+            values in proptest::collection::vec(any::<String>(), 12),
+            long in proptest::collection::vec("[a-z\u{202e}\u{0}]{250,260}", 3),
+            kind in 0usize..3,
+        ) {
+            let pick = |i: usize| if i % 4 == 3 { long[i % 3].clone() } else { values[i % values.len()].clone() };
+            let fact = match kind {
+                0 => json!({"type": "visit", "client_id": "acme", "page": "landing", "event_id": pick(0),
+                    "session_id": pick(1), "event_uid": pick(2), "path": pick(3), "cid": pick(4), "referrer": pick(5),
+                    "ts": pick(6), "utm": {"source": pick(7), "medium": pick(8), "campaign": pick(9), "term": pick(10), "content": pick(11)}}),
+                1 => json!({"type": "entry", "client_id": "acme", "entry_id": pick(0), "event_id": pick(1),
+                    "session_id": pick(2), "cid": pick(3), "utm": {"source": pick(7), "campaign": pick(11)}}),
+                _ => json!({"type": "ping", "client_id": "acme", "webinar_id": pick(0), "session_id": pick(3)}),
+            };
+            let body = serde_json::to_vec(&fact).unwrap();
+            let values = parse_body(&body).unwrap();
+            if let Ok(f) = validate(0, &values[0]) {
+                for (v, max) in strings(&f) {
+                    prop_assert!(within_bounds(&v, max), "{:?} (max {})", v, max);
+                }
             }
         }
 

@@ -1,21 +1,26 @@
 //! The EventFlow edge collector.
 //!
-//! A beacon arrives at [`http`] (`POST /v1/collect`), is parsed and validated by [`intake`],
-//! enriched with the session and attribution cookies of [`session`] and campaign links of
-//! [`links`], appended to the fsynced [`spool`] (that is when it is acknowledged), and drained to
-//! the Kafka fact topics in order by [`drain`].
+//! A beacon arrives at [`http`]'s server, is admitted by its [`source`] address's rate limits
+//! ([`ratelimit`]), read, parsed and validated by [`collect`] and [`intake`], enriched with the
+//! session and attribution cookies of [`session`] and campaign links of [`links`], appended to
+//! the fsynced [`spool`] (that is when it is acknowledged), and drained to the Kafka fact topics
+//! in order by [`drain`]. A request refused whole is an [`error::CollectError`]; failures are
+//! logged through [`logs`], within a rate.
 
+pub mod collect;
 pub mod config;
 pub mod drain;
+pub mod error;
 pub mod http;
 pub mod intake;
 pub mod links;
+pub mod logs;
 pub mod metrics;
 pub mod ratelimit;
 pub mod session;
+pub mod source;
 pub mod spool;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,10 +39,13 @@ use eventflow_topics::KafkaConfig;
 pub use config::CollectorConfig;
 pub use metrics::CollectorMetrics;
 
-use crate::http::AppState;
+use crate::http::{AppState, Limits, ServerLimits};
 use crate::links::{LinkMetrics, LinkSource, Links, LookupLimits};
+use crate::logs::FailLog;
+use crate::metrics::ClientSeries;
 use crate::ratelimit::RateLimiter;
 use crate::session::CookiePolicy;
+use crate::source::SourcePolicy;
 use crate::spool::{Spool, SpoolOptions};
 
 /// Errors starting or running the collector.
@@ -89,8 +97,9 @@ pub async fn serve(
     let spool = Spool::open(
         SpoolOptions {
             dir: PathBuf::from(&c.spool_dir),
-            max_bytes: c.spool_max_bytes,
-            segment_bytes: c.spool_segment_bytes,
+            max_bytes: c.spool_max_bytes.get(),
+            client_share: c.spool_client_share,
+            segment_bytes: c.spool_segment_bytes.get(),
             fsync_seconds: Some(metrics.spool_fsync.clone()),
         },
         codec.clone(),
@@ -99,7 +108,7 @@ pub async fn serve(
     let drainer = drain::Drainer {
         shared: spool.shared().clone(),
         kafka: deps.kafka.clone(),
-        codec,
+        codec: codec.clone(),
         metrics: metrics.clone(),
         stop: stop_drainer.clone(),
         grace,
@@ -119,34 +128,51 @@ pub async fn serve(
     if let Some(source) = source {
         tokio::spawn(links.clone().refresh_loop(source, links_refresh, background.clone()));
     }
+    metrics.spool_max_bytes.set(i64::try_from(c.spool_max_bytes.get()).unwrap_or(i64::MAX));
+    let keys = c.rate_limit_keys;
     let state = Arc::new(AppState {
         spool,
         links,
         clients: deps.clients.clone(),
-        metrics,
+        client_series: ClientSeries::new(&metrics, c.max_client_series, deps.clients.clients().map(|c| c.as_str())),
+        fail_log: FailLog::new(metrics.log_lines_suppressed.clone()),
+        metrics: metrics.clone(),
         registry: deps.registry.clone(),
-        ip_limiter: RateLimiter::new(c.rate_limit_per_ip),
-        client_limiter: RateLimiter::new(c.rate_limit_per_client),
+        codec,
+        limits: Limits {
+            ip_requests: RateLimiter::new(c.rate_limit_per_ip, keys),
+            ip_facts: RateLimiter::new(c.fact_rate_limit_per_ip, keys),
+            client_facts: RateLimiter::new(c.rate_limit_per_client, keys),
+            client_requests: RateLimiter::new(c.request_rate_limit_per_client, keys),
+        },
+        source: SourcePolicy { trust_forwarded_for: c.trust_forwarded_for, trusted_proxies: c.trusted_proxies.clone() },
         cookies: CookiePolicy {
             domain: c.cookie_domain.clone(),
             secure: c.cookie_secure,
             session_max_age_secs: c.session_lifetime.get().as_secs(),
         },
         allowed_origins: c.allowed_origins.clone(),
-        trust_forwarded_for: c.trust_forwarded_for,
         allowed_lateness_ms: deps.allowed_lateness_ms,
+        body_timeout: c.body_timeout.get(),
         accepting: AtomicBool::new(true),
     });
     info!(addr = %listener.local_addr()?, spool = %c.spool_dir, "collector listening");
     let app = http::router(state.clone());
     let stopping = state.clone();
-    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            shutdown.cancelled().await;
-            // Readiness turns 503 first, then in-flight requests finish.
-            stopping.accepting.store(false, Ordering::Release);
-        })
-        .await;
+    let server_shutdown = CancellationToken::new();
+    let stop_server = server_shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        // Readiness turns 503 first, then in-flight requests finish.
+        stopping.accepting.store(false, Ordering::Release);
+        stop_server.cancel();
+    });
+    let limits = ServerLimits {
+        max_header_bytes: usize::try_from(c.max_header_bytes.get()).unwrap_or(usize::MAX),
+        header_timeout: c.header_timeout.get(),
+        max_connections: c.max_connections,
+    };
+    let served = http::serve_connections(listener, app, limits, metrics, server_shutdown).await;
     background.cancel();
     stop_drainer.store(true, Ordering::Release);
     let joined = tokio::task::spawn_blocking(move || drainer.join()).await;

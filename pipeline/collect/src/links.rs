@@ -46,8 +46,12 @@ pub struct Link {
 }
 
 impl From<CampaignLinkRow> for Link {
+    /// Link metadata reaches facts (through `ef_utm`), so its UTM values pass the same
+    /// validation as a fact's: an invalid one is left out.
     fn from(r: CampaignLinkRow) -> Self {
-        let o = |s: String| (!s.is_empty()).then_some(s);
+        let o = |s: String| {
+            (!s.is_empty() && crate::intake::check_text(&s, crate::intake::MAX_UTM_CHARS).is_ok()).then_some(s)
+        };
         Link {
             client_id: r.client_id,
             destination: r.destination,
@@ -185,7 +189,7 @@ impl Links {
                 in_flight: HashMap::new(),
             }),
             permits: Arc::new(Semaphore::new(limits.concurrency)),
-            rate: RateLimiter::new(limits.rate),
+            rate: RateLimiter::new(limits.rate, 1),
         });
         Links { inner: Arc::new(Inner { copy: RwLock::new(HashMap::new()), read_through, metrics }) }
     }
@@ -239,7 +243,7 @@ impl Links {
             return Pending::Waiting(rx.clone());
         }
         let permit = match rt.permits.clone().try_acquire_owned() {
-            Ok(p) if rt.rate.try_take(&(), 1.0, now.into_std()) => p,
+            Ok(p) if rt.rate.check(&()) => p,
             _ => {
                 self.count("limited");
                 return Pending::Ready(Resolved::Unavailable);
@@ -589,6 +593,22 @@ mod tests {
         let (links, m) = links(&source, limits());
         assert_eq!(links.resolve("spring").await, Resolved::Unavailable);
         assert_eq!(outcome(&m, "error"), 1);
+    }
+
+    #[test]
+    fn link_metadata_passes_the_fact_validation() {
+        let row = CampaignLinkRow {
+            cid: "c".into(),
+            client_id: "acme".into(),
+            destination: "https://site.test/".into(),
+            utm_source: "news".into(),
+            utm_medium: "m".repeat(300),
+            utm_campaign: "sale\u{202E}".into(),
+            utm_term: "a\u{7}b".into(),
+            utm_content: String::new(),
+            updated_at: 1,
+        };
+        assert_eq!(Link::from(row).utm, Utm { source: Some("news".into()), ..Utm::default() });
     }
 
     #[test]

@@ -1,6 +1,15 @@
 //! Prometheus metrics of the collector (names in `eventflow_core::metrics`).
+//!
+//! Label values are bounded: fact types, outcomes, reasons and route templates are closed sets;
+//! the `client` label of [`ClientSeries`] holds at most `collector.max_client_series` values
+//! plus `_other`.
 
-use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use std::collections::HashSet;
+use std::sync::{Mutex, PoisonError};
+
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use eventflow_core::metrics as names;
 
@@ -20,6 +29,14 @@ pub struct CollectorMetrics {
     pub link_lookups: IntCounterVec,
     pub links_cached: IntGauge,
     pub spool_fsync: Histogram,
+    pub spool_max_bytes: IntGauge,
+    pub spool_refusals: IntCounterVec,
+    pub rate_limiter_keys: IntGaugeVec,
+    pub client_facts: IntCounterVec,
+    pub client_facts_folded: IntCounter,
+    pub log_lines_suppressed: IntCounterVec,
+    pub connections: IntGauge,
+    pub connections_closed: IntCounterVec,
 }
 
 impl CollectorMetrics {
@@ -88,8 +105,61 @@ impl CollectorMetrics {
                 )
                 .buckets(names::LATENCY_BUCKETS.to_vec()),
             )?,
+            spool_max_bytes: IntGauge::new(
+                names::COLLECTOR_SPOOL_MAX_BYTES,
+                "Bytes the spool may hold awaiting Kafka (collector.spool_max_bytes).",
+            )?,
+            spool_refusals: IntCounterVec::new(
+                Opts::new(
+                    names::COLLECTOR_SPOOL_REFUSALS_TOTAL,
+                    "Requests refused with 503 by the spool: full (spool_max_bytes) or client_share (a client \
+                     at its share of it).",
+                ),
+                &["reason"],
+            )?,
+            rate_limiter_keys: IntGaugeVec::new(
+                Opts::new(
+                    names::COLLECTOR_RATE_LIMITER_KEYS,
+                    "Keys remembered by each rate limit (at most collector.rate_limit_keys).",
+                ),
+                &["limiter"],
+            )?,
+            client_facts: IntCounterVec::new(
+                Opts::new(
+                    names::COLLECTOR_CLIENT_FACTS_TOTAL,
+                    "Facts by client and outcome; clients beyond collector.max_client_series are counted as \
+                     client=\"_other\".",
+                ),
+                &["client", "outcome"],
+            )?,
+            client_facts_folded: IntCounter::new(
+                names::COLLECTOR_CLIENT_FACTS_FOLDED_TOTAL,
+                "Facts counted under client=\"_other\" because their client has no series of its own.",
+            )?,
+            log_lines_suppressed: IntCounterVec::new(
+                Opts::new(
+                    names::COLLECTOR_LOG_LINES_SUPPRESSED_TOTAL,
+                    "Failure log lines not written because their reason was over its log rate.",
+                ),
+                &["reason"],
+            )?,
+            connections: IntGauge::new(names::COLLECTOR_CONNECTIONS, "Open HTTP connections.")?,
+            connections_closed: IntCounterVec::new(
+                Opts::new(
+                    names::COLLECTOR_CONNECTIONS_CLOSED_TOTAL,
+                    "Connections the collector closed: evicted (the oldest, for a new one beyond \
+                     collector.max_connections) or error (a protocol error or timeout).",
+                ),
+                &["reason"],
+            )?,
         };
         // Series that alerts watch exist from the start (at 0).
+        for reason in ["full", "client_share"] {
+            m.spool_refusals.with_label_values(&[reason]);
+        }
+        for reason in ["evicted", "error"] {
+            m.connections_closed.with_label_values(&[reason]);
+        }
         for kind in eventflow_core::FactKind::ALL {
             for outcome in ["accepted", "rejected", "failed"] {
                 m.facts.with_label_values(&[kind.as_str(), outcome]);
@@ -117,6 +187,102 @@ impl CollectorMetrics {
         registry.register(Box::new(m.link_clicks.clone()))?;
         registry.register(Box::new(m.link_lookups.clone()))?;
         registry.register(Box::new(m.links_cached.clone()))?;
+        registry.register(Box::new(m.spool_max_bytes.clone()))?;
+        registry.register(Box::new(m.spool_refusals.clone()))?;
+        registry.register(Box::new(m.rate_limiter_keys.clone()))?;
+        registry.register(Box::new(m.client_facts.clone()))?;
+        registry.register(Box::new(m.client_facts_folded.clone()))?;
+        registry.register(Box::new(m.log_lines_suppressed.clone()))?;
+        registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.connections_closed.clone()))?;
         Ok(m)
+    }
+}
+
+/// The label for a client in the per-client series.
+pub const OTHER_CLIENTS: &str = "_other";
+
+/// The `client` label of `eventflow_collector_client_facts_total`, bounded.
+///
+/// Configured clients always have their own series; other clients get one in order of arrival
+/// while fewer than `max` clients have one; the facts of the rest are counted under `_other`
+/// (not a valid client id, so it never names a client) and in
+/// `eventflow_collector_client_facts_folded_total`.
+#[derive(Debug)]
+pub struct ClientSeries {
+    max: usize,
+    named: Mutex<HashSet<String>>,
+    facts: IntCounterVec,
+    folded: IntCounter,
+}
+
+impl ClientSeries {
+    pub fn new<'a>(metrics: &CollectorMetrics, max: usize, configured: impl IntoIterator<Item = &'a str>) -> Self {
+        let named: HashSet<String> = configured.into_iter().map(str::to_owned).collect();
+        for client in named.iter().map(String::as_str).chain([OTHER_CLIENTS]) {
+            for outcome in ["accepted", "rejected", "failed"] {
+                metrics.client_facts.with_label_values(&[client, outcome]);
+            }
+        }
+        Self {
+            max,
+            named: Mutex::new(named),
+            facts: metrics.client_facts.clone(),
+            folded: metrics.client_facts_folded.clone(),
+        }
+    }
+
+    /// Counts `n` facts of `client` with `outcome`.
+    pub fn count(&self, client: &str, outcome: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let own = {
+            let mut named = self.named.lock().unwrap_or_else(PoisonError::into_inner);
+            if named.contains(client) {
+                true
+            } else if named.len() < self.max {
+                named.insert(client.to_owned());
+                true
+            } else {
+                false
+            }
+        };
+        if own {
+            self.facts.with_label_values(&[client, outcome]).inc_by(n);
+        } else {
+            self.facts.with_label_values(&[OTHER_CLIENTS, outcome]).inc_by(n);
+            self.folded.inc_by(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_series_are_capped_with_an_other_bucket() {
+        let registry = Registry::new();
+        let m = CollectorMetrics::new(&registry).unwrap();
+        let series = ClientSeries::new(&m, 4, ["acme", "globex"]);
+        for i in 0..100 {
+            series.count(&format!("c{i}"), "accepted", 1);
+        }
+        series.count("acme", "accepted", 3);
+        series.count("c1", "rejected", 2);
+        // acme, globex, c0 and c1 have series; c2..c99 (98 facts) are folded.
+        assert_eq!(m.client_facts_folded.get(), 98);
+        assert_eq!(m.client_facts.with_label_values(&["_other", "accepted"]).get(), 98);
+        assert_eq!(m.client_facts.with_label_values(&["acme", "accepted"]).get(), 3);
+        assert_eq!(m.client_facts.with_label_values(&["c1", "rejected"]).get(), 2);
+        let families = registry.gather();
+        let clients: HashSet<String> = families
+            .iter()
+            .filter(|f| f.name() == names::COLLECTOR_CLIENT_FACTS_TOTAL)
+            .flat_map(|f| f.get_metric().iter())
+            .flat_map(|m| m.get_label().iter().filter(|l| l.name() == "client").map(|l| l.value().to_owned()))
+            .collect();
+        assert_eq!(clients.len(), 4 + 1, "{clients:?}");
     }
 }

@@ -10,10 +10,22 @@
 //!   carry the last touch as `utm` and the first touch as `first_touch_utm`.
 //!
 //! The policy is written down in `docs/policies/attribution.md`.
+//!
+//! Cookies come from the request, so `ef_utm` is validated like a body: a value over 4 KiB (more
+//! than a browser stores), not base64url of the expected JSON, or with any value that fails
+//! [`intake::check_text`] (UTM values over 256 characters, control or bidi characters, a `cid`
+//! over 128) is ignored whole. Parsing and writing cookies is the `cookie` crate's, the encoding
+//! the `base64` crate's.
 
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use cookie::{Cookie, SameSite};
 use serde::{Deserialize, Serialize};
 
 use eventflow_core::fact::Utm;
+
+use crate::intake;
 
 pub const SESSION_COOKIE: &str = "ef_sid";
 pub const UTM_COOKIE: &str = "ef_utm";
@@ -21,6 +33,14 @@ pub const UTM_COOKIE: &str = "ef_utm";
 pub const ATTRIBUTION_MAX_AGE_SECS: u64 = 30 * 24 * 3600;
 /// Browsers drop cookies over 4096 bytes; long terms and contents are left out above this.
 const MAX_UTM_COOKIE_BYTES: usize = 3800;
+/// A longer `ef_utm` value than a browser would store is not read at all.
+pub const MAX_COOKIE_VALUE_BYTES: usize = 4096;
+
+/// URL-safe base64; written without padding, read with or without.
+const B64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_encode_padding(false).with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// A campaign touch: where the visitor came from, and when.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,20 +88,38 @@ impl Attribution {
             }
             json = serde_json::to_vec(&copy).unwrap_or_default();
         }
-        base64url_encode(&json)
+        B64.encode(&json)
     }
 
-    /// Parses a cookie value; anything malformed is treated as no attribution.
+    /// Parses a cookie value; anything malformed or out of bounds is treated as no attribution.
     pub fn decode(value: &str) -> Attribution {
-        base64url_decode(value).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+        Self::try_decode(value).unwrap_or_default()
+    }
+
+    /// The attribution in a cookie value, if it is well-formed and every value in it is valid.
+    pub fn try_decode(value: &str) -> Option<Attribution> {
+        if value.len() > MAX_COOKIE_VALUE_BYTES {
+            return None;
+        }
+        let bytes = B64.decode(value).ok()?;
+        let a: Attribution = serde_json::from_slice(&bytes).ok()?;
+        a.is_valid().then_some(a)
+    }
+
+    /// Whether every value passes the same validation as a fact's own fields.
+    pub fn is_valid(&self) -> bool {
+        [&self.first, &self.last]
+            .into_iter()
+            .flatten()
+            .all(|t| t.cid.as_deref().is_none_or(intake::valid_cid) && intake::valid_utm(&t.utm))
     }
 }
 
-/// Cookies of a request, by name (the first occurrence wins).
-pub fn cookie<'a>(header: Option<&'a str>, name: &str) -> Option<&'a str> {
-    header?.split(';').map(str::trim).find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k.trim() == name).then(|| v.trim().trim_matches('"'))
+/// Cookies of a request (every `Cookie` header), by name: the first well-formed occurrence wins.
+pub fn cookie<'a>(headers: impl IntoIterator<Item = &'a str>, name: &str) -> Option<&'a str> {
+    headers.into_iter().flat_map(Cookie::split_parse).filter_map(Result::ok).find_map(|c| {
+        // Cookies split from a borrowed header borrow their value from it.
+        (c.name() == name).then(|| c.value_raw()).flatten()
     })
 }
 
@@ -107,15 +145,16 @@ pub struct CookiePolicy {
 
 impl CookiePolicy {
     fn set(&self, name: &str, value: &str, max_age: u64) -> String {
-        let mut c = format!("{name}={value}; Path=/; Max-Age={max_age}; SameSite=Lax; HttpOnly");
+        let mut c = Cookie::build((name.to_owned(), value.to_owned()))
+            .path("/")
+            .max_age(cookie::time::Duration::seconds(i64::try_from(max_age).unwrap_or(i64::MAX)))
+            .same_site(SameSite::Lax)
+            .http_only(true)
+            .secure(self.secure);
         if let Some(d) = &self.domain {
-            c.push_str("; Domain=");
-            c.push_str(d);
+            c = c.domain(d.clone());
         }
-        if self.secure {
-            c.push_str("; Secure");
-        }
-        c
+        c.build().to_string()
     }
 
     pub fn session(&self, id: &str) -> String {
@@ -125,36 +164,6 @@ impl CookiePolicy {
     pub fn attribution(&self, a: &Attribution) -> String {
         self.set(UTM_COOKIE, &a.encode(), ATTRIBUTION_MAX_AGE_SECS)
     }
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-fn base64url_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 4 / 3 + 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        let chars = chunk.len() + 1;
-        for i in 0..chars {
-            out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-fn base64url_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let vals: Option<Vec<u32>> = s.bytes().map(|c| B64.iter().position(|b| *b == c).map(|p| p as u32)).collect();
-    let vals = vals?;
-    for chunk in vals.chunks(4) {
-        if chunk.len() < 2 {
-            return None;
-        }
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, v)| acc | (v << (18 - 6 * i)));
-        for i in 0..chunk.len() - 1 {
-            out.push(((n >> (16 - 8 * i)) & 0xff) as u8);
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -196,27 +205,80 @@ mod tests {
         assert_eq!(Attribution::decode("eyJ"), Attribution::default());
     }
 
+    fn forged(json: &serde_json::Value) -> String {
+        B64.encode(json.to_string())
+    }
+
     #[test]
-    fn base64_round_trip() {
-        for len in 0..10 {
-            let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
-            assert_eq!(base64url_decode(&base64url_encode(&data)).unwrap(), data);
+    fn forged_cookies_pass_the_same_validation_as_bodies() {
+        let ok = serde_json::json!({"l": {"cid": "spring", "utm": {"source": "news"}, "at_ms": 5}});
+        assert_eq!(Attribution::decode(&forged(&ok)).last.map(|t| t.utm), Some(utm("news")));
+        for bad in [
+            serde_json::json!({"l": {"utm": {"source": "x".repeat(257)}, "at_ms": 5}}),
+            serde_json::json!({"f": {"utm": {"campaign": "a\u{0}b"}, "at_ms": 5}}),
+            serde_json::json!({"l": {"utm": {"term": "sale\u{202E}fdp.exe"}, "at_ms": 5}}),
+            serde_json::json!({"l": {"cid": "c".repeat(129), "at_ms": 5}}),
+            serde_json::json!({"l": {"utm": {"source": 5}, "at_ms": 5}}),
+        ] {
+            assert_eq!(Attribution::try_decode(&forged(&bad)), None, "{bad}");
+        }
+        // Longer than a browser keeps: not even decoded (the padding field would be ignored).
+        let long = serde_json::json!({"l": {"utm": {"source": "news"}, "at_ms": 5}, "pad": "p".repeat(3100)});
+        assert!(forged(&long).len() > MAX_COOKIE_VALUE_BYTES);
+        assert_eq!(Attribution::try_decode(&forged(&long)), None);
+        let short = serde_json::json!({"l": {"utm": {"source": "news"}, "at_ms": 5}, "pad": "p".repeat(100)});
+        assert!(Attribution::try_decode(&forged(&short)).is_some());
+        // Padded values (another encoder) are read too.
+        let padded = base64::engine::general_purpose::URL_SAFE.encode(ok.to_string());
+        assert!(Attribution::try_decode(&padded).is_some());
+    }
+
+    proptest::proptest! {
+        // Arbitrary cookie headers and values never panic the decoder, and whatever it returns
+        // holds only values within the validation bounds.
+        #[test]
+        fn arbitrary_cookies_decode_within_bounds(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            json in proptest::collection::vec(proptest::prelude::any::<String>(), 4),
+        ) {
+            let header = String::from_utf8_lossy(&raw).into_owned();
+            let _ = cookie([header.as_str()], UTM_COOKIE).map(Attribution::decode);
+            let _ = Attribution::decode(&header);
+            let shaped = serde_json::json!({"f": {"cid": json[0], "utm": {"source": json[1]}, "at_ms": 1},
+                "l": {"utm": {"campaign": json[2], "content": json[3]}, "at_ms": 2}});
+            for value in [forged(&shaped), B64.encode(&raw)] {
+                let a = Attribution::decode(&value);
+                for t in [&a.first, &a.last].into_iter().flatten() {
+                    let values = [&t.cid, &t.utm.source, &t.utm.medium, &t.utm.campaign, &t.utm.term, &t.utm.content];
+                    for v in values.into_iter().flatten() {
+                        proptest::prop_assert!(v.chars().count() <= intake::MAX_UTM_CHARS);
+                        proptest::prop_assert!(!v.chars().any(|c| c.is_control() || intake::is_bidi_control(c)));
+                    }
+                    if let Some(cid) = &t.cid {
+                        proptest::prop_assert!(cid.chars().count() <= intake::MAX_ID_CHARS);
+                    }
+                }
+            }
         }
     }
 
     #[test]
     fn cookies_and_session_ids() {
-        let h = Some("a=1; ef_sid=abc123; ef_utm=xyz");
+        let h = ["a=1; ef_sid=abc123; ef_utm=xyz"];
         assert_eq!(cookie(h, SESSION_COOKIE), Some("abc123"));
         assert_eq!(cookie(h, "missing"), None);
+        assert_eq!(cookie(["broken", "x=1;ef_sid=s2"], SESSION_COOKIE), Some("s2"), "every Cookie header is read");
         assert!(valid_session_id("0f3a-b_c.d:e"));
         assert!(!valid_session_id("a b"));
         assert!(!valid_session_id(""));
         assert_eq!(new_session_id().len(), 32);
         let p = CookiePolicy { domain: Some("example.com".into()), secure: true, session_max_age_secs: 1800 };
+        let set = Cookie::parse(p.session("s")).unwrap();
         assert_eq!(
-            p.session("s"),
-            "ef_sid=s; Path=/; Max-Age=1800; SameSite=Lax; HttpOnly; Domain=example.com; Secure"
+            (set.name(), set.value(), set.path(), set.domain()),
+            ("ef_sid", "s", Some("/"), Some("example.com"))
         );
+        assert_eq!(set.max_age(), Some(cookie::time::Duration::seconds(1800)));
+        assert_eq!((set.same_site(), set.http_only(), set.secure()), (Some(SameSite::Lax), Some(true), Some(true)));
     }
 }

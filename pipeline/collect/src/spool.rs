@@ -10,10 +10,16 @@
 //! - `<first seq, 20 digits>.seg`: segments of records
 //!   `[len u32][crc32 u32][kind u8][seq u64][received_ms i64][key_len u16][key][value]`.
 //!
+//! The spool holds at most `max_bytes` awaiting Kafka, and one client at most `client_share` of
+//! that: an append that would take the spool or its client beyond is refused whole
+//! ([`SpoolError::Full`], [`SpoolError::ClientShare`]; the collector answers 503), so a flood of
+//! one tenant's facts leaves room for the others and the disk never fills past the cap.
+//!
 //! Appends from concurrent requests are group-committed: one writer thread writes everything
 //! queued and calls `fdatasync` once, then answers all of them. A torn record at the end of the
 //! last segment (a crash mid-write, never acknowledged) is truncated on open.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -28,6 +34,12 @@ use eventflow_core::avro::FactCodec;
 use eventflow_core::{Fact, FactKind};
 
 const HEADER_LEN: usize = 8;
+/// Room for the largest request: 4 spool bytes per byte sent, a 64 KiB body and a 32 KiB head
+/// ([`crate::collect::SPOOL_BYTES_PER_BYTE_SENT`]), rounded up.
+const FULL_HEADROOM: u64 = 512 << 10;
+/// Bytes of a record besides its key and value: length, CRC, kind, sequence, receive time and
+/// key length.
+pub const RECORD_OVERHEAD: usize = HEADER_LEN + 1 + 8 + 8 + 2;
 /// Largest record accepted when reading (a fact is at most a few KiB; this catches garbage).
 const MAX_RECORD: u32 = 1 << 20;
 
@@ -36,6 +48,8 @@ const MAX_RECORD: u32 = 1 << 20;
 pub enum SpoolError {
     #[error("spool is full ({pending} of {max} bytes awaiting delivery)")]
     Full { pending: u64, max: u64 },
+    #[error("client {client} holds {pending} bytes of the spool, its share is {max}")]
+    ClientShare { client: String, pending: u64, max: u64 },
     #[error("spool I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("spool writer stopped")]
@@ -56,7 +70,7 @@ pub struct Record {
 
 impl Record {
     fn encoded_len(&self) -> usize {
-        HEADER_LEN + 1 + 8 + 8 + 2 + self.key.len() + self.value.len()
+        RECORD_OVERHEAD + self.key.len() + self.value.len()
     }
 
     fn write_to(&self, out: &mut Vec<u8>) {
@@ -85,6 +99,11 @@ impl Record {
         let value = payload.get(19 + key_len..)?.to_vec();
         Some(Record { seq, kind, received_ms, key, value })
     }
+}
+
+/// The client of a record: its key is `<client_id>/<session_id>`.
+pub fn client_of_key(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(client, _)| client)
 }
 
 fn kind_code(kind: FactKind) -> u8 {
@@ -150,6 +169,8 @@ pub struct SpoolOptions {
     pub dir: PathBuf,
     /// Bytes awaiting delivery above which appends are refused (the collector answers 503).
     pub max_bytes: u64,
+    /// Share of `max_bytes` one client may hold (0 < share <= 1).
+    pub client_share: f64,
     /// Size at which a new segment file is started.
     pub segment_bytes: u64,
     /// Observes each group commit (write and `fdatasync`), if set.
@@ -168,6 +189,10 @@ pub struct Shared {
     pub spool_id: u64,
     dir: PathBuf,
     max_bytes: u64,
+    /// Bytes one client may hold.
+    client_max_bytes: u64,
+    /// Bytes of records at or after the cursor, per client (clients with none are absent).
+    client_bytes: Mutex<HashMap<String, u64>>,
     /// Highest sequence durably written (0: none).
     durable_seq: AtomicU64,
     /// First sequence not yet acknowledged by Kafka.
@@ -198,17 +223,35 @@ impl Shared {
         self.pending_bytes.load(Ordering::Acquire)
     }
 
+    /// Whether the largest request may no longer fit (readiness turns 503, so a load balancer
+    /// sends traffic to other collectors): appends are refused before the cap is passed, so the
+    /// spool reaches "full" this much before the cap (half the cap for a tiny spool).
     pub fn is_full(&self) -> bool {
-        self.pending_bytes() >= self.max_bytes
+        self.pending_bytes() + FULL_HEADROOM.min(self.max_bytes / 2) >= self.max_bytes
     }
 
     pub fn writer_alive(&self) -> bool {
         self.writer_alive.load(Ordering::Acquire)
     }
 
+    /// Bytes `client` has awaiting delivery.
+    pub fn client_pending_bytes(&self, client: &str) -> u64 {
+        self.client_bytes.lock().map(|m| m.get(client).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     /// Records that every fact before `cursor` is in Kafka: persists the cursor (atomic rename)
-    /// and deletes fully delivered segments.
-    pub fn commit_cursor(&self, cursor: u64, delivered_bytes: u64) -> std::io::Result<()> {
+    /// and deletes fully delivered segments. `delivered` is the bytes delivered per client
+    /// (their sum is `delivered_bytes`).
+    pub fn commit_cursor(
+        &self,
+        cursor: u64,
+        delivered_bytes: u64,
+        delivered: &HashMap<String, u64>,
+    ) -> std::io::Result<()> {
         let tmp = self.dir.join("cursor.tmp");
         {
             let mut f = File::create(&tmp)?;
@@ -219,6 +262,16 @@ impl Shared {
         fsync_dir(&self.dir)?;
         self.cursor.store(cursor, Ordering::Release);
         self.pending_bytes.fetch_sub(delivered_bytes.min(self.pending_bytes()), Ordering::AcqRel);
+        if let Ok(mut clients) = self.client_bytes.lock() {
+            for (client, bytes) in delivered {
+                if let Some(held) = clients.get_mut(client) {
+                    *held = held.saturating_sub(*bytes);
+                    if *held == 0 {
+                        clients.remove(client);
+                    }
+                }
+            }
+        }
         let mut segments = self.segments.lock().map_err(|_| std::io::Error::other("segments lock poisoned"))?;
         // A segment is done when the next one starts at or before the cursor.
         while segments.len() > 1 && segments[1].first_seq <= cursor {
@@ -328,6 +381,7 @@ impl Spool {
         let mut segments = Vec::new();
         let mut last_seq = 0u64;
         let mut pending_bytes = 0u64;
+        let mut client_bytes: HashMap<String, u64> = HashMap::new();
         let count = first_seqs.len();
         for (i, first) in first_seqs.into_iter().enumerate() {
             let path = segment_path(&dir, first);
@@ -338,6 +392,7 @@ impl Spool {
                 last_seq = last_seq.max(rec.seq);
                 if rec.seq >= cursor {
                     pending_bytes += len as u64;
+                    *client_bytes.entry(client_of_key(&rec.key).to_owned()).or_default() += len as u64;
                 }
             }
             let size = fs::metadata(&path)?.len();
@@ -360,6 +415,8 @@ impl Spool {
             spool_id,
             dir: dir.clone(),
             max_bytes: options.max_bytes,
+            client_max_bytes: (options.max_bytes as f64 * options.client_share.clamp(0.0, 1.0)) as u64,
+            client_bytes: Mutex::new(client_bytes),
             durable_seq: AtomicU64::new(durable),
             cursor: AtomicU64::new(cursor),
             pending_bytes: AtomicU64::new(pending_bytes),
@@ -448,16 +505,14 @@ impl Writer {
         let mut buf = Vec::new();
         let mut accepted: Vec<(Reply, Vec<u64>)> = Vec::new();
         let mut added_bytes = 0u64;
+        // Bytes this batch adds per client (applied once the batch is durable).
+        let mut added: HashMap<String, u64> = HashMap::new();
         let first_seq = self.next_seq;
         for req in batch {
-            let pending = self.shared.pending_bytes() + added_bytes;
-            if pending >= self.shared.max_bytes {
-                let _ = req.reply.send(Err(SpoolError::Full { pending, max: self.shared.max_bytes }));
-                continue;
-            }
             let mut seqs = Vec::with_capacity(req.facts.len());
             let start = buf.len();
             let mut failed = None;
+            let mut by_client: HashMap<String, u64> = HashMap::new();
             for mut fact in req.facts {
                 let seq = self.next_seq + seqs.len() as u64;
                 {
@@ -467,6 +522,7 @@ impl Writer {
                 }
                 match self.codec.encode(&fact) {
                     Ok(value) => {
+                        let before = buf.len();
                         Record {
                             seq,
                             kind: fact.kind(),
@@ -475,20 +531,44 @@ impl Writer {
                             value,
                         }
                         .write_to(&mut buf);
+                        *by_client.entry(fact.header().client_id.clone()).or_default() += (buf.len() - before) as u64;
                         seqs.push(seq);
                     }
                     Err(e) => {
-                        failed = Some(e.to_string());
+                        failed = Some(SpoolError::Encode(e.to_string()));
+                        break;
+                    }
+                }
+            }
+            // The whole request fits, in the spool and in each of its clients' shares, or none
+            // of it is written.
+            let size = (buf.len() - start) as u64;
+            let pending = self.shared.pending_bytes() + added_bytes;
+            if failed.is_none() && pending + size > self.shared.max_bytes {
+                failed = Some(SpoolError::Full { pending, max: self.shared.max_bytes });
+            }
+            if failed.is_none() {
+                for (client, bytes) in &by_client {
+                    let held = self.shared.client_pending_bytes(client) + added.get(client).copied().unwrap_or(0);
+                    if held + bytes > self.shared.client_max_bytes {
+                        failed = Some(SpoolError::ClientShare {
+                            client: client.clone(),
+                            pending: held,
+                            max: self.shared.client_max_bytes,
+                        });
                         break;
                     }
                 }
             }
             if let Some(e) = failed {
                 buf.truncate(start);
-                let _ = req.reply.send(Err(SpoolError::Encode(e)));
+                let _ = req.reply.send(Err(e));
                 continue;
             }
-            added_bytes += (buf.len() - start) as u64;
+            for (client, bytes) in by_client {
+                *added.entry(client).or_default() += bytes;
+            }
+            added_bytes += size;
             self.next_seq += seqs.len() as u64;
             accepted.push((req.reply, seqs));
         }
@@ -503,6 +583,11 @@ impl Writer {
         match written {
             Ok(()) => {
                 self.shared.pending_bytes.fetch_add(added_bytes, Ordering::AcqRel);
+                if let Ok(mut clients) = self.shared.client_bytes.lock() {
+                    for (client, bytes) in added {
+                        *clients.entry(client).or_default() += bytes;
+                    }
+                }
                 self.shared.durable_seq.store(self.next_seq - 1, Ordering::Release);
                 self.shared.appended.notify_waiters();
                 self.shared.appended.notify_one();
@@ -575,7 +660,13 @@ mod tests {
 
     fn open(dir: &Path, max_bytes: u64) -> Spool {
         Spool::open(
-            SpoolOptions { dir: dir.to_owned(), max_bytes, segment_bytes: 4096, fsync_seconds: None },
+            SpoolOptions {
+                dir: dir.to_owned(),
+                max_bytes,
+                client_share: 1.0,
+                segment_bytes: 4096,
+                fsync_seconds: None,
+            },
             FactCodec::new().unwrap(),
         )
         .unwrap()
@@ -626,7 +717,8 @@ mod tests {
         }
         let segments_before = spool.shared().segments.lock().unwrap().len();
         let bytes = spool.shared().pending_bytes();
-        spool.shared().commit_cursor(91, bytes / 2).unwrap();
+        spool.shared().commit_cursor(91, bytes / 2, &HashMap::from([("acme".to_owned(), bytes / 2)])).unwrap();
+        assert_eq!(spool.shared().client_pending_bytes("acme"), bytes - bytes / 2);
         assert!(spool.shared().segments.lock().unwrap().len() < segments_before);
         assert_eq!(spool.shared().pending_facts(), 10);
         drop(spool);
@@ -659,14 +751,68 @@ mod tests {
         assert_eq!(drain_all(reopened.shared()).len(), 3);
     }
 
+    fn ping_of(client: &str, n: u64) -> Fact {
+        let mut f = ping(n);
+        f.header_mut().client_id = client.to_owned();
+        f
+    }
+
     #[tokio::test]
-    async fn full_spool_refuses_appends() {
+    async fn full_spool_refuses_appends_before_passing_its_cap() {
         let dir = tempfile::tempdir().unwrap();
-        // The check is on bytes already waiting: the first append fits, the next is refused.
-        let spool = open(dir.path(), 100);
-        spool.append(vec![ping(1), ping(2), ping(3)], 7).await.unwrap();
-        assert!(matches!(spool.append(vec![ping(4)], 7).await, Err(SpoolError::Full { .. })));
-        assert!(spool.shared().is_full());
+        let max = 250;
+        let spool = open(dir.path(), max);
+        spool.append(vec![ping(1)], 7).await.unwrap();
+        let one = spool.shared().pending_bytes();
+        let mut n = 1;
+        while spool.append(vec![ping(n + 1)], 7).await.is_ok() {
+            n += 1;
+        }
+        // Refused exactly when one more record would not fit: the spool never passes its cap.
+        assert_eq!(spool.shared().pending_bytes(), n * one);
+        assert!(n * one <= max && (n + 1) * one > max, "{n} records of {one} bytes in {max}");
+        assert!(matches!(spool.append(vec![ping(99)], 7).await, Err(SpoolError::Full { .. })));
+        assert_eq!(drain_all(spool.shared()).len() as u64, n, "refused appends wrote nothing");
+        assert!(spool.shared().is_full(), "readiness turns 503 once the cap is near");
+        let empty_dir = tempfile::tempdir().unwrap();
+        assert!(!open(empty_dir.path(), max).shared().is_full());
+    }
+
+    #[tokio::test]
+    async fn one_client_holds_at_most_its_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SpoolOptions {
+            dir: dir.path().to_owned(),
+            max_bytes: 1000,
+            client_share: 0.5,
+            segment_bytes: 4096,
+            fsync_seconds: None,
+        };
+        let spool = Spool::open(options.clone(), FactCodec::new().unwrap()).unwrap();
+        spool.append(vec![ping_of("flood", 1)], 7).await.unwrap();
+        let one = spool.shared().client_pending_bytes("flood");
+        let mut n = 1;
+        let refused = loop {
+            match spool.append(vec![ping_of("flood", n + 1)], 7).await {
+                Ok(_) => n += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(refused, SpoolError::ClientShare { ref client, .. } if client == "flood"), "{refused:?}");
+        let flood = spool.shared().client_pending_bytes("flood");
+        assert!(flood == n * one && flood <= 500 && flood + one > 500, "{n} x {one} bytes");
+        // Another client still has room; a request mixing both is refused whole.
+        spool.append(vec![ping_of("acme", 1)], 7).await.unwrap();
+        assert!(spool.append(vec![ping_of("acme", 2), ping_of("flood", 99)], 7).await.is_err());
+        let acme = spool.shared().client_pending_bytes("acme");
+        assert_eq!(spool.shared().pending_bytes(), flood + acme);
+        // The shares survive a reopen; delivering the flood's facts frees its share.
+        drop(spool);
+        let spool = Spool::open(options, FactCodec::new().unwrap()).unwrap();
+        assert_eq!(spool.shared().client_pending_bytes("flood"), flood);
+        spool.shared().commit_cursor(n + 1, flood, &HashMap::from([("flood".to_owned(), flood)])).unwrap();
+        assert_eq!(spool.shared().client_pending_bytes("flood"), 0);
+        spool.append(vec![ping_of("flood", 100)], 7).await.unwrap();
     }
 
     #[tokio::test]

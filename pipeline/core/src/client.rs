@@ -88,9 +88,10 @@ pub struct TenancyConfig {
     /// Time zone of clients without their own `timezone`.
     #[serde(default = "default_timezone")]
     pub default_timezone: String,
-    /// Accept facts for client ids that are not listed under `[clients]`. When false the
-    /// collector rejects them with reason `unknown_client`.
-    #[serde(default = "default_true")]
+    /// Accept facts for client ids that are not listed under `[clients]` (default false: the
+    /// collector rejects them with reason `unknown_client`, so a flood of invented ids creates
+    /// no tenant, no metric series and no reconcile work).
+    #[serde(default)]
     pub allow_unknown_clients: bool,
 }
 
@@ -98,13 +99,9 @@ fn default_timezone() -> String {
     "Asia/Seoul".to_owned()
 }
 
-fn default_true() -> bool {
-    true
-}
-
 impl Default for TenancyConfig {
     fn default() -> Self {
-        Self { default_timezone: default_timezone(), allow_unknown_clients: true }
+        Self { default_timezone: default_timezone(), allow_unknown_clients: false }
     }
 }
 
@@ -190,6 +187,17 @@ mod tests {
         for bad in ["-a", "_a", "Acme", "ac me", "a/b", "a'b", "é", "a\u{0}"] {
             assert_eq!(ClientId::parse(bad), Err(ClientIdError::InvalidCharacters), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn unknown_clients_are_refused_by_default() {
+        let mut clients = BTreeMap::new();
+        clients.insert("acme".to_owned(), ClientSettings::default());
+        let dir = ClientDirectory::new(&TenancyConfig::default(), &clients).unwrap();
+        assert!(dir.accepts(&ClientId::parse("acme").unwrap()));
+        assert!(!dir.accepts(&ClientId::parse("intruder").unwrap()));
+        let open = TenancyConfig { allow_unknown_clients: true, ..TenancyConfig::default() };
+        assert!(ClientDirectory::new(&open, &clients).unwrap().accepts(&ClientId::parse("intruder").unwrap()));
     }
 
     #[test]

@@ -122,6 +122,12 @@ pub struct Utm {
     pub content: Option<String>,
 }
 
+/// How far apart two copies of a visit (`event_uid`) or registration (`entry_id`) may be
+/// received for the later one not to count (CONTRACT.md §1; `docs/architecture.md`, counting
+/// rules): a copy counts unless the copy just before it, by receive time then spool identity,
+/// was received at most this long before it. The stream and the raw recount both apply it.
+pub const DEDUP_HORIZON_MS: i64 = 72 * 3_600_000;
+
 /// Aggregation label of a missing UTM field.
 pub const UNKNOWN: &str = "unknown";
 /// Aggregation label of a missing or unknown campaign link id.

@@ -15,6 +15,14 @@ pub const COLLECTOR_SPOOL_FSYNC_SECONDS: &str = "eventflow_collector_spool_fsync
 pub const COLLECTOR_PRODUCE_ERRORS_TOTAL: &str = "eventflow_collector_produce_errors_total";
 pub const COLLECTOR_DELIVERED_TOTAL: &str = "eventflow_collector_delivered_facts_total";
 pub const COLLECTOR_OLDEST_SPOOLED_SECONDS: &str = "eventflow_collector_spool_oldest_age_seconds";
+pub const COLLECTOR_SPOOL_MAX_BYTES: &str = "eventflow_collector_spool_max_bytes";
+pub const COLLECTOR_SPOOL_REFUSALS_TOTAL: &str = "eventflow_collector_spool_refusals_total";
+pub const COLLECTOR_RATE_LIMITER_KEYS: &str = "eventflow_collector_rate_limiter_keys";
+pub const COLLECTOR_CLIENT_FACTS_TOTAL: &str = "eventflow_collector_client_facts_total";
+pub const COLLECTOR_CLIENT_FACTS_FOLDED_TOTAL: &str = "eventflow_collector_client_facts_folded_total";
+pub const COLLECTOR_LOG_LINES_SUPPRESSED_TOTAL: &str = "eventflow_collector_log_lines_suppressed_total";
+pub const COLLECTOR_CONNECTIONS: &str = "eventflow_collector_connections";
+pub const COLLECTOR_CONNECTIONS_CLOSED_TOTAL: &str = "eventflow_collector_connections_closed_total";
 
 // Processor
 pub const PROCESSOR_CONSUMER_LAG: &str = "eventflow_processor_consumer_lag";

@@ -239,6 +239,6 @@ mod tests {
             );
         }
         let creates = all.iter().filter(|s| s.starts_with("CREATE TABLE")).count();
-        assert_eq!(creates, 17, "one CREATE TABLE per table ever created");
+        assert_eq!(creates, 18, "one CREATE TABLE per table ever created");
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::rows::{checkpoint_fact_id, Checkpoint, CopyRow, FactRow, NoticeRow};
+use crate::rows::{checkpoint_fact_id, Checkpoint, ClaimRow, CopyRow, FactRow, NoticeRow};
 use crate::{bind_all, in_placeholders, Result, Store, StoreError};
 
 #[derive(clickhouse::Row, serde::Deserialize)]
@@ -124,67 +124,47 @@ impl Store {
         Ok(rows)
     }
 
-    /// Rows of `sql`, whose `{keys}` is replaced by a list of `(client_id, kind, uid)` tuples,
-    /// run once per chunk of `keys` (chunks keep each statement well below max_query_size,
-    /// 256 KiB on 18.16); `extra` binds the placeholders after the list.
-    async fn fetch_by_keys<T>(&self, sql: &str, keys: &[(&str, i8, &str)], extra: &[u16]) -> Result<Vec<T>>
-    where
-        T: clickhouse::RowOwned + clickhouse::RowRead,
-    {
+    /// `copy_log` rows above `cursor[writer_partition]` (above 0 for writers not in `cursor`):
+    /// one primary-key range per writer.
+    pub async fn copy_log_since(&self, cursor: &BTreeMap<u16, u64>) -> Result<Vec<ClaimRow>> {
+        let mut ranges: Vec<String> =
+            cursor.keys().map(|_| "(writer_partition = ? AND writer_seq > ?)".to_owned()).collect();
+        ranges.push(if cursor.is_empty() {
+            "1".to_owned()
+        } else {
+            format!("writer_partition NOT IN {}", in_placeholders(cursor.len()))
+        });
+        let sql = format!("SELECT ?fields FROM copy_log WHERE {}", ranges.join(" OR "));
+        self.timed(async {
+            let mut q = self.query(&sql)?;
+            for (w, seq) in cursor {
+                q = q.bind(*w).bind(*seq);
+            }
+            q = bind_all(q, cursor.keys());
+            Ok(q.fetch_all::<ClaimRow>().await?)
+        })
+        .await
+    }
+
+    /// The copies of `keys` (`(client_id, kind code, uid)`) in `fact_copies` (tests and tools).
+    pub async fn copies_of(&self, keys: &[(&str, i8, &str)]) -> Result<Vec<CopyRow>> {
         let mut out = Vec::new();
-        for chunk in keys.chunks(2000) {
-            let sql = sql.replace("{keys}", &vec!["(?, ?, ?)"; chunk.len()].join(", "));
+        for chunk in keys.chunks(1000) {
+            let sql = format!(
+                "SELECT DISTINCT ?fields FROM fact_copies WHERE (client_id, kind, uid) IN ({})",
+                vec!["(?, ?, ?)"; chunk.len()].join(", ")
+            );
             let rows = self
                 .timed(async {
                     let q = chunk.iter().fold(self.query(&sql)?, |q, (c, k, u)| {
                         q.bind(*c).bind(if *k == crate::rows::kind::VISIT { "visit" } else { "entry" }).bind(*u)
                     });
-                    Ok(bind_all(q, extra).fetch_all::<T>().await?)
+                    Ok(q.fetch_all::<CopyRow>().await?)
                 })
                 .await?;
             out.extend(rows);
         }
         Ok(out)
-    }
-
-    /// The `per_key` first copies of each `(client_id, kind, uid)` in `fact_copies`, by
-    /// `(received_at_ms, spool_id, spool_seq)`.
-    pub async fn first_copies_of(&self, keys: &[(&str, i8, &str)], per_key: usize) -> Result<Vec<CopyRow>> {
-        let sql = format!(
-            "SELECT client_id, kind, uid, received_at_ms, spool_id, spool_seq, \
-             any(kafka_partition) AS kafka_partition, any(day) AS day FROM fact_copies \
-             WHERE (client_id, kind, uid) IN ({{keys}}) \
-             GROUP BY client_id, kind, uid, received_at_ms, spool_id, spool_seq \
-             ORDER BY client_id, kind, uid, received_at_ms, spool_id, spool_seq LIMIT {per_key} BY client_id, kind, uid"
-        );
-        self.fetch_by_keys(&sql, keys, &[]).await
-    }
-
-    /// Partitions holding copies of each key.
-    pub async fn copy_partitions_of(&self, keys: &[(&str, i8, &str)]) -> Result<Vec<((String, i8, String), u16)>> {
-        #[derive(clickhouse::Row, serde::Deserialize)]
-        struct KeyPartition {
-            client_id: String,
-            kind: i8,
-            uid: String,
-            kafka_partition: u16,
-        }
-        let sql = "SELECT DISTINCT client_id, kind, uid, kafka_partition FROM fact_copies WHERE (client_id, kind, uid) IN ({keys})";
-        let rows: Vec<KeyPartition> = self.fetch_by_keys(sql, keys, &[]).await?;
-        Ok(rows.into_iter().map(|r| ((r.client_id, r.kind, r.uid), r.kafka_partition)).collect())
-    }
-
-    /// Every copy of `keys` held by one of `partitions`.
-    pub async fn copies_of_in(&self, keys: &[(&str, i8, &str)], partitions: &[u16]) -> Result<Vec<CopyRow>> {
-        if partitions.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sql = format!(
-            "SELECT DISTINCT client_id, kind, uid, received_at_ms, spool_id, spool_seq, kafka_partition, day \
-             FROM fact_copies WHERE (client_id, kind, uid) IN ({{keys}}) AND kafka_partition IN {}",
-            in_placeholders(partitions.len())
-        );
-        self.fetch_by_keys(&sql, keys, partitions).await
     }
 
     /// Notices for `targets` with `writer_seq` above `cursor[writer_partition]` (above 0 for

@@ -3,11 +3,13 @@
 //! Used by the reader API's raw fallback, by `eventflow reconcile` and by `eventflow backfill`.
 //! The rules are the contract's (CONTRACT.md §1, §4) and the processor's (`state/mod.rs`); the
 //! one definition is in `docs/architecture.md` ("Counting rules"):
-//! - a visit counts once per `(client_id, event_uid)`: the first copy by `(received_at_ms,
-//!   spool_id, spool_seq)` over the client's whole stored history (`fact_copies` indexes every
-//!   copy by key); every visit without `event_uid` counts; `FINAL` folds a fact stored twice;
+//! - a visit counts once per `(client_id, event_uid)` within the dedup horizon: copies are
+//!   ordered by `(received_at_ms, spool_id, spool_seq)` (`fact_copies` indexes every copy by
+//!   key); a copy counts unless the copy just before it was received at most
+//!   `DEDUP_HORIZON_MS` earlier; every visit without `event_uid` counts; `FINAL` folds a fact
+//!   stored twice;
 //! - unique sessions are distinct sessions of counted visits;
-//! - an entry counts once per `(client_id, entry_id)`, the first copy likewise, and is linked
+//! - an entry counts once per `(client_id, entry_id)`, by the same rule, and is linked
 //!   when a visit of its session is at or before its event time (`session_first_visits` holds
 //!   each session's earliest visit; computed in Rust: no JOIN on 18.16);
 //! - live viewers of a minute are distinct pinging sessions;
@@ -25,6 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::NaiveDate;
 use chrono_tz::Tz;
 
+use eventflow_core::fact::DEDUP_HORIZON_MS;
 use eventflow_core::time;
 
 use crate::rows::{DayCounters, MarketingCounters, MarketingDims};
@@ -102,21 +105,28 @@ impl Scope {
         }
     }
 
-    /// `AND (<uid column> = '' OR (<uid column>, copy key) IN (first copies))`: keeps a fact of
-    /// kind `kind` when it has no dedup key or is the first copy of its key. `GLOBAL IN`: on a
-    /// cluster the subqueries read Distributed tables and run once, not once per shard (a plain
-    /// IN over a Distributed table inside a Distributed query is refused).
-    fn first_copy_filter(&self, kind: &str, uid_col: &str, args: &mut Vec<Arg>) -> String {
+    /// `AND (<uid column> = '' OR (<uid column>, copy key) IN (counted copies))`: keeps a fact
+    /// of kind `kind` when it has no dedup key or is a counted copy of its key: the first copy
+    /// by `(received_at_ms, spool_id, spool_seq)`, or one received more than the dedup horizon
+    /// after the copy just before it. The copies of a key come from `fact_copies`, sorted in
+    /// an array; each is compared with its predecessor (the first with a zero sentinel).
+    /// `GLOBAL IN`: on a cluster the subqueries read Distributed tables and run once, not once
+    /// per shard (a plain IN over a Distributed table inside a Distributed query is refused).
+    fn counted_copy_filter(&self, kind: &str, uid_col: &str, args: &mut Vec<Arg>) -> String {
         let mut days = Vec::new();
         let facts = self.facts_of_days(&mut days);
         args.push(Arg::Str(self.client_id.clone()));
         args.extend(days);
+        let horizon = DEDUP_HORIZON_MS;
         format!(
             " AND ({uid_col} = '' OR ({uid_col}, received_at_ms, spool_id, spool_seq) GLOBAL IN \
-             (SELECT uid, tupleElement(m, 1), tupleElement(m, 2), tupleElement(m, 3) FROM \
-             (SELECT uid, min(tuple(received_at_ms, spool_id, spool_seq)) AS m FROM fact_copies \
-             WHERE client_id = ? AND kind = '{kind}' AND uid GLOBAL IN \
-             (SELECT {uid_col} FROM facts WHERE {facts} AND kind = '{kind}' AND {uid_col} != '') GROUP BY uid)))"
+             (SELECT uid, tupleElement(c, 1), tupleElement(c, 2), tupleElement(c, 3) FROM \
+             (SELECT uid, arrayJoin(arrayFilter((x, p) -> tupleElement(p, 1) = 0 OR \
+             tupleElement(x, 1) - tupleElement(p, 1) > {horizon}, s, \
+             arrayPushFront(arrayPopBack(s), tuple(toInt64(0), toUInt64(0), toUInt64(0))))) AS c FROM \
+             (SELECT uid, arraySort(groupUniqArray(tuple(received_at_ms, spool_id, spool_seq))) AS s \
+             FROM fact_copies WHERE client_id = ? AND kind = '{kind}' AND uid GLOBAL IN \
+             (SELECT {uid_col} FROM facts WHERE {facts} AND kind = '{kind}' AND {uid_col} != '') GROUP BY uid))))"
         )
     }
 
@@ -130,7 +140,7 @@ impl Scope {
         sql.push_str(self.facts_of_days(args));
         sql.push_str(" AND kind = 'visit'");
         sql.push_str(self.cid_filter(args));
-        let first = self.first_copy_filter("visit", "event_uid", args);
+        let first = self.counted_copy_filter("visit", "event_uid", args);
         sql.push_str(&first);
         sql
     }
@@ -362,7 +372,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Counted entries of `scope` (the first copy of each `entry_id`) and the earliest visit of
+    /// Counted entries of `scope` (the counted copies of each `entry_id`) and the earliest visit of
     /// each of their sessions (any day: a visit long before the range still links).
     async fn entries_with_first_visits(&self, scope: &Scope) -> Result<(Vec<EntryWinner>, HashMap<String, i64>)> {
         let mut args = Vec::new();
@@ -375,7 +385,7 @@ impl Store {
         sql.push_str(scope.facts_of_days(&mut args));
         sql.push_str(" AND kind = 'entry'");
         sql.push_str(scope.cid_filter(&mut args));
-        let first = scope.first_copy_filter("entry", "entry_id", &mut args);
+        let first = scope.counted_copy_filter("entry", "entry_id", &mut args);
         sql.push_str(&first);
         sql.push(')');
         let entries: Vec<EntryWinner> = self.fetch_args(&sql, args).await?;

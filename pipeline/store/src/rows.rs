@@ -107,9 +107,9 @@ pub struct FactRow {
 pub mod dedup {
     /// Stored before decisions were recorded, or not subject to dedup (pings, checkpoints).
     pub const UNDECIDED: i8 = 0;
-    /// The first copy of its key (or a fact without one): counted.
+    /// Counted: no copy of its key within the dedup horizon before it (or a fact without a key).
     pub const COUNTED: i8 = 1;
-    /// A copy of a key whose first copy is another fact.
+    /// A copy received at most the dedup horizon after another copy of its key.
     pub const DUPLICATE: i8 = 2;
 }
 
@@ -430,6 +430,9 @@ pub struct Checkpoint {
     /// Highest `dedup_notices.writer_seq` read for this partition, per writer partition.
     #[serde(default)]
     pub notice_cursor: std::collections::BTreeMap<u16, u64>,
+    /// Highest `copy_log.writer_seq` compared with this partition's copies, per writer partition.
+    #[serde(default)]
+    pub claim_cursor: std::collections::BTreeMap<u16, u64>,
 }
 
 /// `minute_visits` row.
@@ -640,7 +643,8 @@ pub struct DaySessionRow {
     pub present: u8,
 }
 
-/// Order of the copies of one dedup key: the first copy counts (CONTRACT.md §1, ADR 0003).
+/// Order of the copies of one dedup key: a copy counts unless one before it is within the
+/// dedup horizon (CONTRACT.md §1, ADR 0003).
 /// Receive time first, then the fact's identity in the collector spool that acknowledged it,
 /// so every component (stream, recount, backfill, reconcile) picks the same copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -680,8 +684,42 @@ impl CopyRow {
     }
 }
 
-/// `dedup_notices` row: `winner` (held by `writer_partition`) is the first copy of the key;
-/// any copy of the key with a later [`CopyKey`] that `target_partition` counted must go.
+/// `copy_log` row: a copy as partition `writer_partition` wrote it, in its order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Row, Serialize, Deserialize)]
+pub struct ClaimRow {
+    pub writer_partition: u16,
+    pub writer_seq: u64,
+    pub client_id: String,
+    pub kind: i8,
+    pub uid: String,
+    pub received_at_ms: i64,
+    pub spool_id: u64,
+    pub spool_seq: u64,
+    pub day: u16,
+}
+
+impl ClaimRow {
+    pub fn key(&self) -> CopyKey {
+        CopyKey { received_at_ms: self.received_at_ms, spool_id: self.spool_id, spool_seq: self.spool_seq }
+    }
+
+    /// The `fact_copies` row of this copy.
+    pub fn copy_row(&self) -> CopyRow {
+        CopyRow {
+            client_id: self.client_id.clone(),
+            kind: self.kind,
+            uid: self.uid.clone(),
+            received_at_ms: self.received_at_ms,
+            spool_id: self.spool_id,
+            spool_seq: self.spool_seq,
+            kafka_partition: self.writer_partition,
+            day: self.day,
+        }
+    }
+}
+
+/// `dedup_notices` row: the copy `loser` that `target_partition` holds comes after `winner`
+/// (held by `writer_partition`) within the dedup horizon, so it does not count.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Row, Serialize, Deserialize)]
 pub struct NoticeRow {
     pub writer_partition: u16,
@@ -690,17 +728,22 @@ pub struct NoticeRow {
     pub client_id: String,
     pub kind: i8,
     pub uid: String,
+    /// `facts.day` of the loser.
+    pub day: u16,
+    pub loser_received_at_ms: i64,
+    pub loser_spool_id: u64,
+    pub loser_spool_seq: u64,
     pub winner_received_at_ms: i64,
     pub winner_spool_id: u64,
     pub winner_spool_seq: u64,
 }
 
 impl NoticeRow {
-    pub fn winner(&self) -> CopyKey {
+    pub fn loser(&self) -> CopyKey {
         CopyKey {
-            received_at_ms: self.winner_received_at_ms,
-            spool_id: self.winner_spool_id,
-            spool_seq: self.winner_spool_seq,
+            received_at_ms: self.loser_received_at_ms,
+            spool_id: self.loser_spool_id,
+            spool_seq: self.loser_spool_seq,
         }
     }
 }

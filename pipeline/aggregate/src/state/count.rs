@@ -1,8 +1,8 @@
 //! Folding facts into buckets and taking them out again.
 //!
 //! [`PartitionState::count`] adds a counted fact to every bucket it belongs to;
-//! [`PartitionState::uncount`] is its exact inverse, used when a notice says a counted copy was
-//! not the first copy of its key. Session sets are reference-counted so that the inverse is
+//! [`PartitionState::uncount`] is its exact inverse, used when a counted copy turns out to come
+//! after another copy of its key within the dedup horizon. Session sets are reference-counted so that the inverse is
 //! exact: a session leaves a day (and a marketing bucket) only with its last counted visit.
 
 use std::collections::hash_map::Entry as MapEntry;

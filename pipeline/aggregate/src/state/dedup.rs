@@ -1,24 +1,34 @@
-//! Copies of dedup keys (visit `event_uid`, entry `entry_id`) and what the state knows about
-//! which copy is first.
+//! Copies of dedup keys (visit `event_uid`, entry `entry_id`) and which of them count.
 //!
-//! A copy is not counted when it is applied: it waits in `deferred` until the next flush, where
-//! [`crate::flush`] writes every deferred copy to `fact_copies`, reads back the first copies of
-//! their keys (from every partition) and decides each one ([`PartitionState::decide`]). A copy
-//! counted in one flush can turn out not to be first later (a partition that lagged behind
-//! delivers an earlier copy); its owner then reads a notice and takes it out again
-//! ([`PartitionState::take_notices`], [`PartitionState::notice_candidates`],
-//! [`PartitionState::retract_stored`]). ADR 0003.
+//! The rule (ADR 0003): copies of a key are ordered by [`CopyKey`] (receive time, then spool
+//! identity); a copy counts unless the copy just before it was received at most
+//! [`DEDUP_HORIZON_MS`] earlier. Copies of one key can be in any partition.
+//!
+//! The state keeps an index of this partition's own copies received within the horizon
+//! (counted or not: a duplicate still makes the next copy a duplicate). A copy is not counted
+//! when it is applied: it waits in `deferred` until the flush, where [`crate::flush`]:
+//! 1. decides it against this partition's own earlier copies ([`PartitionState::decide`]);
+//!    a later own copy it precedes is taken out again;
+//! 2. writes it to `copy_log`, reads what the other partitions wrote since this partition's
+//!    cursor, and compares ([`PartitionState::compare_claims`]): an own copy that a remote
+//!    copy precedes is taken out; a remote copy that an own copy precedes gets a notice;
+//! 3. reads the notices for this partition ([`PartitionState::take_notices`]).
+//!
+//! Taking out a copy stored earlier means reading its row ([`FactRef`]) and
+//! [`PartitionState::retract_stored`]. For every pair of copies of one key in two partitions,
+//! at least one of the two owners compares them (each writes its copies before it reads the
+//! log), so no pair is missed.
 
 use std::collections::BTreeMap;
 
 use chrono_tz::Tz;
 use rustc_hash::FxHashMap;
 
-use eventflow_store::rows::{dedup as decision, kind, CopyKey, CopyRow, FactRow, NoticeRow};
-
-use crate::sink::UidKey;
+use eventflow_core::fact::DEDUP_HORIZON_MS;
+use eventflow_store::rows::{dedup as decision, kind, ClaimRow, CopyKey, FactRow, NoticeRow};
 
 use super::{ClientRef, PartitionState};
+use crate::sink::uid_id;
 
 /// A copy waiting for its decision. `index` points into the unflushed raw rows.
 #[derive(Debug)]
@@ -31,7 +41,16 @@ struct Deferred {
     counted: Option<bool>,
 }
 
-/// A stored fact a notice is about, to be read from `facts` and taken out of the buckets.
+/// One of this partition's copies of a key, decided.
+#[derive(Debug, Clone, Copy)]
+struct OwnCopy {
+    key: CopyKey,
+    /// `facts.day` (as stored).
+    day: u16,
+    counted: bool,
+}
+
+/// A stored fact to read from `facts` and take out of the buckets.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FactRef {
     pub client_id: String,
@@ -48,7 +67,7 @@ pub struct Decisions {
     pub visits_duplicate: u64,
     pub entries_counted: u64,
     pub entries_duplicate: u64,
-    /// Counted copies taken out again because a notice named an earlier copy.
+    /// Counted copies taken out again because an earlier copy turned up.
     pub visits_retracted: u64,
     pub entries_retracted: u64,
 }
@@ -64,26 +83,35 @@ impl std::ops::AddAssign for Decisions {
     }
 }
 
+/// Whether a copy received at `later_ms` is within the horizon of one received at
+/// `earlier_ms` (and so does not count, when `earlier` comes first).
+fn within_horizon(earlier_ms: i64, later_ms: i64) -> bool {
+    later_ms - earlier_ms <= DEDUP_HORIZON_MS
+}
+
 #[derive(Debug)]
 pub(super) struct DedupState {
     deferred: Vec<Deferred>,
-    /// Stored copies this state took out after a notice (stored again as duplicates at the
-    /// next flush), with their client day, until it closes.
-    lost: FxHashMap<CopyKey, u16>,
-    /// Notices of this flush: the winner per key.
-    noticed: FxHashMap<UidKey, CopyKey>,
+    /// Own copies received within the horizon of the watermark, per key identity
+    /// ([`uid_id`]), in copy order.
+    own: FxHashMap<u128, Vec<OwnCopy>>,
+    /// Copies to take out at this flush (after a comparison or a notice).
+    to_retract: FxHashMap<CopyKey, FactRef>,
     /// Highest notice sequence read, per writer partition (persisted in the checkpoint).
-    cursor: BTreeMap<u16, u64>,
+    notice_cursor: BTreeMap<u16, u64>,
+    /// Highest `copy_log` sequence compared, per writer partition (persisted too).
+    claim_cursor: BTreeMap<u16, u64>,
     decisions: Decisions,
 }
 
 impl DedupState {
-    pub(super) fn new(cursor: BTreeMap<u16, u64>) -> Self {
+    pub(super) fn new(notice_cursor: BTreeMap<u16, u64>, claim_cursor: BTreeMap<u16, u64>) -> Self {
         Self {
             deferred: Vec::new(),
-            lost: FxHashMap::default(),
-            noticed: FxHashMap::default(),
-            cursor,
+            own: FxHashMap::default(),
+            to_retract: FxHashMap::default(),
+            notice_cursor,
+            claim_cursor,
             decisions: Decisions::default(),
         }
     }
@@ -93,113 +121,235 @@ impl DedupState {
     }
 
     pub(super) fn len(&self) -> usize {
-        self.deferred.len() + self.lost.len()
+        self.deferred.len() + self.own.len()
     }
 
-    pub(super) fn cursor(&self) -> &BTreeMap<u16, u64> {
-        &self.cursor
+    pub(super) fn notice_cursor(&self) -> &BTreeMap<u16, u64> {
+        &self.notice_cursor
     }
 
-    /// Forgets lost copies of days for which `closed` holds.
-    pub(super) fn release(&mut self, closed: impl Fn(u16) -> bool) {
-        self.lost.retain(|_, day| !closed(*day));
+    pub(super) fn claim_cursor(&self) -> &BTreeMap<u16, u64> {
+        &self.claim_cursor
+    }
+
+    /// Remembers a stored own copy (replay after a takeover).
+    pub(super) fn remember(&mut self, row: &FactRow) {
+        if let Some(uid) = row.dedup_uid() {
+            let copy = OwnCopy { key: row.copy_key(), day: row.day, counted: row.dedup != decision::DUPLICATE };
+            insert_sorted(self.own.entry(uid_id(&row.client_id, row.kind, uid)).or_default(), copy);
+        }
+    }
+
+    /// Forgets own copies received more than the horizon before `watermark_ms` (they can no
+    /// longer precede a new copy within the horizon).
+    pub(super) fn release(&mut self, watermark_ms: i64) {
+        let keep_from = watermark_ms.saturating_sub(DEDUP_HORIZON_MS + eventflow_core::time::MAX_CLOCK_AHEAD_MS);
+        self.own.retain(|_, copies| {
+            copies.retain(|c| c.key.received_at_ms >= keep_from);
+            !copies.is_empty()
+        });
+    }
+}
+
+fn insert_sorted(copies: &mut Vec<OwnCopy>, copy: OwnCopy) {
+    match copies.binary_search_by_key(&copy.key, |c| c.key) {
+        Ok(at) => copies[at] = copy,
+        Err(at) => copies.insert(at, copy),
     }
 }
 
 impl PartitionState {
-    /// The copies applied since the last flush, as `fact_copies` rows (in deferral order).
-    pub fn claims(&self) -> Vec<CopyRow> {
+    fn uid_id_of(&self, index: usize) -> Option<u128> {
+        let row = &self.raw[index];
+        Some(uid_id(&row.client_id, row.kind, row.dedup_uid()?))
+    }
+
+    /// Decides the copies applied since the last flush against this partition's own copies
+    /// (those of earlier flushes and each other). An own copy of an earlier flush that one of
+    /// them precedes within the horizon is taken out ([`Self::stored_to_retract`]).
+    pub fn decide(&mut self) {
+        let mut order: Vec<(u128, CopyKey, usize)> = self
+            .dedup
+            .deferred
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| Some((self.uid_id_of(d.index)?, self.raw[d.index].copy_key(), i)))
+            .collect();
+        order.sort_unstable();
+        for (id, key, i) in order {
+            let row = &self.raw[self.dedup.deferred[i].index];
+            let (day, client_id, kind) = (row.day, &row.client_id, row.kind);
+            let copies = self.dedup.own.entry(id).or_default();
+            let at = copies.partition_point(|c| c.key < key);
+            let counted = at == 0 || !within_horizon(copies[at - 1].key.received_at_ms, key.received_at_ms);
+            self.dedup.deferred[i].counted = Some(counted);
+            // A later own copy within the horizon (decided in an earlier flush: a copy received
+            // earlier arrived later) no longer counts.
+            if let Some(next) = copies.get_mut(at) {
+                if next.counted && within_horizon(key.received_at_ms, next.key.received_at_ms) {
+                    next.counted = false;
+                    let r = FactRef { client_id: client_id.clone(), day: next.day, kind, key: next.key };
+                    self.dedup.to_retract.insert(next.key, r);
+                }
+            }
+            insert_sorted(copies, OwnCopy { key, day, counted });
+        }
+    }
+
+    /// The copies applied since the last flush, as `copy_log` rows written at `writer_seq`.
+    pub fn claims(&self, writer_seq: u64) -> Vec<ClaimRow> {
         self.dedup
             .deferred
             .iter()
             .filter_map(|d| {
                 let row = &self.raw[d.index];
-                Some(CopyRow {
+                Some(ClaimRow {
+                    writer_partition: self.partition,
+                    writer_seq,
                     client_id: row.client_id.clone(),
                     kind: row.kind,
                     uid: row.dedup_uid()?.to_owned(),
                     received_at_ms: row.received_at_ms,
                     spool_id: row.spool_id,
                     spool_seq: row.spool_seq,
-                    kafka_partition: row.kafka_partition,
                     day: row.day,
                 })
             })
             .collect()
     }
 
-    /// Decides the deferred copies: `first(claim)` says whether that copy (as returned by
-    /// [`Self::claims`], same order) is the first of its key.
-    pub fn decide(&mut self, first: impl IntoIterator<Item = bool>) {
-        for (d, is_first) in self.dedup.deferred.iter_mut().zip(first) {
-            d.counted = Some(is_first);
-        }
+    /// A fresh processing sequence for what this partition writes to `copy_log` or
+    /// `dedup_notices` in this flush (readers keep a cursor per writer, so every flush needs a
+    /// higher sequence).
+    pub fn writer_seq(&mut self) -> u64 {
+        self.next_seq()
     }
 
-    /// A fresh processing sequence for the notices this partition writes in this flush (notice
-    /// readers keep a cursor per writer, so every flush's notices need a higher sequence).
-    pub fn notice_seq(&mut self) -> u64 {
-        self.next_seq()
+    /// Highest `copy_log` sequence compared so far, per writer partition.
+    pub fn claim_cursor(&self) -> &BTreeMap<u16, u64> {
+        self.dedup.claim_cursor()
     }
 
     /// Highest notice sequence read so far, per writer partition.
     pub fn notice_cursor(&self) -> &BTreeMap<u16, u64> {
-        self.dedup.cursor()
+        self.dedup.notice_cursor()
     }
 
-    /// Takes the notices addressed to this partition above its cursor (others are ignored) and
-    /// returns their keys: [`Self::notice_candidates`] then needs every copy of those keys this
-    /// partition holds.
-    pub fn take_notices(&mut self, notices: &[NoticeRow]) -> Vec<UidKey> {
-        let mut cursor = self.dedup.cursor.clone();
-        for n in notices.iter().filter(|n| n.target_partition == self.partition) {
-            let seen = self.dedup.cursor.get(&n.writer_partition).copied().unwrap_or(0);
-            if n.writer_seq <= seen {
+    /// Compares the copies other partitions wrote (those above this partition's cursor; own
+    /// ones are skipped) with this partition's copies of the same keys. An own copy that a
+    /// remote copy precedes within the horizon is taken out; for a remote copy that an own copy
+    /// precedes within the horizon, returns a notice (its `writer_seq` is set by the caller).
+    pub fn compare_claims(&mut self, claims: &[ClaimRow]) -> Vec<NoticeRow> {
+        let mut notices = Vec::new();
+        let mut cursor = self.dedup.claim_cursor.clone();
+        for c in claims {
+            if c.writer_partition == self.partition {
                 continue;
             }
-            let c = cursor.entry(n.writer_partition).or_insert(0);
-            *c = (*c).max(n.writer_seq);
-            let winner = self.dedup.noticed.entry((n.client_id.clone(), n.kind, n.uid.clone())).or_insert(n.winner());
-            *winner = (*winner).min(n.winner());
+            if c.writer_seq <= self.dedup.claim_cursor.get(&c.writer_partition).copied().unwrap_or(0) {
+                continue;
+            }
+            let at = cursor.entry(c.writer_partition).or_insert(0);
+            *at = (*at).max(c.writer_seq);
+            let Some(copies) = self.dedup.own.get_mut(&uid_id(&c.client_id, c.kind, &c.uid)) else { continue };
+            let remote = c.key();
+            let pos = copies.partition_point(|o| o.key < remote);
+            // Our copy just before the remote one precedes it: the remote copy does not count.
+            if let Some(before) = pos.checked_sub(1).map(|i| copies[i]) {
+                if within_horizon(before.key.received_at_ms, remote.received_at_ms) {
+                    notices.push(NoticeRow {
+                        writer_partition: self.partition,
+                        writer_seq: 0,
+                        target_partition: c.writer_partition,
+                        client_id: c.client_id.clone(),
+                        kind: c.kind,
+                        uid: c.uid.clone(),
+                        day: c.day,
+                        loser_received_at_ms: remote.received_at_ms,
+                        loser_spool_id: remote.spool_id,
+                        loser_spool_seq: remote.spool_seq,
+                        winner_received_at_ms: before.key.received_at_ms,
+                        winner_spool_id: before.key.spool_id,
+                        winner_spool_seq: before.key.spool_seq,
+                    });
+                }
+            }
+            // The remote copy precedes our next copy: ours does not count.
+            if let Some(next) = copies.get_mut(pos) {
+                if next.counted && next.key != remote && within_horizon(remote.received_at_ms, next.key.received_at_ms)
+                {
+                    next.counted = false;
+                    let r = FactRef { client_id: c.client_id.clone(), day: next.day, kind: c.kind, key: next.key };
+                    self.dedup.to_retract.insert(next.key, r);
+                }
+            }
         }
-        self.dedup.cursor = cursor;
-        self.dedup.noticed.keys().cloned().collect()
+        self.dedup.claim_cursor = cursor;
+        notices
     }
 
-    /// Given the copies of the noticed keys (any partition), finds this partition's copies that
-    /// come after a notice's winner: one deferred in this flush becomes a duplicate; a stored
-    /// one is returned, to be read from the store and given to [`Self::retract_stored`].
-    pub fn notice_candidates(&mut self, copies: &[CopyRow]) -> Vec<FactRef> {
-        let noticed = std::mem::take(&mut self.dedup.noticed);
-        let mut fetch = Vec::new();
-        for c in copies.iter().filter(|c| c.kafka_partition == self.partition) {
-            let Some(winner) = noticed.get(&(c.client_id.clone(), c.kind, c.uid.clone())) else { continue };
-            let key = c.key();
-            if key <= *winner || self.dedup.lost.contains_key(&key) {
+    /// Reads the notices addressed to this partition above its cursor (others are ignored):
+    /// each names an own copy that another partition's copy precedes.
+    pub fn take_notices(&mut self, notices: &[NoticeRow]) {
+        let mut cursor = self.dedup.notice_cursor.clone();
+        for n in notices.iter().filter(|n| n.target_partition == self.partition) {
+            if n.writer_seq <= self.dedup.notice_cursor.get(&n.writer_partition).copied().unwrap_or(0) {
                 continue;
             }
-            let raw = &self.raw;
-            match self.dedup.deferred.iter_mut().find(|d| raw[d.index].copy_key() == key) {
-                Some(d) => d.counted = Some(false),
-                None => fetch.push(FactRef { client_id: c.client_id.clone(), day: c.day, kind: c.kind, key }),
+            let at = cursor.entry(n.writer_partition).or_insert(0);
+            *at = (*at).max(n.writer_seq);
+            let loser = n.loser();
+            if let Some(copy) = self
+                .dedup
+                .own
+                .get_mut(&uid_id(&n.client_id, n.kind, &n.uid))
+                .and_then(|copies| copies.iter_mut().find(|c| c.key == loser))
+            {
+                if !copy.counted {
+                    continue;
+                }
+                copy.counted = false;
+            }
+            // Not in the index: a copy older than the horizon the state keeps, or one not
+            // consumed yet (its own flush will see the winner in copy_log). Its stored row
+            // decides.
+            let r = FactRef { client_id: n.client_id.clone(), day: n.day, kind: n.kind, key: loser };
+            self.dedup.to_retract.insert(loser, r);
+        }
+        self.dedup.notice_cursor = cursor;
+    }
+
+    /// The stored facts to read and give to [`Self::retract_stored`]: own copies of earlier
+    /// flushes that no longer count. Copies still deferred in this flush are simply decided
+    /// duplicates.
+    pub fn stored_to_retract(&mut self) -> Vec<FactRef> {
+        let to_retract = std::mem::take(&mut self.dedup.to_retract);
+        if to_retract.is_empty() {
+            return Vec::new();
+        }
+        let raw = &self.raw;
+        let mut fetch = Vec::new();
+        let deferred: FxHashMap<CopyKey, usize> =
+            self.dedup.deferred.iter().enumerate().map(|(i, d)| (raw[d.index].copy_key(), i)).collect();
+        for (key, r) in to_retract {
+            match deferred.get(&key) {
+                Some(i) => self.dedup.deferred[*i].counted = Some(false),
+                None => fetch.push(r),
             }
         }
         fetch
     }
 
-    /// Takes stored copies that a notice's winner precedes out of the buckets they were
-    /// counted in (on an open day in state exactly; on a closed day by marking it for
-    /// backfill) and stores them again marked duplicate, under a new sequence. Copies stored
-    /// as duplicates change nothing.
+    /// Takes stored copies that no longer count out of the buckets they were counted in (on
+    /// an open day in state exactly; on a closed day by marking it for backfill) and stores
+    /// them again marked duplicate, under a new sequence. Copies stored as duplicates change
+    /// nothing.
     pub fn retract_stored(&mut self, rows: &[FactRow]) {
         for row in rows {
             if row.dedup == decision::DUPLICATE || row.kafka_partition != self.partition || row.dedup_uid().is_none() {
                 continue;
             }
             let (day, tz) = self.day_of(&row.client_id, row.event_time_ms);
-            if self.dedup.lost.insert(row.copy_key(), day).is_some() {
-                continue;
-            }
             let client = self.intern(&row.client_id);
             // A day still held in state is written again at the next flush: take the copy out
             // there. Otherwise (closed, or the copy was late and never in the stream's buckets)
@@ -222,7 +372,6 @@ impl PartitionState {
     }
 
     /// Folds the deferred copies as decided, sets their stored decision and empties the list.
-    /// Call after [`Self::decide`] and the notices of the flush.
     pub fn fold_decided(&mut self) {
         let deferred = std::mem::take(&mut self.dedup.deferred);
         for d in deferred {

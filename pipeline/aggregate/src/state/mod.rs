@@ -13,13 +13,15 @@
 //!
 //! Counting rules (CONTRACT.md §1, §4; `docs/architecture.md`), mirrored by the raw recount in
 //! `eventflow-store`:
-//! - visits: one per `(client_id, event_uid)`, the FIRST copy by `(received_at_ms, spool_id,
-//!   spool_seq)` over all partitions ([`CopyKey`]); every visit without `event_uid` counts.
-//!   Copies of dedup keys wait for the next flush, where [`crate::flush`] decides them against
-//!   `fact_copies` (ADR 0003): the module [`dedup`] holds that part of the state;
+//! - visits: one per `(client_id, event_uid)` within the dedup horizon: copies are ordered by
+//!   `(received_at_ms, spool_id, spool_seq)` ([`CopyKey`]) over all partitions, and a copy counts
+//!   unless the copy just before it was received at most 72 hours earlier; every visit without
+//!   `event_uid` counts. Copies wait for the next flush, where [`crate::flush`] decides them and
+//!   compares them with the other partitions' copies (ADR 0003): the module [`dedup`] holds that
+//!   part of the state;
 //! - unique sessions: distinct sessions of counted visits (reference-counted, so a copy found
 //!   not to be first takes its session out again);
-//! - entries: one per `(client_id, entry_id)`, the first copy likewise; an entry is linked when
+//! - entries: one per `(client_id, entry_id)`, the same rule; an entry is linked when
 //!   any visit of its session (counted or duplicate, on time or late) is at or before its time;
 //! - live viewers: distinct sessions that pinged a webinar in a UTC minute.
 //!
@@ -303,7 +305,7 @@ impl PartitionState {
             minutes: FxHashMap::default(),
             live: FxHashMap::default(),
             sessions: FxHashMap::default(),
-            dedup: dedup::DedupState::new(checkpoint.notice_cursor.clone()),
+            dedup: dedup::DedupState::new(checkpoint.notice_cursor.clone(), checkpoint.claim_cursor.clone()),
             raw: Vec::new(),
             first_visits: FxHashMap::default(),
             late: FxHashMap::default(),
@@ -500,9 +502,12 @@ impl PartitionState {
     }
 
     /// Oldest receive time of the stored facts [`Self::replay`] needs: every fact of a day
-    /// open at the aggregates watermark (event time at most 5 min ahead of receive time).
+    /// open at the aggregates watermark (event time at most 5 min ahead of receive time), and
+    /// every copy of a dedup key within the horizon of the watermark.
     pub fn replay_from_ms(&self) -> i64 {
-        self.aggregates_watermark_ms - self.cfg.allowed_lateness_ms - 2 * DAY_MS
+        let open_days = self.aggregates_watermark_ms - self.cfg.allowed_lateness_ms - 2 * DAY_MS;
+        let horizon = self.watermark_ms - eventflow_core::fact::DEDUP_HORIZON_MS - time::MAX_CLOCK_AHEAD_MS;
+        open_days.min(horizon)
     }
 
     /// Oldest client day [`Self::replay`] needs (any time zone), for primary-key reads.
@@ -541,6 +546,7 @@ impl PartitionState {
         });
         mark.high_seq = mark.high_seq.max(row.spool_seq);
         mark.seen_ms = mark.seen_ms.max(row.received_at_ms);
+        self.dedup.remember(&row);
         let (day, tz) = self.day_of(&row.client_id, row.event_time_ms);
         // A day being rebuilt gets all of its facts, late ones included: its rows are then
         // the full recount (what backfill writes), never less.

@@ -46,7 +46,8 @@ impl PartitionState {
             event_watermark_ms: self.event_watermark_ms,
             rebuild_request_ms: self.rebuild_request_ms,
             spools,
-            notice_cursor: self.dedup.cursor().clone(),
+            notice_cursor: self.dedup.notice_cursor().clone(),
+            claim_cursor: self.dedup.claim_cursor().clone(),
         }
     }
 
@@ -170,9 +171,7 @@ impl PartitionState {
             let last_day = time::day_number(time::client_day(s.last_event_ms.max(0), tz));
             self.pending_lookups.contains(key) || !s.entries.is_empty() || !closed(last_day, tz)
         });
-        // Lost copies are looked up by key only while their day can still be written; the
-        // latest zone is the one furthest west (UTC-12), so a day closed there is closed for all.
-        self.dedup.release(|day| closed(day, chrono_tz::Etc::GMTPlus12));
+        self.dedup.release(wm);
         self.spools.retain(|_, m| m.seen_ms + SPOOL_MARK_RETENTION_MS > wm);
         let live_clients: FxHashSet<&str> = self.days.keys().map(|(c, _)| &**c).collect();
         let sessions_clients: FxHashSet<&str> = self.sessions.values().map(|s| &*s.client).collect();

@@ -11,7 +11,7 @@
 //! new epoch and replays. Whatever happened, once quiet the merged aggregates must equal the
 //! recount and no fact may be stored twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proptest::prelude::*;
 
@@ -76,19 +76,30 @@ fn recount(raw: &[FactRow]) -> Aggregates {
     for r in raw {
         out.totals.entry((r.client_id.clone(), r.day)).or_default();
     }
-    // The first copy of a key, by (receive time, spool id, spool sequence), counts.
+    // Copies of a key in (receive time, spool id, spool sequence) order: a copy counts unless
+    // the copy just before it was received within the dedup horizon.
+    type Copy = (i64, u64, u64);
+    type Key<'a> = (&'a str, i8, &'a str);
     let key = |r: &FactRow| (r.received_at_ms, r.spool_id, r.spool_seq);
-    let mut first: HashMap<(&str, i8, &str), (i64, u64, u64)> = HashMap::new();
+    let mut copies: HashMap<Key, Vec<Copy>> = HashMap::new();
     for r in raw {
         let uid = match r.kind {
             kind::VISIT if !r.event_uid.is_empty() => r.event_uid.as_str(),
             kind::ENTRY => r.entry_id.as_str(),
             _ => continue,
         };
-        let e = first.entry((&r.client_id, r.kind, uid)).or_insert(key(r));
-        *e = (*e).min(key(r));
+        copies.entry((&r.client_id, r.kind, uid)).or_default().push(key(r));
     }
-    let is_first = |r: &FactRow, uid: &str| first[&(r.client_id.as_str(), r.kind, uid)] == key(r);
+    let mut counted_copies: HashSet<(Key, Copy)> = HashSet::new();
+    for ((c, k, u), list) in copies.iter_mut() {
+        list.sort();
+        for (i, copy) in list.iter().enumerate() {
+            if i == 0 || copy.0 - list[i - 1].0 > eventflow_core::fact::DEDUP_HORIZON_MS {
+                counted_copies.insert(((c, *k, u), *copy));
+            }
+        }
+    }
+    let is_first = |r: &FactRow, uid: &str| counted_copies.contains(&((r.client_id.as_str(), r.kind, uid), key(r)));
     let visits: Vec<&FactRow> = raw.iter().filter(|r| r.kind == kind::VISIT).collect();
     let counted = visits.iter().filter(|v| v.event_uid.is_empty() || is_first(v, &v.event_uid));
     let mut day_sessions: BTreeMap<(String, u16), BTreeSet<String>> = BTreeMap::new();
@@ -116,7 +127,7 @@ fn recount(raw: &[FactRow]) -> Aggregates {
     for (k, s) in m_sessions {
         out.marketing.get_mut(&k).unwrap().unique_sessions = s.len() as u64;
     }
-    // Entries: the first copy per (client, entry_id); linked when any visit of the session is
+    // Entries: the same rule per (client, entry_id); linked when any visit of the session is
     // at or before the entry's event time.
     for e in raw.iter().filter(|r| r.kind == kind::ENTRY && is_first(r, &r.entry_id)) {
         let linked = visits
@@ -756,10 +767,11 @@ fn an_earlier_copy_in_another_partition_takes_the_count_over() {
     let before = flush_all(&model, &mut [&mut p0]);
     assert_eq!(before.iter().map(|r| r.2).sum::<u64>(), 1, "partition 0 counts its copy: {before:?}");
     p1.apply(0, visit(1, "kr", "tab", Some("v"), t, t));
-    // Partition 1's flush finds its copy first and tells every partition holding copies ...
+    // Partition 1's flush reads partition 0's copy in copy_log, finds its own copy first and
+    // writes a notice for partition 0 ...
     flush_all(&model, &mut [&mut p1]);
     let targets: BTreeSet<u16> = model.tables().notices.iter().map(|n| n.target_partition).collect();
-    assert_eq!(targets, BTreeSet::from([0, 1]));
+    assert_eq!(targets, BTreeSet::from([0]));
     // ... which partition 0 reads at its next flush and takes its copy out.
     let after = flush_all(&model, &mut [&mut p0]);
     let by_partition: BTreeMap<u16, (u64, u64)> = after.iter().map(|r| (r.0, (r.2, r.3))).collect();
@@ -817,20 +829,24 @@ fn late_visit_links_an_earlier_entry_and_late_days_are_flagged() {
 }
 
 #[test]
-fn a_copy_days_later_is_still_a_duplicate() {
-    // The dedup horizon is the raw retention: a copy arriving a week later does not count.
+fn copies_within_the_horizon_are_duplicates_and_later_ones_count_again() {
+    // Copies 2 days apart are one visit; a copy 4 days after the last one counts again (the
+    // horizon is 72 hours between consecutive copies, in the stream as in the recount).
     let model = MemoryStore::new();
     let mut s = fresh(0);
     let t = T0 + 20 * H;
     s.apply(0, visit(1, "kr", "a", Some("u"), t, t));
     flush_all(&model, &mut [&mut s]);
-    s.apply(1, visit(2, "kr", "b", Some("u"), t + 7 * 24 * H, t + 7 * 24 * H));
+    s.apply(1, visit(2, "kr", "b", Some("u"), t + 48 * H, t + 48 * H));
+    flush_all(&model, &mut [&mut s]);
+    s.apply(2, visit(3, "kr", "c", Some("u"), t + 144 * H, t + 144 * H));
     flush_all(&model, &mut [&mut s]);
     let raw = model.raw();
-    let late_copy = raw.iter().find(|r| r.spool_seq == 2).unwrap();
-    assert_eq!(late_copy.dedup, eventflow_store::rows::dedup::DUPLICATE);
-    let visits: u64 = model.tables().totals.values().map(|r| r.visits).sum();
-    assert_eq!(visits, 1);
+    let decision = |seq: u64| raw.iter().find(|r| r.spool_seq == seq).unwrap().dedup;
+    use eventflow_store::rows::dedup::{COUNTED, DUPLICATE};
+    assert_eq!((decision(1), decision(2), decision(3)), (COUNTED, DUPLICATE, COUNTED));
+    let d = diff(&model.merged().without(&model.late_days()), &recount(&raw).without(&model.late_days()));
+    assert!(d.is_empty(), "{d}");
 }
 
 #[test]
