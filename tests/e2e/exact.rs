@@ -329,8 +329,8 @@ async fn backfill_cid_moves_visits_stored_before_the_link_was_imported() {
 
 /// A dedup notice reaches a partition that receives no more facts. Another partition's owner
 /// stores an earlier copy of a view this partition already counted (it lagged behind, e.g. after
-/// a broker outage) and notifies this partition after its last flush; the processor must take
-/// the copy out without waiting for new traffic. Found by the ledger drill (`ledger.rs`, seed
+/// a broker outage), logs it in `copy_log` and notifies this partition after its last flush; the
+/// processor must take the copy out without waiting for new traffic. Found by the ledger drill (`ledger.rs`, seed
 /// 20261010): the aggregates kept 3 visits too many after the traffic stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_reaches_a_partition_that_gets_no_more_facts() {
@@ -359,13 +359,24 @@ async fn a_notice_reaches_a_partition_that_gets_no_more_facts() {
     eventually(Duration::from_secs(30), "both views counted", || visits_are(2)).await;
 
     // What the owner of another partition writes when it stores an earlier copy of "found-late"
-    // (received a week ago, so none of that partition's open buckets changes): the fact, its
-    // copy row, and a notice to the partition holding today's copy.
+    // (received a day ago: within the dedup horizon, and none of that partition's open buckets
+    // changes): the fact, its copy rows, and a notice naming today's copy as the loser.
     let target = ch.number("SELECT kafka_partition FROM eventflow.facts FINAL WHERE event_uid = 'found-late'");
+    let loser = ch.json_rows(
+        "SELECT toString(day) AS day, received_at_ms, spool_id, spool_seq FROM eventflow.facts FINAL \
+         WHERE event_uid = 'found-late'",
+    );
+    let (loser_day, loser_ms, loser_spool, loser_seq) = (
+        col(&loser[0], "day"),
+        col(&loser[0], "received_at_ms"),
+        col(&loser[0], "spool_id"),
+        col(&loser[0], "spool_seq"),
+    );
     let writer = (target + 1) % 3;
-    let week_ago = Utc::now() - chrono::Duration::days(7);
-    let ms = week_ago.timestamp_millis();
-    let day = week_ago.with_timezone(&chrono_tz::Asia::Seoul).date_naive();
+    let writer_seq = (1u64 << 40) | 1000;
+    let day_ago = Utc::now() - chrono::Duration::days(1);
+    let ms = day_ago.timestamp_millis();
+    let day = day_ago.with_timezone(&chrono_tz::Asia::Seoul).date_naive();
     ch.query(&format!(
         "INSERT INTO eventflow.facts (client_id, day, kind, fact_id, seq, kafka_partition, spool_id, spool_seq, \
          event_time, event_time_ms, received_at_ms, session_id, page, event_id, event_uid, dedup) VALUES \
@@ -375,12 +386,20 @@ async fn a_notice_reaches_a_partition_that_gets_no_more_facts() {
     ))
     .unwrap();
     ch.query(&format!(
-        "INSERT INTO eventflow.fact_copies VALUES ('acme', 'visit', 'found-late', {ms}, 77, 1, {writer}, '{day}')"
+        "INSERT INTO eventflow.fact_copies (client_id, kind, uid, received_at_ms, spool_id, spool_seq, kafka_partition, day) \
+         VALUES ('acme', 'visit', 'found-late', {ms}, 77, 1, {writer}, '{day}')"
     ))
     .unwrap();
     ch.query(&format!(
-        "INSERT INTO eventflow.dedup_notices VALUES ({writer}, {}, {target}, 'acme', 'visit', 'found-late', {ms}, 77, 1)",
-        (1u64 << 40) | 1000
+        "INSERT INTO eventflow.copy_log (writer_partition, writer_seq, client_id, kind, uid, received_at_ms, spool_id, \
+         spool_seq, day) VALUES ({writer}, {writer_seq}, 'acme', 'visit', 'found-late', {ms}, 77, 1, '{day}')"
+    ))
+    .unwrap();
+    ch.query(&format!(
+        "INSERT INTO eventflow.dedup_notices (writer_partition, writer_seq, target_partition, client_id, kind, uid, day, \
+         loser_received_at_ms, loser_spool_id, loser_spool_seq, winner_received_at_ms, winner_spool_id, winner_spool_seq) \
+         VALUES ({writer}, {writer_seq}, {target}, 'acme', 'visit', 'found-late', '{loser_day}', {loser_ms}, {loser_spool}, \
+         {loser_seq}, {ms}, 77, 1)"
     ))
     .unwrap();
 
