@@ -16,6 +16,15 @@ EF="$CARGO_TARGET_DIR/release/eventflow"
 export EVENTFLOW_DEMO_CH_PORT="${EVENTFLOW_DEMO_CH_PORT:-18123}"
 export EVENTFLOW_DEMO_KAFKA_PORT="${EVENTFLOW_DEMO_KAFKA_PORT:-19092}"
 DEMO="$REPO/.data/demo"
+# A previous `--keep` run leaves collector, processor and API running (and ClickHouse and the
+# broker, which this run reuses with their data): stop the three, or this run's would not get
+# their ports and the old ones would answer with the old admin token.
+for p in "$DEMO"/*.pid; do [ -f "$p" ] && kill "$(cat "$p")" 2>/dev/null || true; done
+pkill -f -- "--config $DEMO/eventflow.toml" 2>/dev/null || true
+for port in 8080 8082 8081; do
+  for _ in $(seq 1 300); do curl -s -o /dev/null "http://127.0.0.1:$port/readyz" || break; sleep 0.1; done
+  curl -s -o /dev/null "http://127.0.0.1:$port/readyz" && die "port $port is still in use (a service not started by this script?)"
+done
 rm -rf "$DEMO" && mkdir -p "$DEMO"
 "$REPO/scripts/services.sh" start
 

@@ -534,6 +534,7 @@ SHARDING = {
     "fact_days": "kafka_partition",
     "campaign_links": "cityHash64(cid)",
     "reconcile_findings": "cityHash64(client_id)",
+    "link_clicks": "cityHash64(client_id, cid)",
 }
 # facts is ordered by fact_id, not kafka_partition: a fact always travels through one Kafka
 # partition (topics are keyed by session), so kafka_partition is a function of the fact.

@@ -529,7 +529,7 @@ async fn every_route_matches_openapi() {
     let r = c.call(OVERVIEW, &format!("{acme}/overview"), Some(ACME_TOKEN)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let o = r.json();
-    for section in ["totals", "by_page", "by_day", "campaigns", "live", "quality"] {
+    for section in ["totals", "by_page", "by_day", "campaigns", "link_clicks", "live", "quality"] {
         assert_eq!(o["meta"]["data_sources"][section], "error", "{section}: {o}");
     }
     assert_eq!((o["meta"]["watermark"].clone(), o["meta"]["staleness_seconds"].clone()), (Value::Null, Value::Null));

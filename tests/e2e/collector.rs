@@ -251,7 +251,7 @@ async fn post_with_cookie(url: &str, body: Value, cookie: Option<&str>) -> (u16,
 }
 
 /// `GET /r/{cid}`: (status, Location, Set-Cookie values).
-async fn click(
+pub(crate) async fn click(
     url: &str,
     cid: &str,
     cookie: Option<&str>,
@@ -266,7 +266,7 @@ async fn click(
 }
 
 /// Loads campaign links with the real `eventflow links import` (CSV rows without the header).
-fn import_links(d: &Deployment, dir: &TestDir, file: &str, rows: &str) {
+pub(crate) fn import_links(d: &Deployment, dir: &TestDir, file: &str, rows: &str) {
     let csv = dir.join(file);
     std::fs::write(
         &csv,
@@ -278,7 +278,7 @@ fn import_links(d: &Deployment, dir: &TestDir, file: &str, rows: &str) {
 }
 
 /// A cid nobody imported.
-fn random_cid(tag: &str) -> String {
+pub(crate) fn random_cid(tag: &str) -> String {
     format!("{tag}-{:016x}", rand::random::<u64>())
 }
 

@@ -170,6 +170,17 @@ const LIVE: [u8; 3] = [0x93, 0x33, 0xea];
 async fn dashboard_renders_exact_numbers_charts_and_freshness() {
     let p = start_pipeline("dashboard", "").await;
     let k = send_known_facts(&p).await;
+    // Three clicks on a tracked link, written by the collector's next click flush (5 s).
+    crate::collector::import_links(&p.d, &p.dir, "links.csv", "spring,acme,https://site.test/event/spring,,,,,\n");
+    for _ in 0..3 {
+        assert_eq!(crate::collector::click(&p.d.collector_url(), "spring", None).await.0, 302);
+    }
+    let link_clicks = format!("{}/v1/clients/acme/statistics/overview", p.d.api_url());
+    eventually(Duration::from_secs(30), "the clicks written", || async {
+        get_json(&link_clicks, Some(ACME_TOKEN)).await.1["link_clicks"]
+            == serde_json::json!([{"cid": "spring", "clicks": 3}])
+    })
+    .await;
     let b = Browser::start(&p.dir).await;
     let c = &b.client;
     assert_eq!(open(&b, &p.d.api_url(), "acme", ACME_TOKEN).await, "ready");
@@ -205,6 +216,14 @@ async fn dashboard_renders_exact_numbers_charts_and_freshness() {
             "unresolved newsletter email fall 1 0"
         ]
     );
+
+    // Clicks per tracked link, with the visits and entries attributed to that cid (none here).
+    let rows = c.find_all(Locator::Css("#link-clicks tbody tr")).await.unwrap();
+    let mut links = Vec::new();
+    for r in rows {
+        links.push(r.text().await.unwrap());
+    }
+    assert_eq!(links, vec!["spring 3 0 0"]);
 
     // The daily chart: one line per series over the 7 days, a marker per day.
     for (series, on_day) in [("visits", 6), ("unique_sessions", 4), ("entries", 3)] {

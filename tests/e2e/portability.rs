@@ -19,7 +19,7 @@ use eventflow_core::{time, ClientDirectory, ClientSettings, TenancyConfig};
 use eventflow_serve::overview::{self, OverviewQuery};
 use eventflow_store::read::{DifferingFigure, ReconcileFindingRow};
 use eventflow_store::recount::Scope;
-use eventflow_store::rows::{CampaignLinkRow, Checkpoint, ProgressRow};
+use eventflow_store::rows::{CampaignLinkRow, Checkpoint, LinkClickRow, ProgressRow};
 use eventflow_store::{ClickHouseConfig, Store};
 
 use crate::harness::*;
@@ -201,6 +201,33 @@ async fn load(store: &Store) {
         }])
         .await
         .unwrap();
+    // Link clicks as collectors write them (sql/007_link_clicks.sql): a first write, its retry,
+    // a later running count of the same key, a restarted collector (another boot id) in the same
+    // minute, another client, and a minute after the snapshot's range. Separate inserts, like
+    // separate flushes. Expected per link over the range: acme known 4 + 1 + 2 = 7, acme other 2,
+    // globex known 5.
+    let m0 = (T0 / 1000) as u32;
+    let click = |client: &str, cid: &str, minute: u32, boot_id: u64, clicks: u64| LinkClickRow {
+        client_id: client.into(),
+        minute,
+        cid: cid.into(),
+        boot_id,
+        clicks,
+    };
+    for rows in [
+        vec![
+            click("acme", "known", m0, 1, 3),
+            click("acme", "known", m0 + 60, 1, 1),
+            click("acme", "other", m0, 1, 2),
+            click("globex", "known", m0, 1, 5),
+        ],
+        vec![click("acme", "known", m0, 1, 3)],
+        vec![click("acme", "known", m0, 1, 4)],
+        vec![click("acme", "known", m0, 2, 2)],
+        vec![click("acme", "known", m0 + 3 * 86_400, 1, 100)],
+    ] {
+        store.record_link_clicks(&rows).await.unwrap();
+    }
     // Reconcile findings: acme's 2026-11-20 in doubt, then found clean by a later check (the
     // later row must win), 2026-11-21 in doubt with late facts pending.
     let day = |d: u32| NaiveDate::from_ymd_opt(2026, 11, d).unwrap();
@@ -267,6 +294,7 @@ async fn snapshot(store: &Store) -> Snapshot {
                 .unwrap(),
         ),
     );
+    m.insert("last_writer_seqs", sorted(store.last_writer_seqs(&[0, 1]).await.unwrap()));
     let notices = store.dedup_notices_since(&[0, 1], &BTreeMap::new()).await.unwrap();
     assert!(!notices.is_empty(), "the data set makes notices");
     m.insert("notices", sorted(notices.clone()));
@@ -322,6 +350,8 @@ async fn snapshot(store: &Store) -> Snapshot {
     m.insert("pending", sorted(store.pending_late_days("acme", from, to).await.unwrap()));
     m.insert("reconcile_findings", sorted(store.reconcile_findings("acme", from, to).await.unwrap()));
     m.insert("quality_counters", sorted(store.quality_counters(from, to).await.unwrap()));
+    m.insert("link_clicks", sorted(store.link_clicks("acme", s0, s1).await.unwrap()));
+    m.insert("link_clicks_globex", sorted(store.link_clicks("globex", s0, s1).await.unwrap()));
     for (name, by_partition, cid) in [
         ("recount", false, None),
         ("recount_by_partition", true, None),
@@ -399,6 +429,17 @@ async fn every_query_gives_the_same_answer_on_18_16_and_current_clickhouse() {
     assert_eq!(old_r.1["reconcile_findings"].len(), 2, "the newest check of each acme day: {:#?}", old_r.1);
     assert!(old_r.1["reconcile_findings"][0].contains("mismatches: 0"), "{:#?}", old_r.1["reconcile_findings"]);
     assert!(old_r.1["overview"][0].contains("doubt: Some"), "{:#?}", old_r.1["overview"]);
+    assert_eq!(
+        old_r.1["link_clicks"],
+        ["LinkClicks { cid: \"known\", clicks: 7 }", "LinkClicks { cid: \"other\", clicks: 2 }"],
+        "retries and later counts replace, another boot adds"
+    );
+    assert_eq!(old_r.1["link_clicks_globex"], ["LinkClicks { cid: \"known\", clicks: 5 }"]);
+    assert!(
+        old_r.1["overview"][0].contains("link_clicks: [LinkClicksRow { cid: \"known\", clicks: 7 }"),
+        "{:#?}",
+        old_r.1["overview"]
+    );
     let _ = time::MINUTE_MS;
 }
 

@@ -219,10 +219,20 @@ pub async fn rebuild<S: ProcessorStore, R: Retry>(
 ) -> Result<(Vec<PartitionState>, Option<FlushReport>), StoreError> {
     let checkpoints = call(retry, || store.checkpoints(partitions)).await?;
     let checkpoints_of = |s: &PartitionState| checkpoints.get(&s.partition()).cloned().unwrap_or_default();
+    // A takeover that crashed before its first checkpoint may have written copy-log rows and
+    // notices under the epoch after the checkpoint's, and readers moved their cursors past
+    // them: the new epoch is above both, so no sequence is ever written twice.
+    let written = call(retry, || store.last_writer_seqs(partitions)).await?;
     let mut states: BTreeMap<u16, PartitionState> = BTreeMap::new();
     for p in partitions {
         let cp = checkpoints.get(p).cloned().unwrap_or_else(Checkpoint::default);
-        let epoch = cp.epoch.checked_add(1).filter(|e| u64::from(*e) < (1u64 << (64 - EPOCH_SHIFT))).unwrap_or(1);
+        let last_epoch = written.get(p).map_or(0, |seq| seq >> EPOCH_SHIFT);
+        let epoch = u64::from(cp.epoch)
+            .max(last_epoch)
+            .checked_add(1)
+            .filter(|e| *e < (1u64 << (64 - EPOCH_SHIFT)))
+            .and_then(|e| u32::try_from(e).ok())
+            .unwrap_or(1);
         states.insert(*p, PartitionState::new(*p, window, clients.clone(), &cp, epoch));
     }
     let since = states.values().map(PartitionState::replay_from_ms).min().unwrap_or(0);

@@ -173,6 +173,18 @@ impl ProcessorStore for MemoryStore {
         Ok(out)
     }
 
+    async fn last_writer_seqs(&self, partitions: &[u16]) -> Result<HashMap<u16, u64>, StoreError> {
+        self.check()?;
+        let t = self.tables();
+        let mut out: HashMap<u16, u64> = HashMap::new();
+        let written = t.log.keys().copied().chain(t.notices.iter().map(|n| (n.writer_partition, n.writer_seq)));
+        for (w, seq) in written.filter(|(w, _)| partitions.contains(w)) {
+            let at = out.entry(w).or_insert(0);
+            *at = (*at).max(seq);
+        }
+        Ok(out)
+    }
+
     async fn write_notices(&self, rows: &[NoticeRow]) -> Result<(), StoreError> {
         self.check()?;
         self.tables().notices.extend(rows.iter().cloned());

@@ -77,6 +77,12 @@ pub trait ProcessorStore: Send + Sync + 'static {
         cursor: &BTreeMap<u16, u64>,
     ) -> impl std::future::Future<Output = Result<Vec<NoticeRow>, StoreError>> + Send;
 
+    /// The highest sequence each of `partitions` wrote to `copy_log` or `dedup_notices`.
+    fn last_writer_seqs(
+        &self,
+        partitions: &[u16],
+    ) -> impl std::future::Future<Output = Result<HashMap<u16, u64>, StoreError>> + Send;
+
     /// The stored rows of the facts named (those not stored are left out).
     fn facts_by_ref(
         &self,
@@ -142,6 +148,10 @@ impl ProcessorStore for Store {
 
     async fn notices_since(&self, targets: &[u16], cursor: &BTreeMap<u16, u64>) -> Result<Vec<NoticeRow>, StoreError> {
         self.dedup_notices_since(targets, cursor).await
+    }
+
+    async fn last_writer_seqs(&self, partitions: &[u16]) -> Result<HashMap<u16, u64>, StoreError> {
+        Store::last_writer_seqs(self, partitions).await
     }
 
     async fn facts_by_ref(&self, refs: &[FactRef]) -> Result<Vec<FactRow>, StoreError> {

@@ -116,6 +116,17 @@ pub struct CollectorConfig {
     /// Most `cid`s remembered as unknown (`10000`); the oldest is forgotten first.
     #[serde(default = "default_links_negative_entries")]
     pub links_negative_entries: usize,
+    /// How often the clicks on known campaign links (`GET /r/{cid}`) counted in memory are
+    /// written to ClickHouse (`link_clicks`, `5s`). Clicks counted since the last write are lost
+    /// if the collector crashes; a graceful stop writes them.
+    #[serde(default = "default_link_clicks_flush")]
+    pub link_clicks_flush: ConfigDuration,
+    /// Most (client, link, UTC minute) click counts held in memory (`100000`); a click needing a
+    /// new one beyond that is not recorded per link (`eventflow_collector_link_clicks_dropped_total`).
+    /// A count leaves memory once written and its minute is over, so this is only reached with
+    /// that many links clicked within two minutes, or while ClickHouse refuses the writes.
+    #[serde(default = "default_link_clicks_max_entries")]
+    pub link_clicks_max_entries: usize,
     /// On shutdown, how long in-flight facts may take to reach Kafka before the collector exits
     /// (the rest stays in the spool).
     #[serde(default = "default_grace")]
@@ -197,6 +208,12 @@ fn default_links_negative_ttl() -> ConfigDuration {
 fn default_links_negative_entries() -> usize {
     10_000
 }
+fn default_link_clicks_flush() -> ConfigDuration {
+    ConfigDuration::from_secs(5)
+}
+fn default_link_clicks_max_entries() -> usize {
+    100_000
+}
 fn default_grace() -> ConfigDuration {
     ConfigDuration::from_secs(5)
 }
@@ -231,6 +248,8 @@ impl Default for CollectorConfig {
             links_lookup_rate: default_links_lookup_rate(),
             links_negative_ttl: default_links_negative_ttl(),
             links_negative_entries: default_links_negative_entries(),
+            link_clicks_flush: default_link_clicks_flush(),
+            link_clicks_max_entries: default_link_clicks_max_entries(),
             shutdown_grace: default_grace(),
         }
     }
@@ -244,6 +263,12 @@ impl CollectorConfig {
         }
         if self.links_refresh.get().is_zero() {
             return Err("collector.links_refresh must be longer than 0s".to_owned());
+        }
+        if self.link_clicks_flush.get().is_zero() {
+            return Err("collector.link_clicks_flush must be longer than 0s".to_owned());
+        }
+        if self.link_clicks_max_entries == 0 {
+            return Err("collector.link_clicks_max_entries must be at least 1".to_owned());
         }
         for (name, d) in [("header_timeout", self.header_timeout), ("body_timeout", self.body_timeout)] {
             if d.get().is_zero() {
@@ -452,6 +477,11 @@ mod tests {
             serde_json::from_str(r#"{"session_lifetime": "4s"}"#).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.session_lifetime.get(), Duration::from_secs(4));
         assert_eq!(c.links_refresh.get(), Duration::from_secs(60));
+        assert_eq!(c.link_clicks_flush.get(), Duration::from_secs(5));
+        let c: CollectorConfig =
+            serde_json::from_str(r#"{"link_clicks_flush": "250ms"}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.link_clicks_flush.get(), Duration::from_millis(250));
+        assert!(serde_json::from_str::<CollectorConfig>(r#"{"link_clicks_flush": "5"}"#).is_err());
         let err = serde_json::from_str::<CollectorConfig>(r#"{"session_lifetime": "half an hour"}"#)
             .err()
             .map(|e| e.to_string())
@@ -496,6 +526,8 @@ mod tests {
             CollectorConfig { spool_client_share: 0.0, ..ok.clone() },
             CollectorConfig { spool_client_share: 1.5, ..ok.clone() },
             CollectorConfig { rate_limit_keys: 0, ..ok.clone() },
+            CollectorConfig { link_clicks_flush: ConfigDuration::from_millis(0), ..ok.clone() },
+            CollectorConfig { link_clicks_max_entries: 0, ..ok.clone() },
             CollectorConfig { fact_rate_limit_per_ip: Limit { per_second: 5.0, burst: 0.0 }, ..ok.clone() },
             CollectorConfig { rate_limit_per_ip: Limit { per_second: -1.0, burst: 5.0 }, ..ok.clone() },
         ];

@@ -35,6 +35,7 @@ use eventflow_core::avro::FactCodec;
 use eventflow_core::fact::{FactKind, Utm};
 use eventflow_core::ClientDirectory;
 
+use crate::clicks::LinkClicks;
 use crate::error::CollectError;
 use crate::intake::{self, MAX_BODY_BYTES};
 use crate::links::{Links, Resolved};
@@ -76,6 +77,8 @@ impl Limits {
 pub struct AppState {
     pub spool: Spool,
     pub links: Links,
+    /// Clicks per known link (`None` without ClickHouse).
+    pub clicks: Option<LinkClicks>,
     pub clients: Arc<ClientDirectory>,
     pub metrics: CollectorMetrics,
     pub registry: prometheus::Registry,
@@ -177,6 +180,10 @@ async fn redirect(State(st): State<Arc<AppState>>, Path(cid): Path<String>, head
         }
     };
     st.metrics.link_clicks.with_label_values(&["redirected"]).inc();
+    // Per link only for known links: the keys stay bounded by the imported links.
+    if let Some(clicks) = &st.clicks {
+        clicks.record(&link.client_id, &cid);
+    }
     let cookies = headers.get_all(header::COOKIE).into_iter().filter_map(|v| v.to_str().ok());
     let mut attribution = session::cookie(cookies, session::UTM_COOKIE).map(Attribution::decode).unwrap_or_default();
     attribution.touch(Touch {
@@ -265,6 +272,9 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     st.metrics.spool_facts.set(shared.pending_facts() as i64);
     st.metrics.spool_bytes.set(shared.pending_bytes() as i64);
     st.limits.report(&st.metrics);
+    if let Some(clicks) = &st.clicks {
+        clicks.report();
+    }
     crate::render_metrics(&st.registry)
 }
 

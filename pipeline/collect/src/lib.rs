@@ -4,9 +4,11 @@
 //! ([`ratelimit`]), read, parsed and validated by [`collect`] and [`intake`], enriched with the
 //! session and attribution cookies of [`session`] and campaign links of [`links`], appended to
 //! the fsynced [`spool`] (that is when it is acknowledged), and drained to the Kafka fact topics
-//! in order by [`drain`]. A request refused whole is an [`error::CollectError`]; failures are
+//! in order by [`drain`]. Clicks on known campaign links are counted per link and minute by
+//! [`clicks`] and written to ClickHouse every few seconds. A request refused whole is an [`error::CollectError`]; failures are
 //! logged through [`logs`], within a rate.
 
+pub mod clicks;
 pub mod collect;
 pub mod config;
 pub mod drain;
@@ -39,6 +41,7 @@ use eventflow_topics::KafkaConfig;
 pub use config::CollectorConfig;
 pub use metrics::CollectorMetrics;
 
+use crate::clicks::{ClickSink, LinkClicks};
 use crate::http::{AppState, Limits, ServerLimits};
 use crate::links::{LinkMetrics, LinkSource, Links, LookupLimits};
 use crate::logs::FailLog;
@@ -128,11 +131,20 @@ pub async fn serve(
     if let Some(source) = source {
         tokio::spawn(links.clone().refresh_loop(source, links_refresh, background.clone()));
     }
+    // Clicks are recorded per link where links come from; a new boot id per process makes a
+    // restarted collector's counts add to the old ones (sql/007_link_clicks.sql).
+    let clicks = deps.store.clone().map(|store| {
+        let clicks = LinkClicks::new(rand::random(), c.link_clicks_max_entries, metrics.link_click_metrics.clone());
+        let sink: Arc<dyn ClickSink> = Arc::new(store);
+        let task = tokio::spawn(clicks.clone().flush_loop(sink, c.link_clicks_flush.get(), background.clone()));
+        (clicks, task)
+    });
     metrics.spool_max_bytes.set(i64::try_from(c.spool_max_bytes.get()).unwrap_or(i64::MAX));
     let keys = c.rate_limit_keys;
     let state = Arc::new(AppState {
         spool,
         links,
+        clicks: clicks.as_ref().map(|(c, _)| c.clone()),
         clients: deps.clients.clone(),
         client_series: ClientSeries::new(&metrics, c.max_client_series, deps.clients.clients().map(|c| c.as_str())),
         fail_log: FailLog::new(metrics.log_lines_suppressed.clone()),
@@ -174,6 +186,12 @@ pub async fn serve(
     };
     let served = http::serve_connections(listener, app, limits, metrics, server_shutdown).await;
     background.cancel();
+    if let Some((_, task)) = clicks {
+        // The last flush of the click counts (bounded by the ClickHouse request timeout).
+        if tokio::time::timeout(grace, task).await.is_err() {
+            error!("the last write of link clicks did not finish within the shutdown grace");
+        }
+    }
     stop_drainer.store(true, Ordering::Release);
     let joined = tokio::task::spawn_blocking(move || drainer.join()).await;
     if !matches!(joined, Ok(Ok(()))) {

@@ -28,6 +28,7 @@ pub struct CollectorMetrics {
     pub link_clicks: IntCounterVec,
     pub link_lookups: IntCounterVec,
     pub links_cached: IntGauge,
+    pub link_click_metrics: crate::clicks::ClickMetrics,
     pub spool_fsync: Histogram,
     pub spool_max_bytes: IntGauge,
     pub spool_refusals: IntCounterVec,
@@ -98,6 +99,29 @@ impl CollectorMetrics {
                 "eventflow_collector_links_cached",
                 "Campaign links in the collector's in-memory copy.",
             )?,
+            link_click_metrics: crate::clicks::ClickMetrics {
+                dropped: IntCounter::new(
+                    names::COLLECTOR_LINK_CLICKS_DROPPED_TOTAL,
+                    "Clicks on known links not recorded per link: their key was new and \
+                     collector.link_clicks_max_entries keys were held.",
+                )?,
+                flush_errors: IntCounter::new(
+                    names::COLLECTOR_LINK_CLICK_FLUSH_ERRORS_TOTAL,
+                    "Failed writes of the per-link click counts to ClickHouse (retried at the next flush).",
+                )?,
+                keys: IntGauge::new(
+                    names::COLLECTOR_LINK_CLICK_KEYS,
+                    "(client, link, minute) keys of click counts held in memory.",
+                )?,
+                unwritten: IntGauge::new(
+                    names::COLLECTOR_LINK_CLICKS_UNWRITTEN,
+                    "Clicks on known links counted but not yet written to ClickHouse (lost if the process crashes).",
+                )?,
+                last_flush: Gauge::new(
+                    names::COLLECTOR_LINK_CLICK_LAST_FLUSH_TIMESTAMP_SECONDS,
+                    "Unix time up to which every recorded link click is written to ClickHouse (the last successful flush).",
+                )?,
+            },
             spool_fsync: Histogram::with_opts(
                 HistogramOpts::new(
                     names::COLLECTOR_SPOOL_FSYNC_SECONDS,
@@ -187,6 +211,11 @@ impl CollectorMetrics {
         registry.register(Box::new(m.link_clicks.clone()))?;
         registry.register(Box::new(m.link_lookups.clone()))?;
         registry.register(Box::new(m.links_cached.clone()))?;
+        registry.register(Box::new(m.link_click_metrics.dropped.clone()))?;
+        registry.register(Box::new(m.link_click_metrics.flush_errors.clone()))?;
+        registry.register(Box::new(m.link_click_metrics.keys.clone()))?;
+        registry.register(Box::new(m.link_click_metrics.unwritten.clone()))?;
+        registry.register(Box::new(m.link_click_metrics.last_flush.clone()))?;
         registry.register(Box::new(m.spool_max_bytes.clone()))?;
         registry.register(Box::new(m.spool_refusals.clone()))?;
         registry.register(Box::new(m.rate_limiter_keys.clone()))?;

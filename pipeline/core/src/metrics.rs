@@ -23,6 +23,12 @@ pub const COLLECTOR_CLIENT_FACTS_FOLDED_TOTAL: &str = "eventflow_collector_clien
 pub const COLLECTOR_LOG_LINES_SUPPRESSED_TOTAL: &str = "eventflow_collector_log_lines_suppressed_total";
 pub const COLLECTOR_CONNECTIONS: &str = "eventflow_collector_connections";
 pub const COLLECTOR_CONNECTIONS_CLOSED_TOTAL: &str = "eventflow_collector_connections_closed_total";
+pub const COLLECTOR_LINK_CLICKS_DROPPED_TOTAL: &str = "eventflow_collector_link_clicks_dropped_total";
+pub const COLLECTOR_LINK_CLICK_FLUSH_ERRORS_TOTAL: &str = "eventflow_collector_link_click_flush_errors_total";
+pub const COLLECTOR_LINK_CLICK_KEYS: &str = "eventflow_collector_link_click_keys";
+pub const COLLECTOR_LINK_CLICKS_UNWRITTEN: &str = "eventflow_collector_link_clicks_unwritten";
+pub const COLLECTOR_LINK_CLICK_LAST_FLUSH_TIMESTAMP_SECONDS: &str =
+    "eventflow_collector_link_click_last_flush_timestamp_seconds";
 
 // Processor
 pub const PROCESSOR_CONSUMER_LAG: &str = "eventflow_processor_consumer_lag";

@@ -494,6 +494,7 @@ async fn overview(
         by_page: s.by_page,
         by_day: s.by_day,
         campaigns: s.campaigns,
+        link_clicks: s.link_clicks,
         live: s.live,
         quality: s.quality,
         meta,

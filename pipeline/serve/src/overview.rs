@@ -11,6 +11,11 @@
 //! continuous reconcile found (confirmed differences between aggregates and a raw recount, per
 //! client day, in `reconcile_findings`) is read with the aggregates and reported as
 //! `meta.doubt`: which days, which figures, both values, when they were checked.
+//!
+//! `link_clicks` is not derived from facts: a click on `GET /r/{cid}` is counted by the
+//! collector and written to `link_clicks` every few seconds (`collector.link_clicks_flush`).
+//! The section is that table's sum over the range's minutes (`aggregated`), or `error` with no
+//! rows when it cannot be read; there is no raw fallback because there are no raw clicks.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,6 +25,7 @@ use serde::Serialize;
 use tracing::warn;
 
 use eventflow_core::time;
+use eventflow_store::links::LinkClicks;
 use eventflow_store::read::{
     rank_campaigns, CampaignSums, CampaignTotals, DifferingFigure, LiveMinute, MarketingDay, ReconcileFindingRow,
 };
@@ -37,7 +43,7 @@ pub enum Source {
 }
 
 /// The sections of the overview, in response order.
-pub const SECTIONS: [&str; 6] = ["totals", "by_page", "by_day", "campaigns", "live", "quality"];
+pub const SECTIONS: [&str; 7] = ["totals", "by_page", "by_day", "campaigns", "link_clicks", "live", "quality"];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Totals {
@@ -71,6 +77,13 @@ pub struct CampaignRow {
     pub utm_campaign: String,
     pub visits: u64,
     pub entries: u64,
+}
+
+/// Clicks on one tracked campaign link (`GET /r/{cid}` answered `302`) in the range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinkClicksRow {
+    pub cid: String,
+    pub clicks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -154,6 +167,7 @@ pub struct OverviewResponse {
     pub by_page: ByPage,
     pub by_day: Vec<DayRow>,
     pub campaigns: Vec<CampaignRow>,
+    pub link_clicks: Vec<LinkClicksRow>,
     pub live: Vec<LiveRow>,
     pub quality: Quality,
     pub meta: Meta,
@@ -310,6 +324,7 @@ pub struct Sections {
     pub by_page: ByPage,
     pub by_day: Vec<DayRow>,
     pub campaigns: Vec<CampaignRow>,
+    pub link_clicks: Vec<LinkClicksRow>,
     pub live: Vec<LiveRow>,
     pub quality: Quality,
     pub sources: BTreeMap<&'static str, Source>,
@@ -321,7 +336,7 @@ pub struct Sections {
 pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
     let c = q.client_id.as_str();
     let (from_s, to_s) = q.seconds();
-    let (days, fact_days, sessions, marketing, live, pending, findings) = tokio::join!(
+    let (days, fact_days, sessions, marketing, live, pending, findings, clicks) = tokio::join!(
         store.daily_totals(c, q.from, q.to),
         store.fact_days(c, q.from, q.to),
         store.sessions(c, q.from, q.to),
@@ -329,6 +344,7 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
         store.live_minutes(c, None, from_s, to_s),
         store.pending_late_days(c, q.from, q.to),
         store.reconcile_findings(c, q.from, q.to),
+        store.link_clicks(c, from_s, to_s),
     );
     let doubt = match findings {
         Ok(f) => doubt(&f, q.tz),
@@ -441,7 +457,26 @@ pub async fn sections(store: &Store, q: &OverviewQuery) -> Sections {
         },
         Source::Error => Vec::new(),
     };
-    Sections { totals, by_page, by_day, campaigns, live, quality, sources, doubt }
+    let link_clicks = match clicks {
+        Ok(rows) => {
+            sources.insert("link_clicks", Source::Aggregated);
+            link_click_rows(rows, q.campaign_limit)
+        }
+        Err(e) => {
+            warn!(error = %e, client_id = %c, "reading link clicks failed");
+            sources.insert("link_clicks", Source::Error);
+            Vec::new()
+        }
+    };
+    Sections { totals, by_page, by_day, campaigns, link_clicks, live, quality, sources, doubt }
+}
+
+/// The link-clicks section: most clicks first, then by cid, at most `limit` rows.
+pub fn link_click_rows(mut rows: Vec<LinkClicks>, limit: u32) -> Vec<LinkClicksRow> {
+    rows.retain(|r| r.clicks > 0);
+    rows.sort_by(|a, b| b.clicks.cmp(&a.clicks).then_with(|| a.cid.cmp(&b.cid)));
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    rows.into_iter().map(|r| LinkClicksRow { cid: r.cid, clicks: r.clicks }).collect()
 }
 
 fn raw_campaigns(raw: Option<&StoreResult<Recount>>, limit: u32) -> Vec<CampaignRow> {
@@ -526,6 +561,16 @@ mod tests {
         // Clean days only, or nothing checked: no doubt.
         assert_eq!(doubt(&findings[1..2], chrono_tz::Asia::Seoul), None);
         assert_eq!(doubt(&[], chrono_tz::Asia::Seoul), None);
+    }
+
+    #[test]
+    fn link_clicks_rank_by_clicks_then_cid_within_the_limit() {
+        let r = |cid: &str, clicks: u64| LinkClicks { cid: cid.into(), clicks };
+        let rows = link_click_rows(vec![r("b", 2), r("z", 0), r("c", 5), r("a", 2)], 100);
+        let got: Vec<(&str, u64)> = rows.iter().map(|x| (x.cid.as_str(), x.clicks)).collect();
+        assert_eq!(got, vec![("c", 5), ("a", 2), ("b", 2)]);
+        assert_eq!(link_click_rows(vec![r("b", 2), r("c", 5), r("a", 2)], 2).len(), 2);
+        assert_eq!(serde_json::to_value(&rows[0]).expect("json"), serde_json::json!({"cid": "c", "clicks": 5}));
     }
 
     #[test]

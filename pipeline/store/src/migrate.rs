@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { name: "003_operations", sql: include_str!("../../../sql/003_operations.sql") },
     Migration { name: "004_exact_dedup", sql: include_str!("../../../sql/004_exact_dedup.sql") },
     Migration { name: "005_reconcile_findings", sql: include_str!("../../../sql/005_reconcile_findings.sql") },
+    Migration { name: "007_link_clicks", sql: include_str!("../../../sql/007_link_clicks.sql") },
 ];
 
 /// The cluster variant (`sql/cluster/`), applied by `eventflow migrate --cluster NAME` after
@@ -33,6 +34,7 @@ pub const CLUSTER_MIGRATIONS: &[Migration] = &[
         name: "cluster/005_reconcile_findings",
         sql: include_str!("../../../sql/cluster/005_reconcile_findings.sql"),
     },
+    Migration { name: "cluster/007_link_clicks", sql: include_str!("../../../sql/cluster/007_link_clicks.sql") },
 ];
 
 /// Splits a migration file into statements: `--` comment lines are dropped and statements end
@@ -239,6 +241,6 @@ mod tests {
             );
         }
         let creates = all.iter().filter(|s| s.starts_with("CREATE TABLE")).count();
-        assert_eq!(creates, 18, "one CREATE TABLE per table ever created");
+        assert_eq!(creates, 19, "one CREATE TABLE per table ever created");
     }
 }

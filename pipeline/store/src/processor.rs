@@ -288,6 +288,35 @@ impl Store {
     }
 
     /// The latest rebuild request of each of `partitions` that has one.
+    /// The highest sequence each of `partitions` wrote to `copy_log` or `dedup_notices` (a
+    /// takeover starts its sequences above it: readers keep a cursor per writer, so a sequence
+    /// must never be written twice, not even by an attempt that crashed before its checkpoint).
+    pub async fn last_writer_seqs(&self, partitions: &[u16]) -> Result<HashMap<u16, u64>> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Last {
+            writer_partition: u16,
+            writer_seq: u64,
+        }
+        let mut out: HashMap<u16, u64> = HashMap::new();
+        if partitions.is_empty() {
+            return Ok(out);
+        }
+        for table in ["copy_log", "dedup_notices"] {
+            let sql = format!(
+                "SELECT writer_partition, max(writer_seq) AS writer_seq FROM {table} \
+                 WHERE writer_partition IN {} GROUP BY writer_partition",
+                in_placeholders(partitions.len())
+            );
+            let rows =
+                self.timed(async { Ok(bind_all(self.query(&sql)?, partitions).fetch_all::<Last>().await?) }).await?;
+            for r in rows {
+                let at = out.entry(r.writer_partition).or_insert(0);
+                *at = (*at).max(r.writer_seq);
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn rebuild_requests(&self, partitions: &[u16]) -> Result<HashMap<u16, i64>> {
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct Latest {

@@ -815,6 +815,20 @@ pub struct CampaignLinkRow {
     pub updated_at: u32,
 }
 
+/// `link_clicks` row: one collector boot's running count of clicks on one link in one UTC
+/// minute (`sql/007_link_clicks.sql`). `clicks` is also the version: a retried or later write
+/// of the same key carries the same or a higher count.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Row, Serialize, Deserialize)]
+pub struct LinkClickRow {
+    pub client_id: String,
+    /// Start of the UTC minute (unix seconds).
+    pub minute: u32,
+    pub cid: String,
+    /// Drawn by the collector process when it starts: a restart adds rows instead of replacing.
+    pub boot_id: u64,
+    pub clicks: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

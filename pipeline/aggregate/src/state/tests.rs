@@ -469,6 +469,16 @@ impl Sim<'_> {
         let mut refs: Vec<&mut PartitionState> = inst.states.values_mut().collect();
         let r = block_on(flush::flush(self.model, &mut refs, false, &NoRetry));
         trace(|| format!("instance {i} flush {:?}", r.as_ref().map(|r| r.map(|r| (r.decisions, r.notices_written)))));
+        for s in inst.states.values() {
+            trace(|| {
+                format!(
+                    "  p{} claim cursor {:x?} notice cursor {:x?}",
+                    s.partition(),
+                    s.claim_cursor(),
+                    s.notice_cursor()
+                )
+            });
+        }
         if r.is_ok() {
             true
         } else {
@@ -612,6 +622,10 @@ fn dump(model: &MemoryStore) {
                 "visit #{} p{} {} {} uid {:?} dedup {} session {}\n",
                 r.spool_seq, r.kafka_partition, r.client_id, r.day, r.event_uid, r.dedup, r.session_id
             ));
+        }
+        for ((w, seq), rows) in &t.log {
+            let ids: Vec<_> = rows.iter().map(|r| format!("{}:{}#{}", r.client_id, r.uid, r.spool_seq)).collect();
+            out.push_str(&format!("copy_log w{w} seq {seq:x}: {ids:?}\n"));
         }
         out.push_str(&format!(
             "notices: {:?}\n",
