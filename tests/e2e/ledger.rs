@@ -1163,13 +1163,17 @@ async fn check_client(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    f.same(&format!("{client} overview data sources"), o["meta"]["data_sources"].clone(), {
-        let mut s = Map::new();
-        for section in ["totals", "by_page", "by_day", "campaigns", "live", "quality"] {
-            s.insert(section.into(), json!("aggregated"));
-        }
-        Value::Object(s)
-    });
+    // Every section the overview has is served from its aggregate; the ones this drill checks
+    // must be there.
+    let sources = o["meta"]["data_sources"].as_object().cloned().unwrap_or_default();
+    let mut want_sources: BTreeMap<String, Value> =
+        sources.keys().map(|section| (section.clone(), json!("aggregated"))).collect();
+    for section in ["totals", "by_page", "by_day", "campaigns", "live", "quality"] {
+        want_sources.insert(section.into(), json!("aggregated"));
+    }
+    f.same(&format!("{client} overview data sources"), sources.into_iter().collect(), want_sources);
+    // The drill clicks no tracked link.
+    f.same(&format!("{client} link_clicks"), o.get("link_clicks").and_then(Value::as_array).map_or(0, Vec::len), 0);
     let t = &o["totals"];
     f.same(
         &format!("{client} totals (visits, unique_sessions, entries, linked_entries)"),
