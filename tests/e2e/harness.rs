@@ -255,6 +255,14 @@ impl ClickHouse {
         }
     }
 
+    /// Kills the server (SIGKILL: no shutdown); [`Self::restart`] starts it again on the same
+    /// data.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.launch();

@@ -16,6 +16,7 @@ mod drill;
 mod exact;
 mod faults;
 mod harness;
+mod ledger;
 mod link_clicks;
 mod pipeline;
 mod portability;

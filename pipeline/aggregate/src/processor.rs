@@ -12,7 +12,9 @@
 //!    dead letter and the partition moves on ([`PartitionState::dead_letter`]);
 //! 3. every `flush_interval` (or `max_batch_facts`) runs one flush ([`crate::flush`]: dedup
 //!    decisions and notices, then markers, facts with checkpoints (the commit point), buckets);
-//!    then commits the Kafka offsets those rows cover;
+//!    then commits the Kafka offsets those rows cover. With nothing to write it still flushes
+//!    every [`IDLE_NOTICE_POLL`], to compare the copies other partitions log and apply the
+//!    dedup notices they send;
 //! 4. on revocation, drops the unit's state without writing: facts not yet flushed are
 //!    re-consumed by the next owner from the stored checkpoint.
 //!
@@ -47,6 +49,13 @@ use crate::metrics::{KafkaGauges, ProcessorMetrics};
 use crate::sink::ProcessorStore;
 use crate::state::{Outcome, PartitionState, WindowConfig};
 use crate::{series, watchdog};
+
+/// How often a processor with nothing to flush still runs a flush, to compare the copies other
+/// partitions wrote to `copy_log` and read the dedup notices addressed to its partitions
+/// ([`crate::flush`], step 2): without it a copy counted on a partition that receives no more
+/// facts would stay counted after an earlier copy turned up elsewhere. With nothing new that is
+/// two reads and no write.
+const IDLE_NOTICE_POLL: Duration = Duration::from_secs(2);
 
 /// Shared view of the processor for health endpoints.
 #[derive(Debug, Default)]
@@ -264,9 +273,13 @@ impl<S: ProcessorStore> Loop<S> {
             let buffered: usize = self.ready_states().map(|s| s.unflushed()).sum();
             let dead_letters: usize = self.ready_states().map(|s| s.unflushed_dead_letters()).sum();
             let due = self.last_flush.elapsed() >= self.flush_interval;
+            // Other partitions' copies and notices arrive through ClickHouse, not with our facts:
+            // an idle processor still flushes now and then to compare and apply them.
+            let notices_due = self.last_flush.elapsed() >= IDLE_NOTICE_POLL && self.ready_states().next().is_some();
             if (due && self.ready_states().any(|s| s.has_output()))
                 || buffered >= self.deps.config.max_batch_facts
                 || dead_letters >= MAX_PENDING_DEAD_LETTERS
+                || notices_due
             {
                 self.flush(shutdown);
             }
