@@ -19,18 +19,20 @@
 //! 4. **Write.** First-visit, late and fact-day markers and the dead letters (messages that did
 //!    not decode, which the checkpoints move past), then facts with the checkpoints (the commit
 //!    point: decisions, notice cursors and offsets become durable together), then the bucket
-//!    tables ([`ProcessorStore::write`]).
+//!    tables, each step retried on its own ([`write`]).
 //!
 //! Every store call is retried through [`Retry`] until it succeeds; when `Retry` gives up
 //! (shutdown, or a simulated crash) the states must be dropped: facts not yet committed are
-//! consumed again by the next owner, and every step before the commit point is idempotent.
+//! consumed again by the next owner, and every step before the commit point is idempotent. The
+//! commit point itself is not: a retried facts INSERT first asks whether the failed attempt
+//! landed after all (ClickHouse stopped after storing the block, before answering).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 
 use eventflow_core::ClientDirectory;
-use eventflow_store::rows::{dead_letter, Checkpoint, NoticeRow};
+use eventflow_store::rows::{dead_letter, kind, Checkpoint, NoticeRow};
 use eventflow_store::StoreError;
 
 use crate::sink::ProcessorStore;
@@ -72,6 +74,42 @@ where
     }
 }
 
+/// Writes a flush in three steps (markers, then the facts with their checkpoints, then the
+/// buckets), each retried on its own so that a step that succeeded is not written again. A failed
+/// facts INSERT may still have landed (the block was stored, the answer lost): before trying it
+/// again, the stored checkpoints are compared with the batch's, and when they are all there the
+/// INSERT did land (one block: all of its rows or none) and is not repeated. ClickHouse 18.16
+/// has no insert deduplication tokens for plain MergeTree tables to do this for us.
+async fn write<S: ProcessorStore, R: Retry>(store: &S, batch: &FlushBatch, retry: &R) -> Result<(), StoreError> {
+    call(retry, || store.write_markers(batch)).await?;
+    let mut attempted = false;
+    call(retry, || {
+        let again = std::mem::replace(&mut attempted, true);
+        async move {
+            if again && committed(store, batch).await? {
+                tracing::info!("the facts insert that failed had landed after all; not written again");
+                return Ok(());
+            }
+            store.write_facts(batch).await
+        }
+    })
+    .await?;
+    call(retry, || store.write_buckets(batch)).await
+}
+
+/// Whether every checkpoint of `batch` is the stored checkpoint of its partition.
+async fn committed<S: ProcessorStore>(store: &S, batch: &FlushBatch) -> Result<bool, StoreError> {
+    let mut ours: BTreeMap<u16, Checkpoint> = BTreeMap::new();
+    for row in batch.facts.iter().filter(|r| r.kind == kind::CHECKPOINT) {
+        let cp: Checkpoint = serde_json::from_str(&row.checkpoint)
+            .map_err(|e| StoreError::Invalid(format!("checkpoint of partition {}: {e}", row.kafka_partition)))?;
+        ours.insert(row.kafka_partition, cp);
+    }
+    let partitions: Vec<u16> = ours.keys().copied().collect();
+    let stored = store.checkpoints(&partitions).await?;
+    Ok(!ours.is_empty() && ours.iter().all(|(p, cp)| stored.get(p) == Some(cp)))
+}
+
 /// What a written flush contained.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FlushReport {
@@ -111,7 +149,7 @@ pub async fn flush<S: ProcessorStore, R: Retry>(
     for s in states.iter_mut() {
         batch.extend(s.take_flush());
     }
-    call(retry, || store.write(&batch)).await?;
+    write(store, &batch, retry).await?;
     for s in states.iter_mut() {
         s.flush_written();
     }

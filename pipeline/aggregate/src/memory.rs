@@ -49,10 +49,11 @@ pub enum Crash {
     Never,
     /// The `n`-th store call (0-based) from now fails before doing anything.
     AtCall(u32),
-    /// The next `write` stores markers and facts, then only the aggregate tables whose bit is
-    /// set in the mask (minute_visits, minute_live, daily_totals, daily_marketing,
-    /// day_sessions), then fails.
+    /// The next `write_buckets` stores only the aggregate tables whose bit is set in the mask
+    /// (minute_visits, minute_live, daily_totals, daily_marketing, day_sessions), then fails.
     DuringAggregates(u8),
+    /// The next facts INSERT lands, then the call fails as if ClickHouse's answer was lost.
+    FactsAnswerLost,
 }
 
 /// The in-memory store.
@@ -214,12 +215,8 @@ impl ProcessorStore for MemoryStore {
         Ok(refs.iter().filter_map(|r| t.facts.get(&r.key.fact_id()).cloned()).collect())
     }
 
-    async fn write(&self, batch: &FlushBatch) -> Result<(), StoreError> {
+    async fn write_markers(&self, batch: &FlushBatch) -> Result<(), StoreError> {
         self.check()?;
-        let mask = match *self.crash.lock().unwrap_or_else(|e| e.into_inner()) {
-            Crash::DuringAggregates(mask) => Some(mask),
-            _ => None,
-        };
         let mut t = self.tables();
         for r in &batch.first_visits {
             let e = t.first_visits.entry((r.client_id.clone(), r.session_id.clone())).or_insert(i64::MAX);
@@ -232,6 +229,12 @@ impl ProcessorStore for MemoryStore {
             t.dead_letter_inserts += 1;
             t.dead_letters.insert((r.topic.clone(), r.kafka_partition, r.kafka_offset), r.clone());
         }
+        Ok(())
+    }
+
+    async fn write_facts(&self, batch: &FlushBatch) -> Result<(), StoreError> {
+        self.check()?;
+        let mut t = self.tables();
         for r in &batch.facts {
             if r.kind == kind::CHECKPOINT {
                 let cp: Checkpoint =
@@ -250,6 +253,21 @@ impl ProcessorStore for MemoryStore {
                 }
             }
         }
+        drop(t);
+        if *self.crash.lock().unwrap_or_else(|e| e.into_inner()) == Crash::FactsAnswerLost {
+            self.arm(Crash::Never);
+            return Err(StoreError::Invalid("simulated loss of the answer to the facts insert".into()));
+        }
+        Ok(())
+    }
+
+    async fn write_buckets(&self, batch: &FlushBatch) -> Result<(), StoreError> {
+        self.check()?;
+        let mask = match *self.crash.lock().unwrap_or_else(|e| e.into_inner()) {
+            Crash::DuringAggregates(mask) => Some(mask),
+            _ => None,
+        };
+        let mut t = self.tables();
         let lands = |bit: u8| self.keep_rows && mask.is_none_or(|m| m & (1 << bit) != 0);
         if lands(0) {
             for r in &batch.minute_visits {

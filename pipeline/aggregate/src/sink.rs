@@ -89,10 +89,16 @@ pub trait ProcessorStore: Send + Sync + 'static {
         refs: &[FactRef],
     ) -> impl std::future::Future<Output = Result<Vec<FactRow>, StoreError>> + Send;
 
-    /// Writes a flush in the order of [`FlushBatch`]: first-visit, late and fact-day markers and
-    /// dead letters, then the facts with their checkpoints (one INSERT: the commit point), then
-    /// the buckets.
-    fn write(&self, batch: &FlushBatch) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    /// Step 1 of writing a flush ([`crate::flush`] calls the three in order): first-visit, late
+    /// and fact-day markers and dead letters (idempotent: written again, they fold by key).
+    fn write_markers(&self, batch: &FlushBatch) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+
+    /// Step 2, the commit point: the facts with their checkpoints, in one INSERT (one block:
+    /// all of its rows land or none).
+    fn write_facts(&self, batch: &FlushBatch) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+
+    /// Step 3: the bucket tables (versioned full values: written again, the newest wins).
+    fn write_buckets(&self, batch: &FlushBatch) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
 
     /// The latest rebuild request of each of `partitions` that has one (`requested_ms`).
     fn rebuild_requests(
@@ -161,16 +167,22 @@ impl ProcessorStore for Store {
         self.facts_by_id(&ids).await
     }
 
-    async fn write(&self, batch: &FlushBatch) -> Result<(), StoreError> {
-        debug_assert!(batch.facts.len() <= MAX_FACT_ROWS_PER_INSERT);
-        debug_assert!(batch.facts.iter().any(|r| r.kind == kind::CHECKPOINT));
+    async fn write_markers(&self, batch: &FlushBatch) -> Result<(), StoreError> {
         self.insert("session_first_visits", &batch.first_visits).await?;
         self.insert("late_facts", &batch.late).await?;
         self.insert("fact_days", &batch.fact_days).await?;
         // Before the checkpoint that moves past them: a crash in between makes the next owner
         // consume the messages again and write the same keys again (folded by FINAL).
-        self.insert("dead_letters", &batch.dead_letters).await?;
-        self.insert("facts", &batch.facts).await?;
+        self.insert("dead_letters", &batch.dead_letters).await
+    }
+
+    async fn write_facts(&self, batch: &FlushBatch) -> Result<(), StoreError> {
+        debug_assert!(batch.facts.len() <= MAX_FACT_ROWS_PER_INSERT);
+        debug_assert!(batch.facts.iter().any(|r| r.kind == kind::CHECKPOINT));
+        self.insert("facts", &batch.facts).await
+    }
+
+    async fn write_buckets(&self, batch: &FlushBatch) -> Result<(), StoreError> {
         // After the commit point the aggregate tables are independent (each row is a versioned
         // full value, so any subset surviving a crash is overwritten by the rebuild): write them
         // concurrently.

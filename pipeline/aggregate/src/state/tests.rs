@@ -447,6 +447,8 @@ impl Sim<'_> {
             self.crashes += 1;
             let crash = if self.rng.below(4) == 0 {
                 Crash::DuringAggregates(self.rng.below(32) as u8)
+            } else if self.rng.below(6) == 0 {
+                Crash::FactsAnswerLost
             } else {
                 Crash::AtCall(self.rng.below(8) as u32)
             };
@@ -480,9 +482,11 @@ impl Sim<'_> {
     }
 
     fn flush(&mut self, i: usize) -> bool {
+        // Half the flushes retry failed calls as the consumer loop does; the others crash.
+        let retry = RetryUpTo(if self.rng.below(2) == 0 { 0 } else { 2 });
         let inst = &mut self.instances[i];
         let mut refs: Vec<&mut PartitionState> = inst.states.values_mut().collect();
-        let r = block_on(flush::flush(self.model, &mut refs, false, &NoRetry));
+        let r = block_on(flush::flush(self.model, &mut refs, false, &retry));
         trace(|| format!("instance {i} flush {:?}", r.as_ref().map(|r| r.map(|r| (r.decisions, r.notices_written)))));
         for s in inst.states.values() {
             trace(|| {
@@ -919,6 +923,38 @@ fn copies_within_the_horizon_are_duplicates_and_later_ones_count_again() {
     assert_eq!((decision(1), decision(2), decision(3)), (COUNTED, DUPLICATE, COUNTED));
     let d = diff(&model.merged().without(&model.late_days()), &recount(&raw).without(&model.late_days()));
     assert!(d.is_empty(), "{d}");
+}
+
+/// Retries a failed store call at once, at most `.0` times (the consumer loop's policy without
+/// the waiting).
+#[derive(Debug)]
+struct RetryUpTo(u32);
+
+impl flush::Retry for RetryUpTo {
+    async fn again(&self, _error: &eventflow_store::StoreError, attempt: u32) -> bool {
+        attempt <= self.0
+    }
+}
+
+#[test]
+fn a_write_retried_after_its_answer_was_lost_stores_nothing_twice() {
+    // ClickHouse stops while a flush is being written: an INSERT can land although its caller
+    // sees an error. The consumer loop retries; what landed must not be written again.
+    for crash in [Crash::DuringAggregates(0b10101), Crash::FactsAnswerLost] {
+        let model = MemoryStore::new();
+        let mut s = fresh(0);
+        let t = T0 + 20 * H;
+        s.apply(0, visit(1, "kr", "a", Some("u1"), t, t));
+        s.apply(1, visit(2, "kr", "b", Some("u2"), t + 1_000, t + 1_000));
+        s.apply(2, entry(3, "kr", "a", "e1", t + 2_000));
+        model.arm(crash);
+        block_on(flush::flush(&model, &mut [&mut s], false, &RetryUpTo(3))).unwrap();
+        assert_eq!(model.physical_duplicates(), 0, "{crash:?}: a fact was stored twice");
+        assert_eq!(model.raw().len(), 3, "{crash:?}");
+        let d = diff(&model.merged(), &recount(&model.raw()));
+        assert!(d.is_empty(), "{crash:?}: {d}");
+        assert_eq!(model.tables().checkpoints[&0].offsets.visits, 2, "{crash:?}");
+    }
 }
 
 #[test]
